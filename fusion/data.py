@@ -1,0 +1,199 @@
+"""Data sets: scikit-learn's bundled digits by default, user `.npz` / `.csv` files, fixed seeded splits.
+
+Clients always send raw features; the scaling (per-feature standardisation fitted on the train
+split) is recorded here and baked into every exported graph.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from fusion.errors import DataFormatError
+
+DEFAULT_SEED = 0
+TEST_FRACTION = 0.25  # of all rows
+VAL_FRACTION = 0.20  # of the rows left after the test split
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """Per-feature standardisation `(x - mean) / std`, fitted on the train split."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def fit(cls, X: np.ndarray) -> "Scaling":
+        mean = X.mean(axis=0)
+        std = X.std(axis=0)
+        std = np.where(std < 1e-6, 1.0, std)  # constant pixels (digits' corners) stay finite
+        return cls(tuple(float(v) for v in mean), tuple(float(v) for v in std))
+
+    def apply(self, X: np.ndarray) -> np.ndarray:
+        return ((X - np.asarray(self.mean)) / np.asarray(self.std)).astype(np.float32)
+
+    def to_dict(self) -> dict:
+        return {"kind": "standardize", "mean": list(self.mean), "std": list(self.std)}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A split data set of raw features (float32) and labels (int64 classes or float32 targets)."""
+
+    name: str
+    task: str  # "classification" | "regression"
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_val: np.ndarray
+    y_val: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    classes: tuple = ()
+    image_shape: tuple[int, ...] | None = None  # (channels, height, width) when rows are images
+    scaling: Scaling = field(default=None)  # type: ignore[assignment]
+
+    @property
+    def n_features(self) -> int:
+        return int(self.X_train.shape[1])
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "task": self.task,
+            "n_train": len(self.y_train),
+            "n_val": len(self.y_val),
+            "n_test": len(self.y_test),
+            "split_seed": DEFAULT_SEED,
+        }
+
+
+def split(
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    name: str,
+    task: str = "classification",
+    image_shape: tuple[int, ...] | None = None,
+    seed: int = DEFAULT_SEED,
+) -> Dataset:
+    """Fixed seeded split into train/val/test, stratified for classification.
+
+    X: (n_samples, n_features) raw features; y: (n_samples,) labels.
+    """
+    X = np.asarray(X, dtype=np.float32)
+    if task == "classification":
+        classes, y = np.unique(np.asarray(y), return_inverse=True)
+        y = y.astype(np.int64)
+        stratify = y
+    else:
+        classes, y, stratify = (), np.asarray(y, dtype=np.float32), None
+    X_rest, X_test, y_rest, y_test = train_test_split(
+        X, y, test_size=TEST_FRACTION, random_state=seed, stratify=stratify
+    )
+    X_train, X_val, y_train, y_val = train_test_split(
+        X_rest, y_rest, test_size=VAL_FRACTION, random_state=seed,
+        stratify=y_rest if stratify is not None else None,
+    )
+    return Dataset(
+        name=name, task=task,
+        X_train=X_train, y_train=y_train, X_val=X_val, y_val=y_val, X_test=X_test, y_test=y_test,
+        classes=tuple(c.item() for c in classes), image_shape=image_shape,
+        scaling=Scaling.fit(X_train),
+    )
+
+
+def load_digits(seed: int = DEFAULT_SEED) -> Dataset:
+    """scikit-learn's bundled handwritten digits: 1797 rows of 8x8 pixels valued 0..16, 10 classes."""
+    from sklearn.datasets import load_digits as _load
+
+    bunch = _load()
+    return split(bunch.data, bunch.target, name="digits", image_shape=(1, 8, 8), seed=seed)
+
+
+def load_file(
+    path: str | Path, *, label_column: str = "label", task: str = "classification",
+    seed: int = DEFAULT_SEED,
+) -> Dataset:
+    """A user data set: `.npz` with arrays `X` and `y`, or `.csv` with a header and a label column."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        X, y = _read_npz(path)
+    elif suffix == ".csv":
+        X, y = _read_csv(path, label_column)
+    else:
+        raise DataFormatError(f"{path}: expected a .npz or .csv file; got a '{suffix}' file")
+    if X.ndim != 2 or X.shape[0] != y.shape[0] or X.shape[0] < 10:
+        raise DataFormatError(
+            f"{path}: expected X of shape (n_samples >= 10, n_features) and y of shape (n_samples,); "
+            f"got X {X.shape} and y {y.shape}"
+        )
+    if not np.isfinite(X).all():
+        raise DataFormatError(f"{path}: X holds NaN or infinite values")
+    return split(X, y, name=path.stem, task=task, seed=seed)
+
+
+def load(source: str = "digits", **kwargs) -> Dataset:
+    """`digits` or a path to a user file."""
+    if source == "digits":
+        return load_digits(seed=kwargs.get("seed", DEFAULT_SEED))
+    return load_file(source, **kwargs)
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:  # never unpickle user data
+            missing = {"X", "y"} - set(npz.files)
+            if missing:
+                raise DataFormatError(
+                    f"{path}: expected arrays 'X' and 'y'; got {sorted(npz.files)}"
+                )
+            X, y = npz["X"], npz["y"]
+    except DataFormatError:
+        raise
+    except Exception as exc:  # zipfile/ValueError from a malformed archive or an object array
+        raise DataFormatError(f"{path}: not a readable .npz archive of numeric arrays ({exc})") from None
+    if not np.issubdtype(X.dtype, np.number):
+        raise DataFormatError(f"{path}: expected numeric X; got dtype {X.dtype}")
+    return X.astype(np.float32), y.reshape(-1) if y.ndim > 1 and y.shape[1] == 1 else y
+
+
+def _read_csv(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
+    with path.open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    if len(rows) < 2:
+        raise DataFormatError(f"{path}: expected a header row and data rows; got {len(rows)} rows")
+    header, body = rows[0], rows[1:]
+    if label_column not in header:
+        raise DataFormatError(
+            f"{path}: expected a label column named '{label_column}'; got columns {header}"
+        )
+    j = header.index(label_column)
+    X, y = [], []
+    for lineno, row in enumerate(body, start=2):
+        if len(row) != len(header):
+            raise DataFormatError(
+                f"{path}, line {lineno}: expected {len(header)} fields; got {len(row)}"
+            )
+        try:
+            X.append([float(v) for i, v in enumerate(row) if i != j])
+        except ValueError as exc:
+            raise DataFormatError(f"{path}, line {lineno}: expected numbers; {exc}") from None
+        y.append(row[j])
+    y_arr = np.asarray(y)
+    try:
+        y_arr = y_arr.astype(np.int64)
+    except ValueError:
+        pass  # string labels stay strings; split() maps them to class indices
+    return np.asarray(X, dtype=np.float32), y_arr

@@ -1,0 +1,66 @@
+"""One exception tree for fusion-serve; the service maps it to HTTP in one place (service/errors.py).
+
+    FusionError
+    ├── InputError (ValueError)          bad user input: shapes, dtypes, values        -> 400
+    │   ├── DataFormatError              a malformed data file (names the file)        -> 400
+    │   ├── ConfigError                  a bad recipe, weight vector or option         -> 400
+    │   └── UnknownNameError (KeyError)  an unknown registry name (lists valid ones)   -> 404
+    ├── PayloadTooLargeError             a request body or batch over the limit         -> 413
+    ├── BundleError (OSError)            a bundle that cannot be used                  -> 503
+    │   ├── IntegrityError               a file whose sha256 differs from the manifest
+    │   └── ManifestError                a manifest that is missing or malformed
+    ├── ExportError (RuntimeError)       an ONNX export that failed its parity gate
+    └── UnavailableError (RuntimeError)  the service is not ready / a member failed     -> 503
+
+Every class also inherits the matching builtin so callers can catch either. This module must stay
+free of torch: the service imports it.
+"""
+
+from __future__ import annotations
+
+
+class FusionError(Exception):
+    """Base class of every error raised on purpose by fusion-serve."""
+
+
+class InputError(FusionError, ValueError):
+    """Input that does not fit what was expected; the message says both."""
+
+
+class DataFormatError(InputError):
+    """A data file that cannot be used; the message names the file and the problem."""
+
+
+class ConfigError(InputError):
+    """A recipe, a weight vector or an option that is invalid."""
+
+
+class UnknownNameError(InputError, KeyError):
+    """A name that is not in a registry; the message lists the valid names."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class PayloadTooLargeError(InputError):
+    """A request body or a batch larger than the configured limit."""
+
+
+class BundleError(FusionError, OSError):
+    """A bundle directory that cannot be served."""
+
+
+class IntegrityError(BundleError):
+    """A bundle file whose sha256 does not match the manifest."""
+
+
+class ManifestError(BundleError):
+    """A manifest that is missing, malformed or of an unknown schema version."""
+
+
+class ExportError(FusionError, RuntimeError):
+    """An ONNX export that failed its check or its parity gate against torch."""
+
+
+class UnavailableError(FusionError, RuntimeError):
+    """The service cannot answer now (not ready, or a member failed)."""

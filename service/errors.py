@@ -1,0 +1,72 @@
+"""The one place where domain errors become HTTP responses: status code + one `{"error": ...}` object."""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+from starlette.responses import Response
+
+from fusion.errors import (
+    BundleError, FusionError, InputError, PayloadTooLargeError, UnavailableError, UnknownNameError,
+)
+
+log = logging.getLogger("fusion.service")
+
+
+class AuthError(FusionError):
+    """Missing or wrong bearer token (401), or a token without the needed scope (403)."""
+
+    def __init__(self, message: str, status: int = 401):
+        super().__init__(message)
+        self.status = status
+
+
+class UnsupportedMediaError(InputError):
+    """A request body of a content type the endpoint does not accept (415)."""
+
+
+class DeadlineError(UnavailableError):
+    """A member or a request that ran past its deadline (504)."""
+
+
+# Most specific first: the first matching class decides the status.
+STATUS: tuple[tuple[type[BaseException], int], ...] = (
+    (PayloadTooLargeError, 413),
+    (UnsupportedMediaError, 415),
+    (UnknownNameError, 404),
+    (InputError, 400),
+    (DeadlineError, 504),
+    (BundleError, 503),
+    (UnavailableError, 503),
+)
+
+
+def status_for(exc: BaseException) -> int:
+    if isinstance(exc, AuthError):
+        return exc.status
+    for cls, status in STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+def json_response(body: dict, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(
+        orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
+        media_type="application/json", headers=headers,
+    )
+
+
+def error_response(exc: BaseException, request_id: str, headers: dict | None = None) -> Response:
+    """One JSON object `{"error": message, "request_id": id}`; never a traceback or a server path."""
+    status = status_for(exc)
+    if status == 500:
+        log.exception("internal error in request %s", request_id, exc_info=exc)
+        message = "internal server error; the server log has the details under this request_id"
+    else:
+        message = str(exc)
+    headers = {**(headers or {}), "X-Request-ID": request_id}
+    if status == 503:
+        headers.setdefault("Retry-After", "1")
+    return json_response({"error": message, "request_id": request_id}, status, headers)

@@ -1,0 +1,162 @@
+"""onnxruntime sessions for a verified bundle: providers, device placement, thread settings."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from fusion.bundle import Bundle, Manifest, read_bundle
+from fusion.errors import InputError, UnavailableError
+
+log = logging.getLogger("fusion.service")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Thread and device settings; every default is explicit (onnxruntime would take all cores per session)."""
+
+    intra_op_threads: int = 1
+    member_threads: int = 1  # per-member sessions never get more: N pools on shared cores blow up p99
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    gpu_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_env(cls) -> "RuntimeConfig":
+        workers = max(1, int(os.environ.get("FUSION_WORKERS", "1")))
+        default_threads = max(1, (os.cpu_count() or 1) // workers)
+        gpus = os.environ.get("FUSION_GPU_IDS", "")
+        return cls(
+            intra_op_threads=int(os.environ.get("FUSION_INTRA_OP_THREADS", default_threads)),
+            member_threads=int(os.environ.get("FUSION_MEMBER_THREADS", "1")),
+            device=os.environ.get("FUSION_DEVICE", "auto"),
+            gpu_ids=tuple(int(g) for g in gpus.split(",") if g.strip()),
+        )
+
+    def use_cuda(self) -> bool:
+        if self.device == "cpu":
+            return False
+        available = "CUDAExecutionProvider" in ort.get_available_providers()
+        if self.device == "cuda" and not available:
+            raise UnavailableError("FUSION_DEVICE=cuda but onnxruntime has no CUDAExecutionProvider")
+        return available
+
+
+def providers_for(cfg: RuntimeConfig, device_id: int | None) -> list:
+    if device_id is not None and cfg.use_cuda():
+        return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def make_session(model: bytes, threads: int, providers: list) -> ort.InferenceSession:
+    """A session over already-verified bytes (parsed exactly as they were hashed)."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(model, opts, providers=providers)
+
+
+@dataclass
+class Model:
+    """One servable ONNX model: a variant or a member."""
+
+    name: str
+    session: ort.InferenceSession
+    input_name: str
+    device: str
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        # X: (B, F) float32 C-contiguous -> (B, C) float32
+        return self.session.run(None, {self.input_name: X})[0]
+
+
+@dataclass
+class LoadedBundle:
+    """A verified bundle with a session per variant and member, warmed up and ready."""
+
+    bundle: Bundle
+    models: dict[str, Model] = field(default_factory=dict)
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.bundle.manifest
+
+    @property
+    def version(self) -> str:
+        return self.manifest.bundle_version
+
+    def model(self, name: str) -> Model:
+        try:
+            return self.models[name]
+        except KeyError:
+            from fusion.errors import UnknownNameError
+
+            raise UnknownNameError(
+                f"unknown variant '{name}'; expected one of {sorted(self.models)}"
+            ) from None
+
+    def predict(self, name: str, X: np.ndarray) -> np.ndarray:
+        return self.model(name)(X)
+
+
+def load(path: str | Path, cfg: RuntimeConfig | None = None) -> LoadedBundle:
+    """Verify every digest, open one session per entry, and warm each up with one inference."""
+    cfg = cfg or RuntimeConfig.from_env()
+    bundle = read_bundle(path)
+    cuda = cfg.use_cuda()
+    gpus = cfg.gpu_ids or ((0,) if cuda else ())
+    loaded = LoadedBundle(bundle)
+    manifest = bundle.manifest
+    for i, (name, entry) in enumerate(manifest.entries().items()):
+        is_member = entry.kind == "member"
+        # members spread round-robin over the visible GPUs; variants on the first one
+        device_id = (gpus[i % len(gpus)] if is_member else gpus[0]) if gpus else None
+        threads = cfg.member_threads if is_member else cfg.intra_op_threads
+        sess = make_session(bundle.read_verified(name), threads, providers_for(cfg, device_id))
+        device = f"cuda:{device_id}" if "CUDAExecutionProvider" in sess.get_providers() else "cpu"
+        loaded.models[name] = Model(name, sess, sess.get_inputs()[0].name, device)
+    warm_up(loaded)
+    return loaded
+
+
+def warm_up(loaded: LoadedBundle) -> None:
+    """Run every model once at batch 1 and 8 on zeros; a model that fails makes the bundle unusable."""
+    n = loaded.manifest.input.n_features
+    for name, model in loaded.models.items():
+        for b in (1, 8):
+            out = model(np.zeros((b, n), dtype=np.float32))
+            if out.shape[0] != b or not np.isfinite(out).all():
+                raise UnavailableError(f"warm-up of '{name}' gave {out.shape} / non-finite output")
+
+
+class BundleHolder:
+    """The bundle being served; swapped atomically (one reference assignment under a lock)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.current: LoadedBundle | None = None
+        self.error: str | None = None
+
+    def get(self) -> LoadedBundle:
+        current = self.current
+        if current is None:
+            raise UnavailableError(f"no bundle is loaded: {self.error or 'still loading'}")
+        return current
+
+    def swap(self, new: LoadedBundle) -> LoadedBundle | None:
+        with self._lock:
+            old, self.current, self.error = self.current, new, None
+        return old
+
+
+def check_width(X: np.ndarray, manifest: Manifest) -> None:
+    n = manifest.input.n_features
+    if X.shape[1] != n:
+        raise InputError(f"expected {n} features per row; got {X.shape[1]}")
