@@ -1,0 +1,85 @@
+"""Start a real `bentoml serve` on a free loopback port, poll readiness with a deadline, stop by PID."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`with Server(bundle_dir, env={...}) as srv: httpx.post(srv.url + "/predict", ...)`."""
+
+    def __init__(self, bundle: str | Path | None, env: dict | None = None, target: str = "service.app:FusionService",
+                 deadline_s: float = 60.0, wait_ready: bool = True, args: list[str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.home = tempfile.mkdtemp(prefix="bentoml-home-")  # own home: two servers must not share metrics
+        self.log_path = Path(tempfile.mkstemp(prefix="bentoml-serve-", suffix=".log")[1])
+        self.env = {
+            **os.environ, "BENTOML_DO_NOT_TRACK": "true", "BENTOML_HOME": self.home,
+            "FUSION_DEVICE": os.environ.get("FUSION_DEVICE", "cpu"), "PYTHONUNBUFFERED": "1",
+            **({"FUSION_BUNDLE": str(bundle)} if bundle is not None else {}), **(env or {}),
+        }
+        self.target, self.deadline_s, self.wait_ready, self.args = target, deadline_s, wait_ready, args or []
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Server":
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", self.target, "--host", "127.0.0.1",
+             "--port", str(self.port), *self.args],
+            cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        if self.wait_ready:
+            self.wait("/readyz", 200)
+        return self
+
+    def wait(self, path: str, status: int) -> None:
+        deadline = time.monotonic() + self.deadline_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            try:
+                if httpx.get(self.url + path, timeout=1.0).status_code == status:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{path} did not answer {status} within {self.deadline_s}s:\n{self.log()[-3000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(5)
+        finally:
+            self._log.close()
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
