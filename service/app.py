@@ -1,19 +1,21 @@
-"""The BentoML service: endpoints only. Parsing lives in payload.py, sessions in runtime.py,
-the error mapping in errors.py.
+"""The BentoML service: endpoints only. Parsing lives in payload.py / oip.py, serving logic in
+engine.py, sessions in runtime.py, the error mapping in errors.py.
 
 Our routes are a Starlette app mounted on the service, so that every response, errors included,
-has one shape (`{"error": ..., "request_id": ...}`) and the body limit is enforced while reading.
-BentoML provides `/livez`, `/readyz` (ready only after the bundle is loaded and warmed up),
-`/metrics` and the process model.
+has one shape (`{"error": ..., "request_id": ...}`), the body limit is enforced while reading, and
+path parameters work (`/v2/models/{name}/infer`). BentoML provides `/livez`, `/readyz` (ready only
+after the bundle is loaded, probed and warmed up), `/metrics`, the traffic limits and the workers.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 import uuid
 from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 import bentoml
 import numpy as np
@@ -23,9 +25,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from fusion.errors import FusionError, InputError, PayloadTooLargeError
-from service import payload, runtime
+from fusion.errors import InputError, PayloadTooLargeError, UnknownNameError
+from service import oip, payload
+from service.auth import Tokens
+from service.engine import MEMBERS, Engine, EngineConfig
 from service.errors import UnsupportedMediaError, error_response, json_response
+from service.routing import CASCADE
+from service.stats import ERRORS
 
 log = logging.getLogger("fusion.service")
 
@@ -35,25 +41,20 @@ INLINE_ROWS = 32  # smaller batches run on the event loop: a thread hop costs mo
 
 @dataclass(frozen=True)
 class Settings:
-    bundle: str = "artifacts/bundle"
     max_rows: int = 1024
     max_body_bytes: int = 8 << 20
-    default_variant: str = "ensemble"
     workers: int = 1
     timeout_s: float = 30.0
     max_concurrency: int = 64
 
     @classmethod
-    def from_env(cls) -> "Settings":
-        env = os.environ.get
+    def from_env(cls, env=os.environ) -> "Settings":
         return cls(
-            bundle=env("FUSION_BUNDLE", cls.bundle),
-            max_rows=int(env("FUSION_MAX_ROWS", cls.max_rows)),
-            max_body_bytes=int(env("FUSION_MAX_BODY_BYTES", cls.max_body_bytes)),
-            default_variant=env("FUSION_DEFAULT_VARIANT", cls.default_variant),
-            workers=int(env("FUSION_WORKERS", cls.workers)),
-            timeout_s=float(env("FUSION_TIMEOUT_S", cls.timeout_s)),
-            max_concurrency=int(env("FUSION_MAX_CONCURRENCY", cls.max_concurrency)),
+            max_rows=int(env.get("FUSION_MAX_ROWS", cls.max_rows)),
+            max_body_bytes=int(env.get("FUSION_MAX_BODY_BYTES", cls.max_body_bytes)),
+            workers=int(env.get("FUSION_WORKERS", cls.workers)),
+            timeout_s=float(env.get("FUSION_TIMEOUT_S", cls.timeout_s)),
+            max_concurrency=int(env.get("FUSION_MAX_CONCURRENCY", cls.max_concurrency)),
         )
 
 
@@ -79,8 +80,12 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def check_json_content_type(request: Request) -> None:
-    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+def content_type(request: Request) -> str:
+    return request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+
+
+def require_json(request: Request) -> None:
+    ctype = content_type(request)
     if ctype != "application/json" and not ctype.endswith("+json"):
         raise UnsupportedMediaError(f"expected Content-Type application/json; got {ctype}")
 
@@ -89,73 +94,226 @@ def service() -> "FusionService":
     return bentoml.get_current_service()
 
 
-def format_prediction(loaded: runtime.LoadedBundle, out: np.ndarray) -> dict:
-    """Model output (B, C) -> predictions (class labels) and probabilities; regression: values."""
-    manifest = loaded.manifest
-    if manifest.task == "regression":
-        return {"predictions": out[:, 0] if out.shape[1] == 1 else out}
-    labels = np.asarray(manifest.classes)[out.argmax(-1)]  # ties -> lowest class index
-    return {"predictions": labels.tolist(), "probabilities": out}
+Handler = Callable[[Request, "FusionService", str], Awaitable[Response]]
 
 
-async def predict(request: Request) -> Response:
-    rid = request_id(request)
-    svc = service()
-    try:
-        check_json_content_type(request)
-        body = await read_body(request, svc.settings.max_body_bytes)
-        data = payload.parse_json(body)
-        if not isinstance(data, dict):
-            raise InputError(f"expected a JSON object like {{\"inputs\": [[...], ...]}}; got {type(data).__name__}")
-        unknown = sorted(set(data) - {"inputs", "variant"})
-        if unknown:
-            raise InputError(f"unexpected fields {unknown}; expected 'inputs' and optionally 'variant'")
-        if "inputs" not in data:
-            raise InputError("expected a field 'inputs' with a list of rows; got none")
-        loaded = svc.holder.get()
-        X = payload.rows_to_array(data["inputs"], loaded.manifest.input.n_features, svc.settings.max_rows)
-        if b"true" in body or b"false" in body:
-            payload.check_value_types(data["inputs"])
-        variant = data.get("variant") or request.headers.get("x-variant") or svc.settings.default_variant
-        if not isinstance(variant, str):
-            raise InputError(f"expected 'variant' to be a string; got {type(variant).__name__}")
-        model = loaded.model(variant)
-        out = model(X) if len(X) <= INLINE_ROWS else await run_in_threadpool(model, X)
-        body = {
-            **format_prediction(loaded, out), "variant": variant,
-            "bundle_version": loaded.version, "request_id": rid,
-        }
-        headers = {"X-Request-ID": rid, "X-Variant": variant, "X-Bundle-Version": loaded.version}
-        return json_response(body, headers=headers)
-    except Exception as exc:  # noqa: BLE001 - every error leaves as one JSON object
-        return error_response(exc, rid)
+def endpoint(scope: str | None):
+    """Wrap a handler: request id, bearer-token check for `scope`, one error shape for every failure."""
+
+    def deco(fn: Handler):
+        @functools.wraps(fn)
+        async def wrapper(request: Request) -> Response:
+            rid = request_id(request)
+            try:
+                svc = service()
+                if scope:
+                    svc.tokens.check(request.headers.get("authorization"), scope)
+                response = await fn(request, svc, rid)
+                response.headers.setdefault("X-Request-ID", rid)
+                return response
+            except Exception as exc:  # noqa: BLE001 - every error leaves as one JSON object
+                response = error_response(exc, rid)
+                ERRORS.labels(str(response.status_code)).inc()
+                return response
+
+        return wrapper
+
+    return deco
 
 
-async def info(request: Request) -> Response:
+async def json_body(request: Request, svc: "FusionService") -> dict:
+    require_json(request)
+    data = payload.parse_json(await read_body(request, svc.settings.max_body_bytes))
+    if not isinstance(data, dict):
+        raise InputError(f"expected a JSON object; got {type(data).__name__}")
+    return data
+
+
+async def compute(svc: "FusionService", X: np.ndarray, variant: str | None, key: str | None, rid: str):
+    if len(X) <= INLINE_ROWS:
+        return svc.engine.predict(X, variant=variant, key=key, request_id=rid)
+    return await run_in_threadpool(svc.engine.predict, X, variant=variant, key=key, request_id=rid)
+
+
+# ---- our JSON API ---------------------------------------------------------------------------
+
+
+@endpoint("inference")
+async def predict(request: Request, svc: "FusionService", rid: str) -> Response:
+    require_json(request)
+    body = await read_body(request, svc.settings.max_body_bytes)
+    data = payload.parse_json(body)
+    if not isinstance(data, dict):
+        raise InputError(f"expected a JSON object like {{\"inputs\": [[...], ...]}}; got {type(data).__name__}")
+    unknown = sorted(set(data) - {"inputs", "variant", "routing_key"})
+    if unknown:
+        raise InputError(f"unexpected fields {unknown}; expected 'inputs' and optionally 'variant', 'routing_key'")
+    if "inputs" not in data:
+        raise InputError("expected a field 'inputs' with a list of rows; got none")
+    served = svc.engine.current()
+    X = payload.rows_to_array(data["inputs"], served.loaded.manifest.input.n_features, svc.settings.max_rows)
+    if b"true" in body or b"false" in body:
+        payload.check_value_types(data["inputs"])
+    variant = data.get("variant") or request.headers.get("x-variant") or None
+    key = data.get("routing_key") or request.headers.get("x-routing-key") or None
+    for name, value in (("variant", variant), ("routing_key", key)):
+        if value is not None and not isinstance(value, str):
+            raise InputError(f"expected '{name}' to be a string; got {type(value).__name__}")
+    result = await compute(svc, X, variant, key, rid)
+    out = {"predictions": result.labels(), "variant": result.variant, "bundle_version": result.version, "request_id": rid}
+    if result.task == "classification":
+        out["probabilities"] = result.output
+    out.update(result.extra)
+    headers = {"X-Variant": result.variant, "X-Bundle-Version": result.version}
+    return json_response(out, headers=headers)
+
+
+@endpoint("inference")
+async def feedback(request: Request, svc: "FusionService", rid: str) -> Response:
+    data = await json_body(request, svc)
+    target = data.get("request_id")
+    if not isinstance(target, str):
+        raise InputError(f"expected 'request_id' (a string from a /predict response); got {target!r:.60}")
+    if ("label" in data) == ("labels" in data):
+        raise InputError("expected exactly one of 'label' (one row) or 'labels' (a list, one per row)")
+    labels = [data["label"]] if "label" in data else data["labels"]
+    if not isinstance(labels, list) or not labels or any(isinstance(y, (list, dict)) or y is None for y in labels):
+        raise InputError(f"expected 'labels' as a non-empty list of class labels; got {labels!r:.60}")
+    return json_response({**svc.engine.feedback(target, labels), "request_id": rid})
+
+
+@endpoint("inference")
+async def ab_report(request: Request, svc: "FusionService", rid: str) -> Response:
+    return json_response({**svc.engine.report(), "request_id": rid})
+
+
+@endpoint("inference")
+async def info(request: Request, svc: "FusionService", rid: str) -> Response:
     """The served bundle: version, input spec, classes, variants and members with their offline metrics."""
-    rid = request_id(request)
-    try:
-        loaded = service().holder.get()
-        m = loaded.manifest
-        entries = {
-            name: {"kind": e.kind, "metrics": e.metrics, "device": loaded.models[name].device,
-                   "combiner": e.combiner, "method": e.method, "n_parameters": e.n_parameters}
-            for name, e in m.entries().items()
-        }
-        return json_response({
-            "bundle_version": m.bundle_version, "created": m.created, "task": m.task,
-            "input": {"name": m.input.name, "shape": m.input.shape, "dtype": m.input.dtype,
-                      "scaling": m.input.scaling["kind"]},
-            "classes": list(m.classes), "variants": {k: entries[k] for k in m.variants},
-            "members": {k: entries[k] for k in m.members}, "request_id": rid,
-        })
-    except Exception as exc:  # noqa: BLE001
-        return error_response(exc, rid)
+    served = svc.engine.current()
+    m, loaded = served.loaded.manifest, served.loaded
+
+    def describe(name, e):
+        return {"kind": e.kind, "file": e.file, "sha256": e.sha256, "metrics": e.metrics, "device": loaded.models[name].device,
+                "combiner": e.combiner, "method": e.method, "n_parameters": e.n_parameters, "members": list(e.members)}
+
+    return json_response({
+        "bundle_version": m.bundle_version, "created": m.created, "task": m.task,
+        "input": {"name": m.input.name, "shape": m.input.shape, "dtype": m.input.dtype, "scaling": m.input.scaling["kind"]},
+        "classes": list(m.classes),
+        "variants": {k: describe(k, e) for k, e in m.variants.items()},
+        "members": {k: describe(k, e) for k, e in m.members.items()},
+        "modes": [MEMBERS] * (served.members is not None) + [CASCADE] * (svc.engine.policy.cascade is not None),
+        "routing": svc.engine.policy.to_dict(),
+        "comparison": m.comparison,
+        "request_id": rid,
+    })
+
+
+@endpoint("inference")
+async def echo(request: Request, svc: "FusionService", rid: str) -> Response:
+    """The framework floor for benchmarks: parse and return the JSON body, no model."""
+    return json_response(await json_body(request, svc))
+
+
+# ---- admin -----------------------------------------------------------------------------------
+
+
+@endpoint("admin")
+async def admin_bundle(request: Request, svc: "FusionService", rid: str) -> Response:
+    data = await json_body(request, svc)
+    path = data.get("path")
+    if not isinstance(path, str) or not path:
+        raise InputError(f"expected 'path' to a bundle directory on the server; got {path!r:.60}")
+    result = await run_in_threadpool(svc.engine.swap, path)
+    return json_response({**result, "request_id": rid})
+
+
+@endpoint("admin")
+async def admin_routing(request: Request, svc: "FusionService", rid: str) -> Response:
+    if request.method == "POST":
+        svc.engine.set_policy(await json_body(request, svc))
+    return json_response({**svc.engine.policy.to_dict(), "request_id": rid})
+
+
+# ---- Open Inference Protocol v2 ----------------------------------------------------------------
+
+ROUTED_MODEL = "fusion"  # the A/B-routed model; every variant is also a model of its own name
+
+
+@endpoint(None)
+async def v2_server(request: Request, svc: "FusionService", rid: str) -> Response:
+    from fusion import __version__
+
+    return json_response({"name": "fusion-serve", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+
+@endpoint(None)
+async def v2_live(request: Request, svc: "FusionService", rid: str) -> Response:
+    return json_response({"live": True})
+
+
+@endpoint(None)
+async def v2_ready(request: Request, svc: "FusionService", rid: str) -> Response:
+    return json_response({"ready": svc.engine.ready}, 200 if svc.engine.ready else 503)
+
+
+def _oip_variant(svc: "FusionService", name: str) -> str | None:
+    """The variant for an OIP model name: None routes by the A/B policy."""
+    if name == ROUTED_MODEL:
+        return None
+    if name not in svc.engine.current().names() and name != CASCADE:
+        raise UnknownNameError(f"unknown model '{name}'; expected '{ROUTED_MODEL}' or one of {sorted(svc.engine.current().names())}")
+    return name
+
+
+@endpoint("inference")
+async def v2_model(request: Request, svc: "FusionService", rid: str) -> Response:
+    name = request.path_params["name"]
+    _oip_variant(svc, name)
+    m = svc.engine.current().loaded.manifest
+    return json_response(oip.metadata(name, m.bundle_version, m.input.n_features, max(len(m.classes), 1)))
+
+
+@endpoint("inference")
+async def v2_model_ready(request: Request, svc: "FusionService", rid: str) -> Response:
+    _oip_variant(svc, request.path_params["name"])
+    return json_response({"name": request.path_params["name"], "ready": True})
+
+
+@endpoint("inference")
+async def v2_infer(request: Request, svc: "FusionService", rid: str) -> Response:
+    name = request.path_params["name"]
+    variant = _oip_variant(svc, name)
+    header_len = request.headers.get(oip.HEADER_LENGTH)
+    if header_len is None:
+        require_json(request)
+    body = await read_body(request, svc.settings.max_body_bytes)
+    served = svc.engine.current()
+    req = oip.parse(body, header_len, served.loaded.manifest.input.n_features, svc.settings.max_rows)
+    result = await compute(svc, req.X, variant, request.headers.get("x-routing-key"), rid)
+    extra = {"variant": result.variant, "request_id": rid, "bundle_version": result.version}
+    if "degraded" in result.extra:
+        extra["degraded"] = result.extra["degraded"]
+    content, headers = oip.response(name, result.version, req, result.output, result.output.argmax(-1).tolist(), extra)
+    headers |= {"X-Variant": result.variant, "X-Bundle-Version": result.version}
+    return Response(content, headers=headers, media_type=headers.pop("Content-Type"))
 
 
 routes = Starlette(routes=[
     Route("/predict", predict, methods=["POST"]),
+    Route("/feedback", feedback, methods=["POST"]),
+    Route("/ab/report", ab_report, methods=["GET"]),
     Route("/info", info, methods=["GET"]),
+    Route("/echo", echo, methods=["POST"]),
+    Route("/admin/bundle", admin_bundle, methods=["POST"]),
+    Route("/admin/routing", admin_routing, methods=["GET", "POST"]),
+    Route("/v2", v2_server, methods=["GET"]),
+    Route("/v2/health/live", v2_live, methods=["GET"]),
+    Route("/v2/health/ready", v2_ready, methods=["GET"]),
+    Route("/v2/models/{name}", v2_model, methods=["GET"]),
+    Route("/v2/models/{name}/ready", v2_model_ready, methods=["GET"]),
+    Route("/v2/models/{name}/infer", v2_infer, methods=["POST"]),
 ])
 
 
@@ -166,20 +324,13 @@ routes = Starlette(routes=[
 )
 @bentoml.asgi_app(routes, path="/")
 class FusionService:
-    """Serves a fusion bundle: the fused ensemble, its members, and merged/distilled variants."""
+    """Serves a fusion bundle: the fused ensemble, its members, and merged/distilled variants, A/B-routed."""
 
     def __init__(self) -> None:
         self.settings = Settings.from_env()
-        self.holder = runtime.BundleHolder()
-        try:
-            loaded = runtime.load(self.settings.bundle)
-        except (FusionError, OSError) as exc:
-            # stay up but not ready: /readyz answers 503 and /predict names the reason
-            self.holder.error = str(exc)
-            log.error("could not load bundle %s: %s", self.settings.bundle, exc)
-            return
-        self.holder.swap(loaded)
-        log.info("serving bundle %s (%s) with %d models", loaded.version, self.settings.bundle, len(loaded.models))
+        self.tokens = Tokens.from_env()
+        self.engine = Engine(EngineConfig.from_env())
+        self.engine.start()  # a bundle that fails to load leaves the service up and not ready
 
     def __is_ready__(self) -> bool:
-        return self.holder.current is not None
+        return self.engine.ready

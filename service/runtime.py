@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from fusion.bundle import Bundle, Manifest, read_bundle
-from fusion.errors import InputError, UnavailableError
+from fusion.errors import UnavailableError
 
 log = logging.getLogger("fusion.service")
 
@@ -134,29 +133,3 @@ def warm_up(loaded: LoadedBundle) -> None:
             out = model(np.zeros((b, n), dtype=np.float32))
             if out.shape[0] != b or not np.isfinite(out).all():
                 raise UnavailableError(f"warm-up of '{name}' gave {out.shape} / non-finite output")
-
-
-class BundleHolder:
-    """The bundle being served; swapped atomically (one reference assignment under a lock)."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.current: LoadedBundle | None = None
-        self.error: str | None = None
-
-    def get(self) -> LoadedBundle:
-        current = self.current
-        if current is None:
-            raise UnavailableError(f"no bundle is loaded: {self.error or 'still loading'}")
-        return current
-
-    def swap(self, new: LoadedBundle) -> LoadedBundle | None:
-        with self._lock:
-            old, self.current, self.error = self.current, new, None
-        return old
-
-
-def check_width(X: np.ndarray, manifest: Manifest) -> None:
-    n = manifest.input.n_features
-    if X.shape[1] != n:
-        raise InputError(f"expected {n} features per row; got {X.shape[1]}")

@@ -68,7 +68,10 @@ class Stacking(Combiner):
         return torch.softmax(scores, -1)
 
     def config(self) -> dict:
-        return {"name": self.name, "weights": None, "C": self.C, "fit_on": getattr(self, "fit_on_", "validation")}
+        cfg = {"name": self.name, "weights": None, "C": self.C, "fit_on": getattr(self, "fit_on_", "validation")}
+        if hasattr(self, "coef_"):  # the fitted head, so that members mode can combine without torch
+            cfg |= {"coef": self.coef_.tolist(), "intercept": self.intercept_.tolist()}
+        return cfg
 
 
 def fit_out_of_fold(

@@ -1,0 +1,271 @@
+"""The serving engine: routing, cascade, members mode, shadow runs, statistics and hot swap.
+
+Knows nothing about HTTP: app.py parses requests and formats responses around it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fusion.errors import ConfigError, InputError, UnavailableError, UnknownNameError
+from service import runtime
+from service.members import FailurePolicy, Fault, MembersEnsemble
+from service.routing import CASCADE, RoutingPolicy
+from service.stats import BUNDLE, Stats
+
+log = logging.getLogger("fusion.service")
+
+MEMBERS = "members"
+PROBE_ATOL = 1e-4
+
+
+@dataclass
+class Served:
+    """One loaded bundle version and what is built on it; requests take one and keep it to the end."""
+
+    loaded: runtime.LoadedBundle
+    members: MembersEnsemble | None
+
+    @property
+    def version(self) -> str:
+        return self.loaded.version
+
+    def names(self) -> set[str]:
+        extra = {MEMBERS} if self.members else set()
+        return set(self.loaded.models) | extra
+
+    def close(self) -> None:
+        if self.members:
+            self.members.close()
+
+
+@dataclass(frozen=True)
+class Result:
+    variant: str
+    output: np.ndarray  # (B, C) probabilities (or regression values)
+    version: str
+    classes: tuple
+    task: str
+    extra: dict = field(default_factory=dict)
+
+    def labels(self) -> list:
+        if self.task == "regression":
+            return self.output[:, 0].tolist()
+        return np.asarray(self.classes)[self.output.argmax(-1)].tolist()  # ties -> lowest class index
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    bundle: str = "artifacts/bundle"
+    failure_policy: str = "strict"
+    member_deadline_ms: float = 1000.0
+    shadow_queue: int = 64  # shadow runs waiting beyond this are dropped (and counted), never queued forever
+    bundle_root: str = ""  # when set, hot swaps may only load bundles below this directory
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> "EngineConfig":
+        return cls(
+            bundle=env.get("FUSION_BUNDLE", cls.bundle),
+            failure_policy=env.get("FUSION_FAILURE_POLICY", cls.failure_policy),
+            member_deadline_ms=float(env.get("FUSION_MEMBER_DEADLINE_MS", cls.member_deadline_ms)),
+            shadow_queue=int(env.get("FUSION_SHADOW_QUEUE", cls.shadow_queue)),
+            bundle_root=env.get("FUSION_BUNDLE_ROOT", ""),
+        )
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig, env=os.environ):
+        self.cfg = cfg
+        self.policy_failure = FailurePolicy.parse(cfg.failure_policy, cfg.member_deadline_ms)
+        self.faults = Fault.parse(env.get("FUSION_FAULT", ""))
+        self.env_policy = RoutingPolicy.from_env(env)
+        self.policy: RoutingPolicy = self.env_policy
+        self.stats = Stats()
+        self.served: Served | None = None
+        self.error: str | None = None
+        self._swap_lock = threading.Lock()
+        self.shadow_pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shadow")
+        self._shadow_pending = 0
+        self._shadow_lock = threading.Lock()
+
+    # ---- loading and hot swap -------------------------------------------------------------
+
+    def open(self, path: str | Path) -> Served:
+        """Verify, load, warm up and probe a bundle; nothing is swapped in here."""
+        loaded = runtime.load(path)
+        check_probe(loaded)
+        members = None
+        ens = loaded.manifest.variants.get("ensemble")
+        if ens is not None and ens.members and all(m in loaded.models for m in ens.members):
+            members = MembersEnsemble(loaded, self.policy_failure, self.faults)
+        return Served(loaded, members)
+
+    def start(self) -> None:
+        """Load the configured bundle; on failure stay up, not ready, with the reason kept."""
+        try:
+            served = self.open(self.cfg.bundle)
+            self.policy.check_against(served.names())
+        except Exception as exc:  # noqa: BLE001 - any failure leaves the service not ready, never crashing
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.error("could not load bundle %s: %s", self.cfg.bundle, exc)
+            return
+        self._install(served)
+
+    def _install(self, served: Served) -> Served | None:
+        old, self.served, self.error = self.served, served, None
+        if old is not None:
+            BUNDLE.labels(old.version).set(0)
+        BUNDLE.labels(served.version).set(1)
+        log.info("serving bundle %s with %d models", served.version, len(served.loaded.models))
+        return old
+
+    def swap(self, path: str) -> dict:
+        """Load a new bundle version beside the old one, then swap atomically; a failure keeps the old."""
+        if self.cfg.bundle_root:
+            root = Path(self.cfg.bundle_root).resolve()
+            if not Path(path).resolve().is_relative_to(root):
+                raise InputError(f"expected a bundle below FUSION_BUNDLE_ROOT; got '{path}'")
+        with self._swap_lock:  # one swap at a time; requests keep flowing on the current version
+            served = self.open(path)
+            try:
+                self.policy.check_against(served.names())
+            except ConfigError:
+                served.close()
+                raise
+            old = self._install(served)
+        if old is not None:
+            old.close()
+        return {"bundle_version": served.version, "previous_version": old.version if old else None}
+
+    def current(self) -> Served:
+        served = self.served
+        if served is None:
+            raise UnavailableError(f"no bundle is loaded: {self.error or 'still loading'}")
+        return served
+
+    @property
+    def ready(self) -> bool:
+        return self.served is not None
+
+    def set_policy(self, body: dict) -> RoutingPolicy:
+        policy = RoutingPolicy.from_dict(body, self.policy)
+        policy.check_against(self.current().names())
+        self.policy = policy  # one reference assignment: atomic for readers
+        return policy
+
+    # ---- prediction ----------------------------------------------------------------------
+
+    def choose(self, explicit: str | None, key: str | None) -> str:
+        return explicit or self.policy.choose(key)
+
+    def run(self, served: Served, variant: str, X: np.ndarray) -> tuple[np.ndarray, dict]:
+        """One variant on X (B, F) -> (B, C) plus extra response fields."""
+        if variant == MEMBERS:
+            if served.members is None:
+                raise UnknownNameError("members mode needs an 'ensemble' variant whose members are in the bundle")
+            return served.members(X)
+        if variant == CASCADE:
+            return self._cascade(served, X)
+        return served.loaded.model(variant)(X), {}
+
+    def _cascade(self, served: Served, X: np.ndarray) -> tuple[np.ndarray, dict]:
+        c = self.policy.cascade
+        if c is None:
+            raise UnknownNameError("no cascade is configured (FUSION_CASCADE or POST /admin/routing)")
+        out = served.loaded.model(c.cheap)(X)
+        escalate = out.max(-1) < c.threshold  # (B,) rows the cheap model is unsure of
+        if escalate.any():
+            out = out.copy()
+            out[escalate] = self.run(served, c.fallback, np.ascontiguousarray(X[escalate]))[0]
+        n_esc = int(escalate.sum())
+        self.stats.observe_cascade(len(X) - n_esc, n_esc)
+        return out, {"escalated": escalate.tolist(), "cascade": c.to_dict()}
+
+    def predict(self, X: np.ndarray, *, variant: str | None, key: str | None, request_id: str) -> Result:
+        served = self.current()
+        name = self.choose(variant, key)
+        t0 = time.perf_counter()
+        out, extra = self.run(served, name, X)
+        elapsed = time.perf_counter() - t0
+        result = Result(name, out, served.version, served.loaded.manifest.classes, served.loaded.manifest.task, extra)
+        labels = result.labels()
+        self.stats.observe(name, len(X), elapsed, request_id, labels)
+        for shadow in self.policy.shadow:
+            if shadow != name:
+                self._submit_shadow(served, shadow, name, X, labels, request_id)
+        return result
+
+    def _submit_shadow(self, served: Served, shadow: str, primary: str, X: np.ndarray, labels: list, rid: str) -> None:
+        """Run `shadow` on the same rows off the response path; a full queue drops the run (counted)."""
+        with self._shadow_lock:
+            if self._shadow_pending >= self.cfg.shadow_queue:
+                self.stats.shadow_failed(shadow, "queue_full")
+                return
+            self._shadow_pending += 1
+
+        def job():
+            try:
+                t0 = time.perf_counter()
+                out, _ = self.run(served, shadow, X)
+                shadow_labels = Result(shadow, out, served.version, served.loaded.manifest.classes,
+                                       served.loaded.manifest.task).labels()
+                self.stats.observe_shadow(rid, primary, shadow, labels, shadow_labels, time.perf_counter() - t0)
+            except Exception as exc:  # noqa: BLE001 - a failing shadow never reaches the client
+                log.warning("shadow %s failed for request %s: %s", shadow, rid, exc)
+                self.stats.shadow_failed(shadow, type(exc).__name__)
+            finally:
+                with self._shadow_lock:
+                    self._shadow_pending -= 1
+
+        self.shadow_pool.submit(job)
+
+    def feedback(self, request_id: str, labels: list) -> dict:
+        served = self.current()
+        classes = served.loaded.manifest.classes
+        if served.loaded.manifest.task == "classification":
+            bad = [y for y in labels if y not in classes]
+            if bad:
+                raise InputError(f"expected labels among the classes {list(classes)}; got {bad[:5]}")
+        try:
+            return self.stats.feedback(request_id, labels)
+        except KeyError:
+            raise UnknownNameError(
+                f"unknown request_id '{request_id}' (never served by this worker, already labelled, or expired)"
+            ) from None
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+
+    def report(self) -> dict:
+        served = self.served
+        return {
+            "bundle_version": served.version if served else None,
+            "routing": self.policy.to_dict(),
+            **self.stats.report(),
+        }
+
+
+def check_probe(loaded: runtime.LoadedBundle) -> None:
+    """Re-run the rows the build recorded in the manifest and compare with the recorded outputs.
+
+    The parity/smoke check on the serving path: a bundle whose models do not reproduce their
+    offline outputs in this runtime is refused before it serves a request.
+    """
+    probe = getattr(loaded.manifest, "probe", None)
+    if not probe:
+        return
+    X = np.asarray(probe["inputs"], dtype=np.float32)
+    for name, expected in probe["outputs"].items():
+        if name not in loaded.models:
+            continue
+        got = loaded.models[name](X)
+        diff = float(np.abs(got - np.asarray(expected, dtype=np.float32)).max())
+        if not diff <= PROBE_ATOL:
+            raise UnavailableError(f"'{name}' does not reproduce its recorded outputs: max |Δ| = {diff:.3g} > {PROBE_ATOL}")

@@ -1,0 +1,137 @@
+"""`members` mode: the ensemble computed from one session per member, run concurrently and combined
+in numpy, with a failure policy (`strict` or `quorum:k`) and a per-member deadline.
+
+Used when members must sit on different GPUs, or to keep answering while a member fails.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from fusion.errors import ConfigError, UnavailableError
+from service.combine import combine, member_weights
+from service.errors import DeadlineError
+
+
+@dataclass(frozen=True)
+class FailurePolicy:
+    """`strict`: any member failing fails the request. `quorum:k`: answer when at least k answered."""
+
+    quorum: int | None = None  # None: strict
+    deadline_s: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str, deadline_ms: float) -> "FailurePolicy":
+        text = text.strip() or "strict"
+        if deadline_ms <= 0:
+            raise ConfigError(f"member deadline: expected a positive number of ms; got {deadline_ms}")
+        if text == "strict":
+            return cls(None, deadline_ms / 1e3)
+        name, _, k = text.partition(":")
+        if name != "quorum" or not k.isdigit() or int(k) < 1:
+            raise ConfigError(f"failure policy: expected 'strict' or 'quorum:k' with k >= 1; got '{text}'")
+        return cls(int(k), deadline_ms / 1e3)
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A test-only fault on one member (FUSION_FAULT="mlp_1=raise,cnn_0=hang:2.5")."""
+
+    kind: str  # "raise" | "hang"
+    seconds: float = 0.0
+
+    @staticmethod
+    def parse(text: str) -> dict[str, "Fault"]:
+        faults = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            name, _, spec = part.partition("=")
+            kind, _, secs = spec.partition(":")
+            if kind not in ("raise", "hang"):
+                raise ConfigError(f"FUSION_FAULT: expected member=raise or member=hang:SECONDS; got '{part}'")
+            faults[name] = Fault(kind, float(secs or 0))
+        return faults
+
+    def __call__(self, name: str) -> None:
+        if self.kind == "hang":
+            time.sleep(self.seconds)
+        else:
+            raise RuntimeError(f"injected fault in member '{name}'")
+
+
+class MembersEnsemble:
+    """Run every member of the ensemble in its own session, concurrently; combine with the bundle's combiner."""
+
+    def __init__(self, loaded, policy: FailurePolicy, faults: dict[str, Fault] | None = None):
+        entry = loaded.manifest.variants["ensemble"]
+        self.names = list(entry.members)
+        self.models = [loaded.model(n) for n in self.names]
+        self.combiner = entry.combiner or {"name": "soft_vote", "weights": None}
+        self.weights = member_weights(self.combiner, len(self.names))
+        self.policy = policy
+        if policy.quorum is not None and policy.quorum > len(self.names):
+            raise ConfigError(f"quorum:{policy.quorum} needs at least {policy.quorum} members; the ensemble has {len(self.names)}")
+        self.faults = faults or {}
+        # one thread per member; a hung member holds its thread until it returns, so the pool is
+        # bounded at 2x members and a request is refused (503) rather than queued when it is full
+        self.pool = cf.ThreadPoolExecutor(max_workers=2 * len(self.names), thread_name_prefix="member")
+        self.inflight = 0  # member runs submitted and not yet finished (hung ones included)
+        self.max_inflight = 2 * len(self.names)
+        self._lock = threading.Lock()
+
+    def _run(self, i: int, X: np.ndarray) -> np.ndarray:
+        fault = self.faults.get(self.names[i])
+        if fault:
+            fault(self.names[i])
+        return self.models[i](X)
+
+    def __call__(self, X: np.ndarray) -> tuple[np.ndarray, dict]:
+        """X (B, F) -> combined (B, C) and {"degraded": bool, "members_answered": [...], "members_failed": {...}}."""
+        with self._lock:
+            if self.inflight + len(self.names) > self.max_inflight:
+                raise UnavailableError("members mode is saturated (members still busy with earlier requests); retry")
+            self.inflight += len(self.names)
+        futures = {self.pool.submit(self._run, i, X): i for i in range(len(self.names))}
+        for fut in futures:
+            fut.add_done_callback(self._release)
+        done, pending = cf.wait(futures, timeout=self.policy.deadline_s)
+        outputs, failed = {}, {}
+        for fut in done:
+            i = futures[fut]
+            exc = fut.exception()
+            if exc is None:
+                outputs[i] = fut.result()
+            else:
+                failed[self.names[i]] = f"{type(exc).__name__}: {exc}"
+        for fut in pending:
+            failed[self.names[futures[fut]]] = f"no answer within the {self.policy.deadline_s * 1e3:.0f} ms deadline"
+        if failed and (self.policy.quorum is None or self.combiner["name"] == "stacking"):
+            name, why = next(iter(sorted(failed.items())))
+            err = DeadlineError if "deadline" in why else UnavailableError
+            raise err(f"member '{name}' failed: {why} (policy strict; {len(failed)} of {len(self.names)} members failed)")
+        if len(outputs) < (self.policy.quorum or len(self.names)):
+            raise UnavailableError(
+                f"only {len(outputs)} of {len(self.names)} members answered; quorum needs {self.policy.quorum} "
+                f"(failed: {', '.join(sorted(failed))})"
+            )
+        idx = sorted(outputs)
+        if self.weights[idx].sum() <= 0:
+            raise UnavailableError(f"the members that answered ({[self.names[i] for i in idx]}) all have weight 0")
+        probs = np.stack([outputs[i] for i in idx])  # (M', B, C)
+        combined = combine(self.combiner, probs, self.weights[idx])
+        return combined.astype(np.float32), {
+            "degraded": bool(failed),
+            "members_answered": [self.names[i] for i in idx],
+            **({"members_failed": failed} if failed else {}),
+        }
+
+    def _release(self, _fut) -> None:
+        with self._lock:
+            self.inflight -= 1
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,135 @@
+"""Open Inference Protocol (KServe v2 / Triton) REST: JSON tensors and the binary-data extension.
+
+Request body: JSON `{"id"?, "inputs": [{"name", "shape", "datatype", "data" | parameters.binary_data_size}],
+"outputs"?: [{"name", "parameters"?: {"binary_data": bool}}]}`; with the binary extension the JSON
+header's length is in the `Inference-Header-Content-Length` HTTP header and raw little-endian
+tensors follow it in input order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+
+from fusion.errors import InputError
+from service import payload
+
+HEADER_LENGTH = "inference-header-content-length"
+DTYPES = {
+    "FP32": np.float32, "FP64": np.float64, "FP16": np.float16,
+    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+    "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+}
+OUTPUT_PROBS = "probabilities"
+OUTPUT_LABEL = "label"
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    id: str | None
+    X: np.ndarray  # (B, F) float32
+    outputs: dict[str, bool]  # requested output -> binary; empty: all outputs as JSON
+    binary_default: bool
+    parameters: dict
+
+
+def parse(body: bytes, header_length: str | None, n_features: int, max_rows: int) -> InferRequest:
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise InputError(f"expected Inference-Header-Content-Length <= body size {len(body)}; got '{header_length}'")
+        n = int(header_length)
+        head, binary = body[:n], memoryview(body)[n:]
+    else:
+        head, binary = body, memoryview(b"")
+    req = payload.parse_json(head)
+    if not isinstance(req, dict):
+        raise InputError(f"expected an inference request object; got {type(req).__name__}")
+    inputs = req.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        got = len(inputs) if isinstance(inputs, list) else type(inputs).__name__
+        raise InputError(f"expected 'inputs' to be a list with one tensor (FP32 [batch, {n_features}]); got {got}")
+    X, used = _tensor(inputs[0], binary, n_features, max_rows)
+    if used != len(binary):
+        raise InputError(f"expected {used} bytes of binary tensor data after the JSON header; got {len(binary)}")
+    outputs = {}
+    for o in req.get("outputs") or []:
+        if not isinstance(o, dict) or o.get("name") not in (OUTPUT_PROBS, OUTPUT_LABEL):
+            raise InputError(f"expected requested outputs named '{OUTPUT_PROBS}' or '{OUTPUT_LABEL}'; got {o!r:.80}")
+        outputs[o["name"]] = bool((o.get("parameters") or {}).get("binary_data", False))
+    params = req.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InputError(f"expected 'parameters' to be an object; got {type(params).__name__}")
+    rid = req.get("id")
+    return InferRequest(str(rid) if rid is not None else None, X, outputs, bool(params.get("binary_data_output", False)), params)
+
+
+def _tensor(t: dict, binary: memoryview, n_features: int, max_rows: int) -> tuple[np.ndarray, int]:
+    shape, dtype = t.get("shape"), t.get("datatype")
+    if dtype not in DTYPES:
+        raise InputError(f"expected datatype one of {sorted(DTYPES)}; got {dtype!r}")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise InputError(f"expected shape [batch, {n_features}]; got {shape!r}")
+    if shape[1] != n_features:
+        raise InputError(f"expected {n_features} features per row (shape [batch, {n_features}]); got shape {shape}")
+    if shape[0] < 1 or shape[0] > max_rows:
+        raise InputError(f"expected between 1 and {max_rows} rows; got shape {shape}")
+    n = shape[0] * shape[1]
+    size = (t.get("parameters") or {}).get("binary_data_size")
+    if size is not None:
+        nbytes = n * np.dtype(DTYPES[dtype]).itemsize
+        if size != nbytes or len(binary) < nbytes:
+            raise InputError(f"expected {nbytes} bytes for {dtype} {shape}; got binary_data_size {size} and {len(binary)} bytes")
+        X = np.frombuffer(binary[:nbytes], dtype=np.dtype(DTYPES[dtype]).newbyteorder("<")).reshape(shape)
+        return payload.finite_float32(X, t.get("name", "input")), nbytes
+    data = t.get("data")
+    if not isinstance(data, list):
+        raise InputError(f"expected 'data' (a flat or nested list of {n} numbers) or binary data; got {type(data).__name__}")
+    try:
+        arr = np.asarray(data)
+    except ValueError:
+        raise InputError("expected 'data' as a flat or regularly nested list of numbers; got ragged lists") from None
+    if arr.dtype.kind not in "iuf" or arr.size != n:
+        raise InputError(f"expected {n} numbers in 'data' for shape {shape}; got {arr.size} values of kind {arr.dtype.kind!r}")
+    return payload.finite_float32(arr.reshape(shape), t.get("name", "input")), 0
+
+
+def response(model: str, version: str, req: InferRequest, probs: np.ndarray, labels: list, extra: dict) -> tuple[bytes, dict]:
+    """The body and extra headers of an inference response (JSON, or JSON header + binary tensors)."""
+    tensors = {
+        OUTPUT_PROBS: ("FP32", list(probs.shape), np.ascontiguousarray(probs, dtype=np.float32)),
+        OUTPUT_LABEL: ("INT64", [len(labels)], np.asarray(labels, dtype=np.int64)),
+    }
+    wanted = req.outputs or {name: req.binary_default for name in tensors}
+    outs, blobs = [], []
+    for name, binary in wanted.items():
+        dtype, shape, arr = tensors[name]
+        out = {"name": name, "datatype": dtype, "shape": shape}
+        if binary:
+            blob = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+            out["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            out["data"] = arr.reshape(-1)
+        outs.append(out)
+    body = {"model_name": model, "model_version": version, "outputs": outs}
+    if req.id is not None:
+        body["id"] = req.id
+    if extra:
+        body["parameters"] = extra
+    head = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not blobs:
+        return head, {"Content-Type": "application/json"}
+    return head + b"".join(blobs), {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))}
+
+
+def metadata(model: str, version: str, n_features: int, n_classes: int, platform: str = "onnxruntime_onnx") -> dict:
+    return {
+        "name": model, "versions": [version], "platform": platform,
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, n_features]}],
+        "outputs": [
+            {"name": OUTPUT_PROBS, "datatype": "FP32", "shape": [-1, n_classes]},
+            {"name": OUTPUT_LABEL, "datatype": "INT64", "shape": [-1]},
+        ],
+    }
