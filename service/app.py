@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Awaitable, Callable
@@ -21,6 +22,7 @@ import bentoml
 import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -28,6 +30,7 @@ from starlette.routing import Route
 from fusion.errors import InputError, PayloadTooLargeError, UnknownNameError
 from service import oip, payload
 from service.auth import Tokens
+from service.batching import AdaptiveBatcher
 from service.engine import MEMBERS, Engine, EngineConfig
 from service.errors import UnsupportedMediaError, error_response, json_response
 from service.routing import CASCADE
@@ -46,6 +49,7 @@ class Settings:
     workers: int = 1
     timeout_s: float = 30.0
     max_concurrency: int = 64
+    batch_max_rows: int = 0  # adaptive batching of concurrent requests per model; 0 = off
 
     @classmethod
     def from_env(cls, env=os.environ) -> "Settings":
@@ -55,6 +59,7 @@ class Settings:
             workers=int(env.get("FUSION_WORKERS", cls.workers)),
             timeout_s=float(env.get("FUSION_TIMEOUT_S", cls.timeout_s)),
             max_concurrency=int(env.get("FUSION_MAX_CONCURRENCY", cls.max_concurrency)),
+            batch_max_rows=int(env.get("FUSION_BATCH_MAX_ROWS", cls.batch_max_rows)),
         )
 
 
@@ -130,9 +135,18 @@ async def json_body(request: Request, svc: "FusionService") -> dict:
 
 
 async def compute(svc: "FusionService", X: np.ndarray, variant: str | None, key: str | None, rid: str):
-    if len(X) <= INLINE_ROWS:
-        return svc.engine.predict(X, variant=variant, key=key, request_id=rid)
-    return await run_in_threadpool(svc.engine.predict, X, variant=variant, key=key, request_id=rid)
+    """Run the routed variant: coalesced with concurrent requests when batching is on, on the event
+    loop for small batches, in a worker thread for large ones."""
+    engine = svc.engine
+    served, name = engine.resolve(variant, key)
+    t0 = time.perf_counter()
+    if svc.batcher is not None and name in served.loaded.models:
+        out, extra = await svc.batcher.run(served.loaded.models[name], X), {}
+    elif len(X) <= INLINE_ROWS:
+        out, extra = engine.run(served, name, X)
+    else:
+        out, extra = await run_in_threadpool(engine.run, served, name, X)
+    return engine.finish(served, name, X, out, extra, time.perf_counter() - t0, rid)
 
 
 # ---- our JSON API ---------------------------------------------------------------------------
@@ -300,6 +314,19 @@ async def v2_infer(request: Request, svc: "FusionService", rid: str) -> Response
     return Response(content, headers=headers, media_type=headers.pop("Content-Type"))
 
 
+async def http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own errors (unknown path 404, wrong method 405) in the one error shape too."""
+    rid = request_id(request)
+    ERRORS.labels(str(exc.status_code)).inc()
+    if exc.status_code == 405:
+        message = f"method {request.method} is not allowed on {request.url.path}; allowed: {(exc.headers or {}).get('Allow', '?')}"
+    elif exc.status_code == 404:
+        message = f"no endpoint at {request.url.path}; see the README for the endpoints"
+    else:
+        message = str(exc.detail)
+    return json_response({"error": message, "request_id": rid}, exc.status_code, {**(exc.headers or {}), "X-Request-ID": rid})
+
+
 routes = Starlette(routes=[
     Route("/predict", predict, methods=["POST"]),
     Route("/feedback", feedback, methods=["POST"]),
@@ -314,7 +341,7 @@ routes = Starlette(routes=[
     Route("/v2/models/{name}", v2_model, methods=["GET"]),
     Route("/v2/models/{name}/ready", v2_model_ready, methods=["GET"]),
     Route("/v2/models/{name}/infer", v2_infer, methods=["POST"]),
-])
+], exception_handlers={HTTPException: http_error})
 
 
 @bentoml.service(
@@ -330,6 +357,7 @@ class FusionService:
         self.settings = Settings.from_env()
         self.tokens = Tokens.from_env()
         self.engine = Engine(EngineConfig.from_env())
+        self.batcher = AdaptiveBatcher(self.settings.batch_max_rows) if self.settings.batch_max_rows > 0 else None
         self.engine.start()  # a bundle that fails to load leaves the service up and not ready
 
     def __is_ready__(self) -> bool:

@@ -189,19 +189,27 @@ class Engine:
         self.stats.observe_cascade(len(X) - n_esc, n_esc)
         return out, {"escalated": escalate.tolist(), "cascade": c.to_dict()}
 
-    def predict(self, X: np.ndarray, *, variant: str | None, key: str | None, request_id: str) -> Result:
-        served = self.current()
-        name = self.choose(variant, key)
-        t0 = time.perf_counter()
-        out, extra = self.run(served, name, X)
-        elapsed = time.perf_counter() - t0
-        result = Result(name, out, served.version, served.loaded.manifest.classes, served.loaded.manifest.task, extra)
+    def resolve(self, variant: str | None, key: str | None) -> tuple[Served, str]:
+        """The bundle version and the variant a request will use (both fixed for the whole request)."""
+        return self.current(), self.choose(variant, key)
+
+    def finish(self, served: Served, name: str, X: np.ndarray, out: np.ndarray, extra: dict,
+               elapsed: float, request_id: str) -> Result:
+        """Record the answer and start the shadow runs; returns what the client gets."""
+        manifest = served.loaded.manifest
+        result = Result(name, out, served.version, manifest.classes, manifest.task, extra)
         labels = result.labels()
         self.stats.observe(name, len(X), elapsed, request_id, labels)
         for shadow in self.policy.shadow:
             if shadow != name:
                 self._submit_shadow(served, shadow, name, X, labels, request_id)
         return result
+
+    def predict(self, X: np.ndarray, *, variant: str | None, key: str | None, request_id: str) -> Result:
+        served, name = self.resolve(variant, key)
+        t0 = time.perf_counter()
+        out, extra = self.run(served, name, X)
+        return self.finish(served, name, X, out, extra, time.perf_counter() - t0, request_id)
 
     def _submit_shadow(self, served: Served, shadow: str, primary: str, X: np.ndarray, labels: list, rid: str) -> None:
         """Run `shadow` on the same rows off the response path; a full queue drops the run (counted)."""
