@@ -134,14 +134,17 @@ def load_file(
         X, y = _read_csv(path, label_column)
     else:
         raise DataFormatError(f"{path}: expected a .npz or .csv file; got a '{suffix}' file")
-    if X.ndim != 2 or X.shape[0] != y.shape[0] or X.shape[0] < 10:
+    if X.ndim != 2 or y.ndim != 1 or X.shape[0] != y.shape[0] or X.shape[0] < 10:
         raise DataFormatError(
             f"{path}: expected X of shape (n_samples >= 10, n_features) and y of shape (n_samples,); "
             f"got X {X.shape} and y {y.shape}"
         )
     if not np.isfinite(X).all():
         raise DataFormatError(f"{path}: X holds NaN or infinite values")
-    return split(X, y, name=path.stem, task=task, seed=seed)
+    try:
+        return split(X, y, name=path.stem, task=task, seed=seed)
+    except ValueError as exc:  # e.g. a class with one row cannot be split with stratification
+        raise DataFormatError(f"{path}: cannot make a stratified train/val/test split: {exc}") from None
 
 
 def load(source: str = "digits", **kwargs) -> Dataset:

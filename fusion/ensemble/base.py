@@ -58,8 +58,8 @@ class Combiner(nn.Module):
     def __init__(self, n_members: int, weights: Sequence[float] | None = None):
         super().__init__()
         self.n_members = n_members
+        w = check_weights(weights, n_members)  # first: its message says what was expected and got
         self.weights = None if weights is None else list(map(float, weights))
-        w = check_weights(weights, n_members)
         self.register_buffer("w", torch.tensor(w / w.sum(), dtype=torch.float32).reshape(-1, 1, 1))
 
     def fit(self, member_outputs: torch.Tensor, y: torch.Tensor) -> "Combiner":
