@@ -78,6 +78,7 @@ class Manifest:
     members: dict[str, ModelEntry]
     dataset: dict = field(default_factory=dict)
     comparison: dict | None = None
+    probe: dict | None = None  # {"inputs": rows, "outputs": {name: expected}}: re-run by the service on load
 
     def entry(self, name: str) -> ModelEntry:
         """A variant or a member by name."""
@@ -124,7 +125,7 @@ class Manifest:
             })
         except ManifestError:
             raise
-        except (KeyError, TypeError, ValueError) as exc:
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:  # AttributeError: a list/str where a table belongs
             raise ManifestError(f"malformed manifest: {type(exc).__name__}: {exc}") from None
 
 

@@ -63,7 +63,7 @@ class ParityReport:
     atol: float
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "batch_sizes": list(self.batch_sizes)}  # JSON-shaped: equal after a round trip
 
 
 def count_parameters(model: nn.Module) -> int:
