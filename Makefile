@@ -7,7 +7,7 @@ BUNDLE ?= artifacts/bundle
 export BENTOML_DO_NOT_TRACK := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install install-dev zoo bundle serve test test-fast bench clean
+.PHONY: install install-dev zoo bundle serve test test-fast bench clean chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,14 +35,65 @@ bundle: $(BUNDLE)/manifest.json
 serve: $(BUNDLE)/manifest.json
 	FUSION_BUNDLE=$(BUNDLE) $(BIN)/python -m bentoml serve service.app:FusionService --host 127.0.0.1 --port $(PORT)
 
-test: install-dev
+# Chromium for the dashboard's browser test (tests/test_ui.py skips, saying why, without it): installed
+# from the distribution's packages when running as root with apt-get; a failure only warns.
+chromium:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium (apt-get) for tests/test_ui.py"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 \
+	    || echo "warning: could not install chromium; tests/test_ui.py's browser tests will skip"; \
+	else echo "note: no /usr/bin/chromium (apt-get install -y chromium chromium-driver as root); the browser tests will skip"; fi
+
+test: install-dev chromium
 	$(BIN)/python -m pytest -q
 
 test-fast: install-dev
 	$(BIN)/python -m pytest -q -m "not server and not slow and not deploy"
 
-bench: install-dev
-	$(BIN)/python -m bench.run
+bench: install-dev $(BUNDLE)/manifest.json  ## every benchmark once -> docs/BENCHMARKS.md (+ benchmarks.json, plots)
+	$(BIN)/python -m bench.run --bundle $(BUNDLE)
 
 clean:
 	rm -rf artifacts .pytest_cache test-artifacts
+
+# ---- containers and deployment (deploy/README.md) ------------------------------------------------
+# The bento tag (<bundle_version>-<digest>) of the last build is kept in $(CONTAINER)/bento-<flavour>.tag.
+CONTAINER := artifacts/container
+IMAGE     ?= fusion-serve
+IMAGE_GPU ?= fusion-serve-gpu
+bento_tag  = $$(cat $(CONTAINER)/bento-$(1).tag)
+
+.PHONY: bento bento-gpu containerfile containerfile-gpu container-context smoke-container image image-gpu k8s-render test-deploy
+
+bento: $(BUNDLE)/manifest.json | $(VENV)/.installed-dev  ## offline `bentoml build` (CPU) of $(BUNDLE)
+	$(BIN)/python deploy/bento.py build --bundle $(BUNDLE) --flavour cpu --tag-file $(CONTAINER)/bento-cpu.tag
+
+bento-gpu: $(BUNDLE)/manifest.json | $(VENV)/.installed-dev  ## the same, GPU flavour (deploy/bentofile.gpu.yaml)
+	$(BIN)/python deploy/bento.py build --bundle $(BUNDLE) --flavour gpu --tag-file $(CONTAINER)/bento-gpu.tag
+
+containerfile: bento  ## the Dockerfile `bentoml containerize` uses -> artifacts/container/Dockerfile
+	$(BIN)/python deploy/bento.py containerfile --tag "$(call bento_tag,cpu)" --out $(CONTAINER)/Dockerfile
+
+containerfile-gpu: bento-gpu  ## -> artifacts/container/Dockerfile.gpu
+	$(BIN)/python deploy/bento.py containerfile --tag "$(call bento_tag,gpu)" --out $(CONTAINER)/Dockerfile.gpu
+
+container-context: bento  ## the full build context, captured without a Docker engine -> artifacts/container/context
+	$(BIN)/python deploy/bento.py context --tag "$(call bento_tag,cpu)" --out $(CONTAINER)/context --read-only
+
+smoke-container: container-context  ## serve the captured context from an empty BENTOML_HOME, run deploy/smoke.sh
+	$(BIN)/python deploy/bento.py smoke --context $(CONTAINER)/context
+
+image: bento  ## bentoml containerize -> $(IMAGE):<bento version> and $(IMAGE):latest (needs a Docker engine)
+	$(BIN)/python deploy/bento.py image --tag "$(call bento_tag,cpu)" --image $(IMAGE)
+
+image-gpu: bento-gpu  ## -> $(IMAGE_GPU):<bento version> and :latest (needs a Docker engine)
+	$(BIN)/python deploy/bento.py image --tag "$(call bento_tag,gpu)" --image $(IMAGE_GPU)
+
+k8s-render:  ## kubectl kustomize both overlays -> artifacts/deploy/{cpu,gpu}.yaml
+	mkdir -p artifacts/deploy
+	kubectl kustomize deploy/overlays/cpu > artifacts/deploy/cpu.yaml
+	kubectl kustomize deploy/overlays/gpu > artifacts/deploy/gpu.yaml
+
+test-deploy: install-dev  ## only the bento / container / Kubernetes / compose checks
+	$(BIN)/python -m pytest -q -m deploy
