@@ -1,0 +1,51 @@
+"""The A/B dashboard (`GET /ui`): static files served from this directory, and the bundle's offline plot.
+
+The page is plain HTML + vanilla JavaScript (no build step, no third-party code, no external
+requests: its Content-Security-Policy allows only this origin). It polls `/ab/report` and reads
+`/info` with the bearer token typed into the page; the token stays in the browser tab.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fusion.bundle import sha256_bytes
+from fusion.errors import IntegrityError, UnknownNameError
+
+HERE = Path(__file__).resolve().parent
+
+# URL path -> (file in this directory, media type). A fixed table: no path reaches the filesystem.
+FILES: dict[str, tuple[str, str]] = {
+    "/ui": ("index.html", "text/html; charset=utf-8"),
+    "/ui/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/ui/style.css": ("style.css", "text/css; charset=utf-8"),
+}
+HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+PLOT = "comparison.png"  # what `fusion compare` / `fusion build` write next to manifest.json
+
+
+def asset(path: str) -> tuple[bytes, str]:
+    """The bytes and media type of a dashboard file by its URL path (one of FILES)."""
+    name, media = FILES[path]
+    return (HERE / name).read_bytes(), media
+
+
+def comparison_plot(bundle_dir: str | Path, comparison: dict | None) -> bytes:
+    """`comparison.png` of the served bundle, checked against the sha256 the manifest's comparison
+    lists for it (`artifacts`); UnknownNameError (404) when the bundle has none."""
+    path = Path(bundle_dir) / PLOT
+    if not path.is_file():
+        raise UnknownNameError(f"this bundle has no comparison plot ({PLOT}); `fusion build` or `fusion compare` writes one")
+    data = path.read_bytes()
+    expected = ((comparison or {}).get("artifacts") or {}).get(PLOT)
+    if isinstance(expected, str) and sha256_bytes(data) != expected:
+        raise IntegrityError(f"{PLOT}: sha256 mismatch with the manifest's comparison; the plot is not served")
+    return data

@@ -1,0 +1,387 @@
+"""The A/B dashboard (`GET /ui`) end to end in headless Chromium against a real server, and `fusion report`.
+
+The browser tests drive the Debian `chromium` (/usr/bin/chromium) with Python `playwright` (no
+`playwright install`: its own browser download is never used) and skip, saying why, where either is
+missing; `make test` installs Chromium where it can. Every request the page makes must stay on the
+server's origin (the machine has no internet; the page must not need it). The screenshot lands in
+test-artifacts/ui.png.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server import ROOT, Server
+
+CHROMIUM = Path(os.environ.get("FUSION_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
+                 "--no-first-run", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = ROOT / "test-artifacts"
+TOKEN = "ui-test-token-7f3a"
+ROWS_PER_REQUEST = 4
+
+
+def _browser_missing() -> str | None:
+    import importlib.util
+
+    if not CHROMIUM.exists():
+        return (f"Chromium not found at {CHROMIUM}: `apt-get install -y chromium chromium-driver` as root "
+                "(`make test` does it where it can)")
+    if importlib.util.find_spec("playwright") is None:
+        return ("Python package `playwright` not installed: pip install -e '.[dev]' (it drives /usr/bin/chromium; "
+                "no `playwright install` needed)")
+    return None
+
+
+# checked before any fixture is built, so that a machine without a browser skips at once
+needs_browser = pytest.mark.skipif(_browser_missing() is not None, reason=_browser_missing() or "")
+N_REQUESTS = 60
+
+
+# ---- bundles ------------------------------------------------------------------------------------
+
+
+def _manifest(bundle: Path) -> dict:
+    return json.loads((bundle / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def compared_bundle(tiny_bundle, digits, tmp_path_factory) -> Path:
+    """The tiny bundle with its offline comparison (added here, as `fusion build` does, when the
+    build did not run it)."""
+    m = _manifest(tiny_bundle)
+    if m.get("comparison") and (tiny_bundle / "comparison.png").is_file():
+        return tiny_bundle
+    from fusion.bundle import read_bundle, sha256_file
+    from fusion.compare import CompareConfig, compare_models, write_report
+
+    out = tmp_path_factory.mktemp("compared") / "bundle"
+    shutil.copytree(tiny_bundle, out)
+    b = read_bundle(out)
+    report = compare_models(out, b.manifest, digits, CompareConfig(rounds=5, warmup=1))
+    paths = write_report(report, out)
+    m["comparison"] = {**report, "artifacts": {p.name: sha256_file(p) for p in paths.values()}}
+    (out / "manifest.json").write_text(json.dumps(m, indent=2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain_bundle(tiny_bundle, tmp_path_factory) -> Path:
+    """The tiny bundle without any comparison (manifest field and files removed)."""
+    out = tmp_path_factory.mktemp("plain") / "bundle"
+    shutil.copytree(tiny_bundle, out)
+    m = _manifest(out)
+    m["comparison"] = None
+    (out / "manifest.json").write_text(json.dumps(m, indent=2))
+    for name in ("comparison.md", "comparison.json", "comparison.png"):
+        (out / name).unlink(missing_ok=True)
+    return out
+
+
+# ---- the browser --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """A Chromium context with a new, empty profile; yields (context, record) where record() lists the
+    URLs requested so far. Requests off the local server are aborted (and recorded)."""
+    if (missing := _browser_missing()) is not None:
+        pytest.skip(missing)
+    from playwright.sync_api import sync_playwright
+
+    urls: list[str] = []
+
+    def guard(route):
+        url = route.request.url
+        urls.append(url)
+        if url.startswith(("http://127.0.0.1:", "blob:http://127.0.0.1:", "data:")):
+            route.continue_()
+        else:
+            route.abort()
+
+    with sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1500, "height": 1000},
+        )
+        ctx.route("**/*", guard)
+        try:
+            yield ctx, lambda: list(urls)
+        finally:
+            ctx.close()
+
+
+def _open(ctx, url: str):
+    page = ctx.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    return page, errors
+
+
+def _cells(page, selector: str) -> list[list[str]]:
+    return page.eval_on_selector_all(selector, "rows => rows.map(r => [...r.cells].map(c => c.textContent.trim()))")
+
+
+def _assert_local_only(urls: list[str], srv: Server) -> None:
+    off = [u for u in urls if not (u.startswith(srv.url + "/") or u.startswith("blob:" + srv.url + "/") or u.startswith("data:"))]
+    assert not off, f"the page requested something off the server: {off}"
+
+
+# ---- traffic ------------------------------------------------------------------------------------
+
+
+def _send_traffic(client: httpx.Client, digits, n: int) -> tuple[dict[str, int], list[tuple[str, list[int]]]]:
+    """n keyed requests of ROWS_PER_REQUEST test rows; returns requests per variant and (request_id, labels)."""
+    counts: dict[str, int] = {}
+    sent = []
+    for i in range(n):
+        lo = (i * ROWS_PER_REQUEST) % (len(digits.X_test) - ROWS_PER_REQUEST)
+        r = client.post("/predict", json={"inputs": digits.X_test[lo:lo + ROWS_PER_REQUEST].tolist(), "routing_key": f"user-{i}"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        counts[body["variant"]] = counts.get(body["variant"], 0) + 1
+        sent.append((body["request_id"], [int(y) for y in digits.y_test[lo:lo + ROWS_PER_REQUEST]]))
+    return counts, sent
+
+
+def _wait_shadows(client: httpx.Client, variant: str, deadline_s: float = 20.0) -> dict:
+    """The report once every row of `variant` has been compared with its ensemble shadow."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        report = client.get("/ab/report").json()
+        v = report["variants"][variant]
+        if v["compared_rows"] == v["rows"] or time.monotonic() > deadline:
+            return report
+        time.sleep(0.1)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+# ---- the dashboard ------------------------------------------------------------------------------
+
+
+@needs_browser
+@pytest.mark.server
+def test_dashboard_with_token_shows_variants_and_verdict(browser, compared_bundle, digits):
+    from playwright.sync_api import expect
+
+    from fusion.report import read_comparison
+
+    ctx, requested = browser
+    manifest = _manifest(compared_bundle)
+    other = next((v for v in ("distilled", "merged") if v in manifest["variants"]), "mlp_0")
+    env = {"FUSION_AB_WEIGHTS": f"ensemble=0.5,{other}=0.5", "FUSION_SHADOW": "ensemble", "FUSION_INFERENCE_TOKEN": TOKEN}
+    with Server(compared_bundle, env=env) as srv, httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+        counts, sent = _send_traffic(c, digits, N_REQUESTS)
+        assert set(counts) == {"ensemble", other}, counts
+        _wait_shadows(c, other)
+
+        # the page itself is open; the plot behind it needs the token like every data endpoint
+        page_resp = httpx.get(srv.url + "/ui")
+        assert page_resp.status_code == 200 and page_resp.headers["content-type"].startswith("text/html")
+        assert "connect-src 'self'" in page_resp.headers["content-security-policy"]
+        assert httpx.get(srv.url + "/ui/comparison.png").status_code == 401
+        png = c.get("/ui/comparison.png")
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        assert png.content == (compared_bundle / "comparison.png").read_bytes()
+
+        page, errors = _open(ctx, srv.url + "/ui")
+        expect(page.locator("#status")).to_contain_text("needs a token", timeout=10_000)
+        page.fill("#token", TOKEN)
+        page.click("#token-apply")
+        expect(page.locator("#status")).to_contain_text("live", timeout=10_000)
+        assert page.input_value("#token") == "", "the typed token stays out of the field after use"
+
+        # every variant with its request count, weights and bundle version
+        expect(page.locator("#bundle-version")).to_have_text(manifest["bundle_version"])
+        for name, n in counts.items():
+            row = page.locator(f'#variants tr[data-variant="{name}"]')
+            expect(row.locator('[data-col="requests"]')).to_have_text(str(n), timeout=10_000)
+            expect(row.locator('[data-col="weight"]')).to_have_text("50.0 %")
+            expect(row.locator('[data-col="p50"]')).not_to_have_text("—")
+            expect(row.locator('[data-col="accuracy"]')).to_have_text("—")
+            expect(page.locator(f'#weights-bar [data-variant="{name}"]')).to_have_count(1)
+            expect(page.locator(f'#latency-chart rect[data-variant="{name}"]')).to_have_count(3)
+        report = c.get("/ab/report").json()
+        expect(page.locator(f'#variants tr[data-variant="{other}"] [data-col="agreement"]')).to_contain_text(
+            _pct(report["variants"][other]["agreement_with_ensemble"]))
+
+        # the offline table: the figures `fusion report` prints, and the plot
+        table = read_comparison(manifest["comparison"]).table
+        expect(page.locator("#comparison tbody tr")).to_have_count(len(table.rows), timeout=10_000)
+        assert _cells(page, "#comparison tbody tr") == [[name, *cells] for name, cells in table.rows]
+        expect(page.locator("#comparison-plot")).to_be_visible(timeout=10_000)
+        assert page.eval_on_selector("#comparison-plot", "img => img.naturalWidth") > 100
+
+        # labels arrive: accuracy and the verdict follow
+        for rid, labels in sent:
+            r = c.post("/feedback", json={"request_id": rid, "labels": labels})
+            assert r.status_code == 200, r.text
+        report = c.get("/ab/report").json()
+        verdict = report["variants"][other]["vs_ensemble"]["verdict"]
+        assert not verdict.startswith("collecting"), verdict
+        for name in counts:
+            acc = report["variants"][name]["accuracy"]
+            expect(page.locator(f'#variants tr[data-variant="{name}"] [data-col="accuracy"]')).to_contain_text(
+                _pct(acc), timeout=10_000)
+            expect(page.locator(f'#accuracy-chart circle[data-variant="{name}"]')).to_have_count(1)
+        expect(page.locator(f'#variants tr[data-variant="{other}"] [data-col="verdict"]')).to_contain_text(verdict)
+        expect(page.locator(f'#verdicts [data-variant="{other}"]')).to_contain_text(verdict)
+        expect(page.locator(f'#agreement-chart path[data-variant="{other}"]')).to_have_count(1)
+
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.wait_for_timeout(300)  # let the last poll's charts settle
+        page.screenshot(path=str(ARTIFACTS / "ui.png"), full_page=True)
+
+        assert errors == [], errors
+        urls = requested()
+        _assert_local_only(urls, srv)
+        assert srv.url + "/ab/report" in urls and srv.url + "/info" in urls
+        assert not any(TOKEN in u for u in urls), "the token never travels in a URL"
+
+
+@needs_browser
+@pytest.mark.server
+def test_dashboard_open_server_without_comparison(browser, plain_bundle, digits):
+    from playwright.sync_api import expect
+
+    ctx, requested = browser
+    with Server(plain_bundle) as srv, httpx.Client(base_url=srv.url) as c:
+        counts, _ = _send_traffic(c, digits, 5)
+        assert counts == {"ensemble": 5}
+
+        plot = httpx.get(srv.url + "/ui/comparison.png")
+        assert plot.status_code == 404 and "comparison plot" in plot.json()["error"]
+        js = httpx.get(srv.url + "/ui/app.js")
+        assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+        assert httpx.get(srv.url + "/ui/../manifest.json").status_code == 404
+
+        page, errors = _open(ctx, srv.url + "/ui")
+        expect(page.locator('#variants tr[data-variant="ensemble"] [data-col="requests"]')).to_have_text("5", timeout=10_000)
+        expect(page.locator("#status")).to_contain_text("live")
+        expect(page.locator("#offline-note")).to_contain_text("no offline comparison")
+        expect(page.locator('#comparison tbody tr[data-model="ensemble"]')).to_have_count(1)  # the manifest's metrics
+        expect(page.locator("#comparison-plot")).to_be_hidden()
+        expect(page.locator("#escalation-detail")).to_contain_text("no cascade")
+        assert errors == [], errors
+        _assert_local_only(requested(), srv)
+
+
+# ---- fusion report ------------------------------------------------------------------------------
+
+EXTERNAL = re.compile(r"""(https?:)?//[A-Za-z0-9]|<script|<link|@import|url\(""", re.I)
+
+
+def _report(bundle: Path, out: Path, capsys) -> tuple[int, str, str]:
+    from fusion.cli import main
+
+    code = main(["report", "--bundle", str(bundle), "--out", str(out)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_report_is_self_contained_with_the_table_and_plot(compared_bundle, tmp_path, capsys):
+    from fusion.report import read_comparison
+
+    code, out, _ = _report(compared_bundle, tmp_path / "r" / "report.html", capsys)
+    assert code == 0 and "report.html" in out
+    text = (tmp_path / "r" / "report.html").read_text()
+    outside = EXTERNAL.search(re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", text))
+    assert outside is None, f"the report refers outside itself: {outside}"
+    comparison = _manifest(compared_bundle)["comparison"]
+    for row in comparison["rows"]:  # the numbers, recomputed from the comparison itself
+        lo, hi = row["accuracy_ci95"]
+        assert f'<tr data-model="{row["name"]}">' in text
+        assert f"{100 * row['accuracy']:.2f} ({100 * lo:.1f}–{100 * hi:.1f})" in text
+        assert f"{row['nll']:.4f}" in text and f"{row['ece']:.4f}" in text and f"{row['n_parameters']:,}" in text
+    for name, cells in read_comparison(comparison).table.rows:
+        assert all(f"<td>{v}</td>" in text for v in cells), name
+    m = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
+    assert m and base64.b64decode(m.group(1)) == (compared_bundle / "comparison.png").read_bytes()
+
+
+def test_report_without_comparison_lists_manifest_metrics(plain_bundle, tmp_path, capsys):
+    code, _, _ = _report(plain_bundle, tmp_path / "report.html", capsys)
+    assert code == 0
+    text = (tmp_path / "report.html").read_text()
+    assert "no offline comparison" in text and "data:image/png" not in text
+    m = _manifest(plain_bundle)
+    for name, e in {**m["variants"], **m["members"]}.items():
+        assert f'<tr data-model="{name}">' in text
+        assert f"{e['metrics']['test_accuracy']:.4g}" in text
+
+
+def test_report_reads_comparison_json_and_checks_the_plot(compared_bundle, tmp_path, capsys):
+    b = tmp_path / "bundle"
+    shutil.copytree(compared_bundle, b)
+    m = _manifest(b)
+    comparison = m.pop("comparison")
+    (b / "manifest.json").write_text(json.dumps({**m, "comparison": None}))
+    (b / "comparison.json").write_text(json.dumps({k: v for k, v in comparison.items() if k != "artifacts"}))
+    code, _, _ = _report(b, tmp_path / "a.html", capsys)
+    assert code == 0 and "comparison.json" in (tmp_path / "a.html").read_text()
+
+    # a plot that does not match the digest the manifest lists is refused
+    (b / "manifest.json").write_text(json.dumps({**m, "comparison": comparison}))
+    (b / "comparison.png").write_bytes(b"\x89PNG\r\n\x1a\n not the plot")
+    code, _, err = _report(b, tmp_path / "b.html", capsys)
+    assert code == 2 and "sha256 mismatch" in err and not (tmp_path / "b.html").exists()
+    code, _, err = _report(tmp_path / "nowhere", tmp_path / "c.html", capsys)
+    assert code == 2 and "manifest.json" in err
+
+
+def test_report_reads_other_comparison_shapes():
+    from fusion.report import read_comparison
+
+    c = read_comparison({"split": "val", "models": {"a": {"acc": 0.912345, "lat": {"p50": 1.5}}, "b": {"acc": 1, "lat": {"p50": 12345.6}}}})
+    assert c.table.columns == ["acc", "lat p50"]
+    assert c.table.rows == [("a", ["0.9123", "1.5"]), ("b", ["1", "12346"])]
+    assert c.notes == [("split", "val")]
+    c = read_comparison({"results": [{"model": "x", "accuracy": 0.5, "accuracy_ci95": [0.4, 0.6], "note": None}]})
+    assert c.table.columns == ["accuracy % (95 % CI)", "note"] and c.table.rows == [("x", ["50.00 (40.0–60.0)", "—"])]
+
+
+def test_page_and_report_read_comparisons_alike(compared_bundle, tmp_path):
+    """service/ui/app.js `readComparison` (run in node) and fusion/report.py `read_comparison` agree."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node not installed: the browser test covers the real comparison")
+    from fusion.report import read_comparison
+
+    shapes = [
+        _manifest(compared_bundle)["comparison"],
+        {"split": "val", "models": {"a": {"acc": 0.912345, "lat": {"p50": 1.5e-7}}, "b": {"acc": 1, "lat": {"p50": 12345.6}}}},
+        {"results": [{"model": "x", "accuracy": 0.5, "accuracy_ci95": [0.4, 0.6], "mcnemar": {"b": 1, "c": 9, "p_value": 2.1e-5}}],
+         "calibration": {"method": "temperature", "rows": {"x": {"temperature": 1.25, "ece_before": 0.031}}}},
+    ]
+    (tmp_path / "shapes.json").write_text(json.dumps(shapes))
+    script = tmp_path / "run.js"
+    script.write_text(
+        'const fs = require("fs");\n'
+        "global.document = { addEventListener() {} };\n"
+        "global.sessionStorage = { getItem() { return null; } };\n"
+        f"const src = fs.readFileSync({json.dumps(str(ROOT / 'service/ui/app.js'))}, 'utf8') + '\\nmodule.exports = {{ readComparison }};';\n"
+        "const m = new module.constructor(); m._compile(src, 'app.js');\n"
+        f"const shapes = JSON.parse(fs.readFileSync({json.dumps(str(tmp_path / 'shapes.json'))}, 'utf8'));\n"
+        "console.log(JSON.stringify(shapes.map((c) => m.exports.readComparison(c))));\n"
+    )
+    got = json.loads(subprocess.run([node, str(script)], capture_output=True, text=True, check=True, timeout=60).stdout)
+    for js, shape in zip(got, shapes):
+        py = read_comparison(shape)
+        assert js["table"]["columns"] == py.table.columns
+        assert js["table"]["rows"] == [[n, cells] for n, cells in py.table.rows]
+        assert js["notes"] == [list(n) for n in py.notes]
+        assert [[t, x["columns"], x["rows"]] for t, x in js["extra"]] == [[t, x.columns, [[n, c] for n, c in x.rows]] for t, x in py.extra]
