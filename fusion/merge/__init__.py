@@ -1,0 +1,33 @@
+"""Weight merging over state dicts: a registry of methods (mergekit names), kernels, streaming, data-aware inputs.
+
+    from fusion.merge import merge, merge_files, MERGE_METHODS
+    sd = merge("ties", [sd1, sd2], base=sd0, density=0.2, scope="tensor", merge="mean")
+    merge_files("linear", ["a.safetensors", "b.safetensors"], "out.safetensors")
+
+Methods: linear, uniform_soup, greedy_soup, task_arithmetic, ties, dare_linear, dare_ties, slerp,
+breadcrumbs, model_stock, fisher, regmean (`method_params(name)` lists each one's parameters).
+"""
+
+from fusion.merge.registry import (
+    MERGE_METHODS,
+    MergeMethod,
+    StateDict,
+    TensorwiseMethod,
+    check_weights,
+    get_merge,
+    make_method,
+    merge,
+    method_params,
+    register_merge,
+)
+from fusion.merge import methods as _methods  # noqa: F401  (registers the methods)
+from fusion.merge.methods import GreedySoupResult, TiesGlobalStats, greedy_soup
+from fusion.merge.estimates import diagonal_fisher, has_batchnorm, regmean_grams, reset_bn
+from fusion.merge.streaming import merge_files, streamable_methods
+
+__all__ = [
+    "MERGE_METHODS", "MergeMethod", "StateDict", "TensorwiseMethod", "check_weights", "get_merge",
+    "make_method", "merge", "method_params", "register_merge", "GreedySoupResult", "TiesGlobalStats",
+    "greedy_soup", "diagonal_fisher", "has_batchnorm", "regmean_grams", "reset_bn", "merge_files",
+    "streamable_methods",
+]
