@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fusion.bundle import SCHEMA_VERSION, BundleWriter, InputSpec, Manifest, ModelEntry
+from fusion.bundle import SCHEMA_VERSION, BundleWriter, InputSpec, Manifest, ModelEntry, sha256_file
 from fusion.data import Dataset, load
 from fusion.ensemble import make_combiner
+from fusion.ensemble.calibration import TemperatureScaled, fit_temperature, nll_at_temperature
 from fusion.errors import ConfigError
 from fusion.export import OUTPUT_NAME, FusedEnsemble, Probabilities, count_parameters, export_onnx
 from fusion.recipe import Recipe
@@ -71,52 +73,202 @@ def classification_metrics(model: nn.Module, data: Dataset) -> dict:
     return out
 
 
+CALIBRATABLE = ("soft_vote", "logit_mean", "geometric_mean")  # combiners that average (log-)probabilities
+
+
+def calibrate_members(members: list[Member], data: Dataset) -> list[TemperatureScaled]:
+    """Each member followed by its temperature, fitted on validation NLL (Guo et al. 2017)."""
+    logits = member_logits(members, data.X_val).double().numpy()  # (M, N_val, C)
+    return [TemperatureScaled(m.model, fit_temperature(z, data.y_val)).eval() for m, z in zip(members, logits)]
+
+
 def build_ensemble(recipe: Recipe, members: list[Member], data: Dataset) -> FusedEnsemble:
     e = recipe.ensemble
     combiner = make_combiner(e.combiner, len(members), list(e.weights) or None, **e.params)
     if combiner.task != data.task:
         raise ConfigError(f"combiner '{e.combiner}' is for {combiner.task}; the data set is {data.task}")
+    models: list[nn.Module] = [m.model for m in members]
+    if e.calibration == "temperature":
+        if e.combiner not in CALIBRATABLE:
+            raise ConfigError(
+                f"calibration 'temperature' applies to the combiners {list(CALIBRATABLE)}; got '{e.combiner}'"
+            )
+        models = list(calibrate_members(members, data))
     if combiner.learned:  # stacking: fit on the validation split, which no member trained on
         combiner.fit(member_logits(members, data.X_val), data.y_val)
-    return FusedEnsemble([m.model for m in members], combiner).eval()
+    return FusedEnsemble(models, combiner).eval()
+
+
+def calibration_record(fused: FusedEnsemble, members: list[Member], data: Dataset) -> dict | None:
+    """The manifest's record of member temperature scaling (None without it)."""
+    if not all(isinstance(m, TemperatureScaled) for m in fused.members):
+        return None
+    logits = member_logits(members, data.X_val).double().numpy()  # (M, N_val, C), unscaled
+    temps = {m.name: float(s.temperature) for m, s in zip(members, fused.members)}
+    return {
+        "calibration": "temperature", "paper": "https://arxiv.org/abs/1706.04599", "fit_on": "validation",
+        "temperatures": temps,
+        "val_nll_before": {m.name: nll_at_temperature(z, data.y_val, 1.0) for m, z in zip(members, logits)},
+        "val_nll_after": {m.name: nll_at_temperature(z, data.y_val, temps[m.name]) for m, z in zip(members, logits)},
+    }
+
+
+# --- export steps: each stages its ONNX files and returns their manifest entries -----------------
+
+
+def export_ensemble(fused: FusedEnsemble, members: list[Member], stage: Path, data: Dataset) -> ModelEntry:
+    parity = export_onnx(fused, stage / "ensemble.onnx", data.X_test, task=data.task)
+    return ModelEntry(
+        file="ensemble.onnx", sha256="", kind="ensemble",
+        combiner=fused.combiner.config(), members=tuple(m.name for m in members),
+        method=calibration_record(fused, members, data),
+        metrics=classification_metrics(fused, data), n_parameters=count_parameters(fused),
+        parity=parity.to_dict(),
+    )
+
+
+def export_members(members: list[Member], stage: Path, data: Dataset) -> dict[str, ModelEntry]:
+    entries = {}
+    for m in tqdm(members, desc="export members", unit="graph", leave=False):
+        wrapped = Probabilities(m.model, data.task).eval()
+        rel = f"members/{m.name}.onnx"
+        parity = export_onnx(wrapped, stage / rel, data.X_test, task=data.task)
+        entries[m.name] = ModelEntry(
+            file=rel, sha256="", kind="member", metrics=classification_metrics(wrapped, data),
+            n_parameters=count_parameters(m.model), parity=parity.to_dict(),
+            arch={"arch": m.spec.arch, "args": m.spec.args, "seed": m.spec.seed},
+        )
+    return entries
+
+
+def export_distilled(recipe: Recipe, teacher: FusedEnsemble, stage: Path, data: Dataset) -> dict[str, ModelEntry]:
+    """The `distilled` variant: a student trained on the ensemble's soft predictions ({} when disabled)."""
+    from fusion.distill import distill, method_record, student_args
+
+    cfg = recipe.distill
+    if not cfg.enabled:
+        return {}
+    if data.task != "classification":
+        log.warning("distillation is implemented for classification; skipped for a %s data set", data.task)
+        return {}
+    student, history = distill(teacher, data, cfg)
+    wrapped = Probabilities(student).eval()
+    parity = export_onnx(wrapped, stage / "distilled.onnx", data.X_test)
+    return {"distilled": ModelEntry(
+        file="distilled.onnx", sha256="", kind="distilled", method=method_record(cfg, history),
+        metrics=classification_metrics(wrapped, data), n_parameters=count_parameters(student),
+        parity=parity.to_dict(), arch={"arch": cfg.arch, "args": student_args(data, cfg), "seed": cfg.seed},
+    )}
+
+
+def export_merged(recipe: Recipe, stage: Path, data: Dataset) -> dict[str, ModelEntry]:
+    """The `merged` variant: the [merge] section's members (aligned when asked) merged into one model ({} when off)."""
+    from fusion.fuse import merged_model
+
+    cfg = recipe.merge
+    if not cfg.method:
+        return {}
+    model, record = merged_model(cfg, recipe.zoo.dir, data)
+    wrapped = Probabilities(model, data.task).eval()
+    parity = export_onnx(wrapped, stage / "merged.onnx", data.X_test, task=data.task)
+    spec = json.loads((Path(cfg.zoo or recipe.zoo.dir) / f"{record['members'][0]}.json").read_text())
+    return {"merged": ModelEntry(
+        file="merged.onnx", sha256="", kind="merged", method=record,
+        metrics=classification_metrics(wrapped, data), n_parameters=count_parameters(model),
+        parity=parity.to_dict(), arch={"arch": spec["arch"], "args": spec["args"]},
+    )}
+
+
+PROBE_ROWS = 8
+
+
+@torch.no_grad()
+def probe_record(stage: Path, entries: dict[str, ModelEntry], data: Dataset) -> dict:
+    """A few test rows and every model's output on them (from the staged ONNX files, in onnxruntime):
+    the service re-runs them on load and refuses a bundle that no longer reproduces them."""
+    import onnxruntime as ort
+
+    X = np.ascontiguousarray(data.X_test[:PROBE_ROWS], dtype=np.float32)
+    outputs = {}
+    for name, e in entries.items():
+        sess = ort.InferenceSession(str(stage / e.file), providers=["CPUExecutionProvider"])
+        outputs[name] = sess.run(None, {"input": X})[0].tolist()
+    return {"inputs": X.tolist(), "outputs": outputs}
+
+
+QUANTIZABLE = ("merged", "distilled")
+
+
+def quantize_variants(recipe: Recipe, variants: dict[str, ModelEntry], stage: Path, data: Dataset) -> dict[str, ModelEntry]:
+    """Add `<name>_int8` (kind "quantized") for each merged/distilled variant whose int8 file loses at
+    most `quantize_max_loss_pp` validation accuracy points; the check is recorded on the source either way."""
+    if not recipe.build.quantize or data.task != "classification":
+        return variants
+    import onnxruntime as ort
+
+    from fusion.quantize import quantize_variant
+
+    out = dict(variants)
+    for name, e in variants.items():
+        if e.kind not in QUANTIZABLE:
+            continue
+        q_name = f"{name}_int8"
+        check = quantize_variant(
+            stage / e.file, stage / f"{q_name}.onnx", data, max_loss_pp=recipe.build.quantize_max_loss_pp, source=name,
+        )
+        out[name] = replace(e, method={**(e.method or {}), "int8": check.to_dict()})
+        if check.accepted:
+            out[q_name] = ModelEntry(
+                file=f"{q_name}.onnx", sha256="", kind="quantized",
+                method={"name": "dynamic_int8", "source": name, "weights": "int8 per tensor",
+                        "activations": "uint8, quantized per call",
+                        "tool": f"onnxruntime.quantization.quantize_dynamic ({ort.__version__})"},
+                metrics={"val_accuracy": check.val_accuracy, "test_accuracy": check.test_accuracy},
+                n_parameters=e.n_parameters, parity=check.to_dict(), arch=e.arch,
+            )
+    return out
+
+
+def add_comparison(recipe: Recipe, stage: Path, manifest: Manifest, data: Dataset) -> Manifest:
+    """Run the comparison over every staged file, write comparison.{md,json,png} next to them, and
+    return the manifest with the report (and the reports' sha256 under `artifacts`)."""
+    from fusion.compare import CompareConfig, compare_models, write_report
+
+    if data.task != "classification":
+        log.warning("the comparison report is implemented for classification; skipped for %s", data.task)
+        return manifest
+    report = compare_models(stage, manifest, data, CompareConfig(rounds=recipe.build.compare_rounds))
+    paths = write_report(report, stage)
+    return replace(manifest, comparison={**report, "artifacts": {p.name: sha256_file(p) for p in paths.values()}})
 
 
 def build_bundle(recipe: Recipe) -> Manifest:
-    """Run the whole offline pipeline and write the bundle atomically to `recipe.build.out`."""
+    """Run the whole offline pipeline and write the bundle atomically to `recipe.build.out`.
+
+    ensemble + members -> [merged] -> distilled -> int8 variants -> comparison report -> commit.
+    """
     data = load_data(recipe)
     members = ensure_zoo(recipe, data)
     fused = build_ensemble(recipe, members, data)
-    task = data.task
-    steps = ["ensemble", *[m.name for m in members]]
-    with BundleWriter(recipe.build.out) as writer, tqdm(total=len(steps), desc="export", unit="graph") as bar:
-        parity = export_onnx(fused, writer.stage / "ensemble.onnx", data.X_test, task=task)
-        bar.update()
-        variants = {
-            "ensemble": ModelEntry(
-                file="ensemble.onnx", sha256="", kind="ensemble",
-                combiner=fused.combiner.config(), members=tuple(m.name for m in members),
-                metrics=classification_metrics(fused, data), n_parameters=count_parameters(fused),
-                parity=parity.to_dict(),
-            )
-        }
-        member_entries = {}
-        for m in members:
-            wrapped = Probabilities(m.model, task).eval()
-            rel = f"members/{m.name}.onnx"
-            parity = export_onnx(wrapped, writer.stage / rel, data.X_test, task=task)
-            member_entries[m.name] = ModelEntry(
-                file=rel, sha256="", kind="member", metrics=classification_metrics(wrapped, data),
-                n_parameters=count_parameters(m.model), parity=parity.to_dict(),
-                arch={"arch": m.spec.arch, "args": m.spec.args, "seed": m.spec.seed},
-            )
-            bar.update()
+    with BundleWriter(recipe.build.out) as writer:
+        stage = writer.stage
+        variants = {"ensemble": export_ensemble(fused, members, stage, data)}
+        member_entries = export_members(members, stage, data)
+        # further variants go here, each as a helper that stages its files and returns its entries;
+        # quantization and the comparison then cover whatever variants are present
+        variants |= export_merged(recipe, stage, data)
+        variants |= export_distilled(recipe, fused, stage, data)
+        variants = quantize_variants(recipe, variants, stage, data)
         manifest = Manifest(
-            schema_version=SCHEMA_VERSION, bundle_version="", created="", task=task,
+            schema_version=SCHEMA_VERSION, bundle_version="", created="", task=data.task,
             input=InputSpec(
                 name="input", shape=(-1, data.n_features), dtype="float32",
                 scaling=data.scaling.to_dict(), image_shape=data.image_shape,
             ),
             output_name=OUTPUT_NAME, classes=data.classes,
             variants=variants, members=member_entries, dataset=data.describe(),
+            probe=probe_record(stage, {**variants, **member_entries}, data),
         )
+        if recipe.build.compare:
+            manifest = add_comparison(recipe, stage, manifest, data)
         return writer.commit(manifest)

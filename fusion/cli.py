@@ -48,7 +48,65 @@ def cmd_build(args) -> int:
     manifest = build_bundle(recipe)
     print(f"bundle {manifest.bundle_version} written to {recipe.build.out}")
     for name, v in manifest.entries().items():
-        print(f"  {name:12s} {v.kind:9s} test accuracy {v.metrics.get('test_accuracy', float('nan')):.4f}  {v.file}")
+        print(f"  {name:14s} {v.kind:9s} test accuracy {v.metrics.get('test_accuracy', float('nan')):.4f}  {v.file}")
+    if manifest.comparison:
+        print(f"comparison: {Path(recipe.build.out) / 'comparison.md'} (and .json, .png)")
+    return 0
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 256,256; got '{text}'") from None
+
+
+def cmd_distill(args) -> int:
+    from fusion.build import build_ensemble, ensure_zoo, load_data
+    from fusion.distill import distill, save_student, teacher_from_bundle
+    from fusion.recipe import load_recipe, override
+
+    recipe = override(load_recipe(args.recipe), "zoo", dir=args.zoo)
+    cfg = override(recipe, "distill", arch=args.arch, hidden=tuple(args.hidden) if args.hidden else None,
+                   epochs=args.epochs, temperature=args.temperature, alpha=args.alpha, seed=args.seed).distill
+    data = load_data(recipe)
+    if args.bundle:
+        teacher, source = teacher_from_bundle(args.bundle, args.teacher), f"{args.bundle}:{args.teacher}"
+    else:
+        teacher, source = build_ensemble(recipe, ensure_zoo(recipe, data), data), f"{recipe.zoo.dir}:ensemble"
+    student, history = distill(teacher, data, cfg)
+    paths = save_student(student, data, cfg, history, args.out, name=args.name, teacher=source, onnx=args.onnx)
+    print(f"student {args.name}: best epoch {history.best_epoch}/{history.epochs_run}, validation agreement "
+          f"{history.best_val_agreement:.4f}, accuracy {history.student_val_accuracy:.4f} "
+          f"(teacher {history.teacher_val_accuracy:.4f})")
+    for kind, path in paths.items():
+        print(f"  {kind:11s} {path}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from fusion.bundle import read_bundle
+    from fusion.compare import CompareConfig, compare_models, to_markdown, write_report
+    from fusion.data import load
+    from fusion.errors import ConfigError
+
+    bundle = read_bundle(args.bundle)
+    source = args.data or bundle.manifest.dataset.get("name", "digits")
+    if source != "digits" and not Path(source).is_file():
+        raise ConfigError(f"the bundle was built on '{source}'; pass its file with --data")
+    data = load(source) if source == "digits" else load(source, label_column=args.label_column)
+    report = compare_models(bundle.path, bundle.manifest, data, CompareConfig(split=args.split, rounds=args.rounds))
+    print(to_markdown(report), end="")
+    if args.out_dir:
+        for path in write_report(report, args.out_dir).values():
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from fusion.report import write_report
+
+    print(f"wrote {write_report(args.bundle, args.out)}")
     return 0
 
 
@@ -57,6 +115,50 @@ def cmd_verify(args) -> int:
 
     b = read_bundle(args.bundle)
     print(json.dumps({"bundle_version": b.manifest.bundle_version, "files_verified": len(b.manifest.entries())}))
+    return 0
+
+
+def _data(args):
+    from fusion.data import load
+
+    src = getattr(args, "data", None) or "digits"
+    return load(src) if src == "digits" else load(src, label_column=getattr(args, "label_column", "label"))
+
+
+def cmd_merge(args) -> int:
+    from fusion.fuse import merge_checkpoints, parse_params
+
+    data = _data(args) if args.data != "none" else None
+    res = merge_checkpoints(args.method, args.models, args.out, base=args.base, weights=args.weights,
+                            params=parse_params(args.param), arch=args.arch, data=data)
+    how = "streamed tensor by tensor" if res["streamed"] else "in memory"
+    print(f"merged {len(args.models)} checkpoints with '{args.method}' ({how}) -> {args.out}")
+    if res["metrics"]:
+        print(f"  val accuracy {res['metrics']['val_accuracy']:.4f}, test accuracy {res['metrics']['test_accuracy']:.4f}")
+    return 0
+
+
+def cmd_align(args) -> int:
+    from fusion.fuse import align_checkpoints
+
+    data = _data(args)
+    for r in align_checkpoints(args.method, args.reference, args.models, args.out_dir, arch=args.arch, data=data, seed=args.seed):
+        print(f"{r['model']} -> {r['out']} (test accuracy {r['metrics'].get('test_accuracy', float('nan')):.4f}, unchanged by a permutation)")
+    return 0
+
+
+def cmd_barrier(args) -> int:
+    from fusion.fuse import barrier_report
+
+    rep = barrier_report(args.a, args.b, _data(args), arch=args.arch, align=args.align, n_points=args.points,
+                         json_out=args.json, plot_out=args.plot)
+    print(f"loss barrier ({rep['barrier_convention']}, test split):")
+    for name, p in rep["paths"].items():
+        mid = p["accuracy"][len(p["accuracy"]) // 2] if p["accuracy"] else float("nan")
+        print(f"  {name:16s} barrier {p['barrier']:.4f}   midpoint accuracy {mid:.4f}   endpoints {p['accuracy'][0]:.4f} / {p['accuracy'][-1]:.4f}")
+    for out in (args.json, args.plot):
+        if out:
+            print(f"wrote {out}")
     return 0
 
 
@@ -83,6 +185,69 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--zoo", help="zoo directory (trained when empty)")
     b.add_argument("--out", help="bundle directory (default artifacts/bundle)")
     b.set_defaults(func=cmd_build)
+
+    d = sub.add_parser("distill", help="distil an ensemble (a zoo's or a bundle's) into one student")
+    d.add_argument("--recipe", help="TOML recipe: its [data], [zoo], [ensemble] and [distill] sections (flags override)")
+    src = d.add_mutually_exclusive_group()
+    src.add_argument("--zoo", help="zoo directory whose ensemble is the teacher (default: the recipe's)")
+    src.add_argument("--bundle", help="bundle directory whose variant is the teacher (run in onnxruntime)")
+    d.add_argument("--teacher", default="ensemble", help="the bundle variant to distil (with --bundle)")
+    d.add_argument("--out", default="artifacts/distilled", help="directory for NAME.safetensors/.json/.history.json")
+    d.add_argument("--name", default="distilled")
+    d.add_argument("--onnx", action="store_true", help="also export NAME.onnx through the parity gate")
+    d.add_argument("--arch", help="student architecture (mlp | cnn)")
+    d.add_argument("--hidden", type=_ints, help="MLP student widths, e.g. 256,256")
+    d.add_argument("--epochs", type=int)
+    d.add_argument("--temperature", type=float)
+    d.add_argument("--alpha", type=float)
+    d.add_argument("--seed", type=int)
+    d.set_defaults(func=cmd_distill)
+
+    c = sub.add_parser("compare", help="print the comparison table of a bundle's variants and members")
+    c.add_argument("--bundle", required=True)
+    c.add_argument("--out-dir", help="also write comparison.md, comparison.json and comparison.png here")
+    c.add_argument("--data", help="the data set the bundle was built on (default: its manifest's, for digits)")
+    c.add_argument("--label-column", default="label")
+    c.add_argument("--split", choices=["val", "test"], default="test")
+    c.add_argument("--rounds", type=int, default=300, help="interleaved latency rounds")
+    c.set_defaults(func=cmd_compare)
+
+    r = sub.add_parser("report", help="render a bundle's offline comparison as one self-contained HTML file")
+    r.add_argument("--bundle", default="artifacts/bundle")
+    r.add_argument("--out", default="report.html")
+    r.set_defaults(func=cmd_report)
+
+    m = sub.add_parser("merge", help="merge safetensors checkpoints into one (mergekit method names)")
+    m.add_argument("--method", required=True, help="linear | uniform_soup | greedy_soup | task_arithmetic | ties | dare_linear | dare_ties | slerp | breadcrumbs | model_stock | fisher | regmean")
+    m.add_argument("--models", nargs="+", required=True, metavar="CKPT.safetensors")
+    m.add_argument("--base", help="the shared base checkpoint, for task-vector methods")
+    m.add_argument("--weights", type=_floats, help="one weight per model, e.g. 1,1,2")
+    m.add_argument("--param", action="append", metavar="KEY=VALUE", help="method parameter, repeatable (e.g. density=0.2, scope=global)")
+    m.add_argument("--arch", help="architecture when no <name>.json spec sits next to the checkpoints")
+    m.add_argument("--data", default="digits", help="data for metrics, BN statistics and data-aware methods ('none' to skip)")
+    m.add_argument("--out", required=True, help="OUT.safetensors (its spec goes to OUT.json)")
+    m.set_defaults(func=cmd_merge)
+
+    a = sub.add_parser("align", help="permute checkpoints into a reference's basis (Git Re-Basin)")
+    a.add_argument("--method", choices=["weight_matching", "activation_matching"], default="weight_matching")
+    a.add_argument("--arch", help="architecture when no <name>.json spec sits next to the checkpoints")
+    a.add_argument("--reference", required=True, metavar="A.safetensors")
+    a.add_argument("--models", nargs="+", required=True, metavar="B.safetensors")
+    a.add_argument("--data", default="digits", help="data for activation matching and metrics")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--out-dir", required=True)
+    a.set_defaults(func=cmd_align)
+
+    r = sub.add_parser("barrier", help="loss barrier on the straight path between two checkpoints")
+    r.add_argument("a", metavar="A.safetensors")
+    r.add_argument("b", metavar="B.safetensors")
+    r.add_argument("--arch", help="architecture when no <name>.json spec sits next to the checkpoints")
+    r.add_argument("--align", action="store_true", help="also measure after weight matching B to A")
+    r.add_argument("--points", type=int, default=11)
+    r.add_argument("--data", default="digits")
+    r.add_argument("--json", help="write the paths and barriers as JSON here")
+    r.add_argument("--plot", help="write a PNG of loss and accuracy along the paths here")
+    r.set_defaults(func=cmd_barrier)
 
     v = sub.add_parser("verify", help="verify a bundle's digests")
     v.add_argument("bundle")

@@ -12,9 +12,16 @@
     [ensemble]
     combiner = "soft_vote"
     weights = []                 # empty: equal weights
+    calibration = "none"         # or "temperature": per-member temperature scaling before combining
+
+    [distill]                    # the `distilled` variant (see DistillSection)
+    enabled = true
+    epochs = 60
 
     [build]
     out = "artifacts/bundle"
+    compare = true               # comparison.md/.json/.png in the bundle and in the manifest
+    quantize = false             # int8 variants of merged/distilled, kept within quantize_max_loss_pp
 """
 
 from __future__ import annotations
@@ -39,44 +46,105 @@ class ZooSection:
     members: tuple[str, ...] = ()
 
 
+CALIBRATIONS = ("none", "temperature")
+
+
 @dataclass(frozen=True)
 class EnsembleSection:
+    """The fused ensemble. `calibration = "temperature"` divides each member's logits by a temperature
+    fitted on the validation split (Guo et al. 2017) before combining; it is exported inside the graph."""
+
     combiner: str = "soft_vote"
     weights: tuple[float, ...] = ()
     params: dict = field(default_factory=dict)
+    calibration: str = "none"  # "none" | "temperature"
+
+    def __post_init__(self):
+        if self.calibration not in CALIBRATIONS:
+            raise ConfigError(
+                f"recipe: [ensemble].calibration expected one of {list(CALIBRATIONS)}; got {self.calibration!r}"
+            )
 
 
 @dataclass(frozen=True)
 class MergeSection:
-    """A `merged` variant: off unless `method` is set."""
+    """The `merged` variant: by default the zoo's MLPs, aligned to the first by weight matching, then
+    averaged (`linear`). `method = ""` turns it off."""
 
-    method: str = ""
+    method: str = "linear"
     zoo: str = ""  # the zoo to merge (default: the [zoo] dir); merging needs one architecture
+    arch: str = "mlp"  # with no `members`: every member of this architecture in the zoo
     members: tuple[str, ...] = ()
     base: str = ""  # a base checkpoint name in that zoo, for task-vector methods
     weights: tuple[float, ...] = ()
     params: dict = field(default_factory=dict)
-    align: str = ""  # "" | "weight_matching" | "activation_matching"
+    align: str = "weight_matching"  # "" | "weight_matching" | "activation_matching"
+
+
+AUGMENTATIONS = ("noise", "shift", "mixup")
 
 
 @dataclass(frozen=True)
 class DistillSection:
-    """A `distilled` variant: on by default."""
+    """A `distilled` variant: on by default (see fusion/distill.py for the loss and the transfer set).
+
+    arch/hidden/args: the student (`hidden` for "mlp"; `args` adds constructor arguments, e.g.
+    `{channels = [8, 16]}` for "cnn"). Each epoch the transfer set is the train split plus `copies`
+    augmented copies of it; training stops after `patience` epochs without a better validation
+    agreement with the teacher, and the best epoch's weights are kept.
+    """
 
     enabled: bool = True
     arch: str = "mlp"
     hidden: tuple[int, ...] = (256, 256)
+    args: dict = field(default_factory=dict)
     temperature: float = 4.0
     alpha: float = 0.9
     epochs: int = 60
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 15
     augment: tuple[str, ...] = ("noise", "shift")
+    copies: int = 1
+    noise_std: float = 0.1  # in units of each feature's train standard deviation
+    max_shift: int = 1  # pixels, image-shaped rows only
+    mixup_alpha: float = 0.2  # Beta(a, a) mixing weights
     seed: int = 0
+    threads: int = 1  # torch intra-op threads while distilling (0: torch's default); small students run fastest on 1
+
+    def __post_init__(self):
+        def bad(key: str, expected: str):
+            raise ConfigError(f"recipe: [distill].{key} expected {expected}; got {getattr(self, key)!r}")
+
+        if not self.temperature > 0:
+            bad("temperature", "a number > 0")
+        if not 0.0 <= self.alpha <= 1.0:
+            bad("alpha", "a number in [0, 1]")
+        for key in ("epochs", "batch_size"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                bad(key, "an integer >= 1")
+        for key in ("patience", "copies", "max_shift", "threads"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
+                bad(key, "an integer >= 0")
+        if not self.lr > 0:
+            bad("lr", "a number > 0")
+        if self.weight_decay < 0 or self.noise_std < 0 or not self.mixup_alpha > 0:
+            bad("weight_decay" if self.weight_decay < 0 else "noise_std" if self.noise_std < 0 else "mixup_alpha",
+                "a non-negative number (mixup_alpha > 0)")
+        unknown = [a for a in self.augment if a not in AUGMENTATIONS]
+        if unknown:
+            raise ConfigError(f"recipe: [distill].augment: unknown {unknown}; expected some of {list(AUGMENTATIONS)}")
 
 
 @dataclass(frozen=True)
 class BuildSection:
+    """Output directory and the steps after export: int8 variants of merged/distilled (kept only when
+    validation accuracy drops by at most `quantize_max_loss_pp` points) and the comparison report."""
+
     out: str = "artifacts/bundle"
     compare: bool = True
+    compare_rounds: int = 300  # interleaved latency rounds per model and batch size
     quantize: bool = False
     quantize_max_loss_pp: float = 0.5
 

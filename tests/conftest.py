@@ -11,6 +11,7 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 TINY_ZOO = dict(n_mlp=3, n_cnn=1, mlp_hidden=(32,), cnn_channels=(4, 8), seed=0)
 TINY_EPOCHS = 8
+TINY_DISTILL = dict(hidden=(32,), epochs=3)
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +37,8 @@ def tiny_recipe(tiny_zoo, tmp_path_factory):
     from fusion.recipe import Recipe, override
 
     r = override(Recipe(), "zoo", dir=str(tiny_zoo))
-    return override(r, "build", out=str(tmp_path_factory.mktemp("bundle") / "bundle"))
+    r = override(r, "distill", **TINY_DISTILL)  # the default-on `distilled` variant, kept small
+    return override(r, "build", out=str(tmp_path_factory.mktemp("bundle") / "bundle"), compare_rounds=20)
 
 
 @pytest.fixture(scope="session")
