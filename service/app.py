@@ -23,18 +23,21 @@ import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from fusion.errors import InputError, PayloadTooLargeError, UnknownNameError
-from service import oip, payload
+from service import oip, openapi, payload
+from service import ui  # the A/B dashboard: GET /ui
 from service.auth import Tokens
 from service.batching import AdaptiveBatcher
 from service.engine import MEMBERS, Engine, EngineConfig
 from service.errors import UnsupportedMediaError, error_response, json_response
 from service.routing import CASCADE
 from service.stats import ERRORS
+from service.traffic import Admission, Traffic, install_drain, patch_bentoml_timeout
 
 log = logging.getLogger("fusion.service")
 
@@ -64,6 +67,9 @@ class Settings:
 
 
 SETTINGS = Settings.from_env()
+# our admission limit (per worker) and drain state: service/traffic.py says why not BentoML's max_concurrency
+TRAFFIC = Traffic.from_settings(SETTINGS.max_concurrency, SETTINGS.workers)
+patch_bentoml_timeout()  # BentoML's per-request timer kept every request's context for 30 s (traffic.py)
 
 
 def request_id(request: Request) -> str:
@@ -136,13 +142,15 @@ async def json_body(request: Request, svc: "FusionService") -> dict:
 
 async def compute(svc: "FusionService", X: np.ndarray, variant: str | None, key: str | None, rid: str):
     """Run the routed variant: coalesced with concurrent requests when batching is on, on the event
-    loop for small batches, in a worker thread for large ones."""
+    loop for small batches of one session, in a worker thread for large ones and for members/cascade
+    (they wait on member threads up to the member deadline, which must never block the loop)."""
     engine = svc.engine
     served, name = engine.resolve(variant, key)
     t0 = time.perf_counter()
-    if svc.batcher is not None and name in served.loaded.models:
+    single = name in served.loaded.models  # one onnxruntime session, no waiting on other threads
+    if svc.batcher is not None and single:
         out, extra = await svc.batcher.run(served.loaded.models[name], X), {}
-    elif len(X) <= INLINE_ROWS:
+    elif len(X) <= INLINE_ROWS and single:
         out, extra = engine.run(served, name, X)
     else:
         out, extra = await run_in_threadpool(engine.run, served, name, X)
@@ -168,11 +176,11 @@ async def predict(request: Request, svc: "FusionService", rid: str) -> Response:
     X = payload.rows_to_array(data["inputs"], served.loaded.manifest.input.n_features, svc.settings.max_rows)
     if b"true" in body or b"false" in body:
         payload.check_value_types(data["inputs"])
+    for name in ("variant", "routing_key"):  # checked before the header fallback: 0, [] or false are not "absent"
+        if data.get(name) is not None and not isinstance(data[name], str):
+            raise InputError(f"expected '{name}' to be a string; got {type(data[name]).__name__}")
     variant = data.get("variant") or request.headers.get("x-variant") or None
     key = data.get("routing_key") or request.headers.get("x-routing-key") or None
-    for name, value in (("variant", variant), ("routing_key", key)):
-        if value is not None and not isinstance(value, str):
-            raise InputError(f"expected '{name}' to be a string; got {type(value).__name__}")
     result = await compute(svc, X, variant, key, rid)
     out = {"predictions": result.labels(), "variant": result.variant, "bundle_version": result.version, "request_id": rid}
     if result.task == "classification":
@@ -269,7 +277,8 @@ async def v2_live(request: Request, svc: "FusionService", rid: str) -> Response:
 
 @endpoint(None)
 async def v2_ready(request: Request, svc: "FusionService", rid: str) -> Response:
-    return json_response({"ready": svc.engine.ready}, 200 if svc.engine.ready else 503)
+    ready = svc.engine.ready and not TRAFFIC.draining
+    return json_response({"ready": ready}, 200 if ready else 503)
 
 
 def _oip_variant(svc: "FusionService", name: str) -> str | None:
@@ -302,6 +311,8 @@ async def v2_infer(request: Request, svc: "FusionService", rid: str) -> Response
     header_len = request.headers.get(oip.HEADER_LENGTH)
     if header_len is None:
         require_json(request)
+    elif content_type(request) not in ("application/octet-stream", "application/json"):
+        raise UnsupportedMediaError(f"expected Content-Type application/octet-stream (binary tensors); got {content_type(request)}")
     body = await read_body(request, svc.settings.max_body_bytes)
     served = svc.engine.current()
     req = oip.parse(body, header_len, served.loaded.manifest.input.n_features, svc.settings.max_rows)
@@ -327,6 +338,60 @@ async def http_error(request: Request, exc: HTTPException) -> Response:
     return json_response({"error": message, "request_id": rid}, exc.status_code, {**(exc.headers or {}), "X-Request-ID": rid})
 
 
+# ---- the A/B dashboard (service/ui/) ------------------------------------------------------------
+
+
+@endpoint(None)
+async def ui_file(request: Request, svc: "FusionService", rid: str) -> Response:
+    """The dashboard's fixed static files; open, as they hold no data (the page sends the token itself)."""
+    content, media = ui.asset(request.url.path)
+    return Response(content, media_type=media, headers=ui.HEADERS)
+
+
+@endpoint("inference")
+async def ui_comparison_plot(request: Request, svc: "FusionService", rid: str) -> Response:
+    """The served bundle's offline comparison plot: one fixed file in its directory, read-only."""
+    loaded = svc.engine.current().loaded
+    content = await run_in_threadpool(ui.comparison_plot, loaded.bundle.path, loaded.manifest.comparison)
+    return Response(content, media_type="image/png", headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
+
+
+@endpoint(None)
+async def docs_json(request: Request, svc: "FusionService", rid: str) -> Response:
+    """The OpenAPI document of these routes (service/openapi.py); BentoML's own lists none of them."""
+    served = svc.engine.served
+    return json_response(openapi.document(
+        n_features=served.loaded.manifest.input.n_features if served else None, max_rows=svc.settings.max_rows,
+        max_body_bytes=svc.settings.max_body_bytes, version=served.version if served else None,
+        inference_token=bool(svc.tokens.inference), admin_token=bool(svc.tokens.admin),
+    ))
+
+
+class UnknownPath(Route):
+    """The last route: any path nothing else serves answers 404 in the one error shape. BentoML mounts
+    this app passively, so without it an unknown path falls through to BentoML's plain-text 404.
+    BentoML's own paths stay BentoML's, and a known path with another method stays the router's 405."""
+
+    BENTOML_PATHS = ("/", "/docs.json", "/schema.json", "/livez", "/readyz", "/healthz", "/metrics")
+    BENTOML_PREFIXES = ("/static_content/", "/assets/")
+
+    def __init__(self):
+        async def not_found(request: Request) -> Response:
+            raise HTTPException(404)
+
+        # every method: a function endpoint with methods=None would be GET-only, so POST /nope answered 405
+        super().__init__("/{path:path}", not_found, include_in_schema=False,
+                         methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+
+    def matches(self, scope):
+        path = scope.get("path", "")
+        if scope.get("type") != "http" or path in self.BENTOML_PATHS or path.startswith(self.BENTOML_PREFIXES):
+            return Match.NONE, {}
+        if any(r is not self and r.matches(scope)[0] != Match.NONE for r in routes.routes):
+            return Match.NONE, {}
+        return super().matches(scope)
+
+
 routes = Starlette(routes=[
     Route("/predict", predict, methods=["POST"]),
     Route("/feedback", feedback, methods=["POST"]),
@@ -341,13 +406,17 @@ routes = Starlette(routes=[
     Route("/v2/models/{name}", v2_model, methods=["GET"]),
     Route("/v2/models/{name}/ready", v2_model_ready, methods=["GET"]),
     Route("/v2/models/{name}/infer", v2_infer, methods=["POST"]),
-], exception_handlers={HTTPException: http_error})
+    *[Route(path, ui_file, methods=["GET"]) for path in ui.FILES],  # /ui, /ui/app.js, /ui/style.css
+    Route("/ui/comparison.png", ui_comparison_plot, methods=["GET"]),
+    Route("/docs.json", docs_json, methods=["GET"]),  # ours replaces BentoML's (matched first)
+    UnknownPath(),  # last: any other path answers 404 in the one error shape
+], exception_handlers={HTTPException: http_error}, middleware=[Middleware(Admission, traffic=TRAFFIC)])
 
 
 @bentoml.service(
     name="fusion_serve",
     workers=SETTINGS.workers,
-    traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": SETTINGS.max_concurrency},
+    traffic={"timeout": SETTINGS.timeout_s},  # the concurrency limit is ours (TRAFFIC), not BentoML's
 )
 @bentoml.asgi_app(routes, path="/")
 class FusionService:
@@ -359,6 +428,7 @@ class FusionService:
         self.engine = Engine(EngineConfig.from_env())
         self.batcher = AdaptiveBatcher(self.settings.batch_max_rows) if self.settings.batch_max_rows > 0 else None
         self.engine.start()  # a bundle that fails to load leaves the service up and not ready
+        install_drain(TRAFFIC)  # SIGTERM: readiness 503 while in-flight requests finish (service/traffic.py)
 
     def __is_ready__(self) -> bool:
-        return self.engine.ready
+        return self.engine.ready and not TRAFFIC.draining

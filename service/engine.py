@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fusion.errors import ConfigError, InputError, UnavailableError, UnknownNameError
+from fusion.errors import BundleError, ConfigError, InputError, UnavailableError, UnknownNameError
 from service import runtime
 from service.members import FailurePolicy, Fault, MembersEnsemble
 from service.routing import CASCADE, RoutingPolicy
@@ -114,7 +114,8 @@ class Engine:
             served = self.open(self.cfg.bundle)
             self.policy.check_against(served.names())
         except Exception as exc:  # noqa: BLE001 - any failure leaves the service not ready, never crashing
-            self.error = f"{type(exc).__name__}: {exc}"
+            # clients see this in every 503 until a bundle loads: no server path in it (the log has it)
+            self.error = f"{type(exc).__name__}: {exc}".replace(str(self.cfg.bundle), "<bundle>")
             log.error("could not load bundle %s: %s", self.cfg.bundle, exc)
             return
         self._install(served)
@@ -129,20 +130,29 @@ class Engine:
 
     def swap(self, path: str) -> dict:
         """Load a new bundle version beside the old one, then swap atomically; a failure keeps the old."""
+        if "\x00" in path:  # os calls raise ValueError on it: a 500 before this check
+            raise InputError("expected a bundle directory path; got one with a NUL character")
         if self.cfg.bundle_root:
             root = Path(self.cfg.bundle_root).resolve()
             if not Path(path).resolve().is_relative_to(root):
                 raise InputError(f"expected a bundle below FUSION_BUNDLE_ROOT; got '{path}'")
         with self._swap_lock:  # one swap at a time; requests keep flowing on the current version
-            served = self.open(path)
+            try:
+                served = self.open(path)
+            except OSError as exc:  # not a BundleError: e.g. a name too long, a permission denied
+                if isinstance(exc, BundleError):
+                    raise
+                raise BundleError(f"cannot read a bundle at '{path}': {exc.strerror or type(exc).__name__}") from None
             try:
                 self.policy.check_against(served.names())
             except ConfigError:
                 served.close()
                 raise
             old = self._install(served)
-        if old is not None:
-            old.close()
+        # The old version is not closed here: requests that already took it (members mode runs in worker
+        # threads) must finish on it; closing its member pool now failed them with 500. Its sessions and
+        # member threads go when the last request lets go of it (an unreferenced ThreadPoolExecutor's
+        # idle threads exit).
         return {"bundle_version": served.version, "previous_version": old.version if old else None}
 
     def current(self) -> Served:
@@ -196,6 +206,10 @@ class Engine:
     def finish(self, served: Served, name: str, X: np.ndarray, out: np.ndarray, extra: dict,
                elapsed: float, request_id: str) -> Result:
         """Record the answer and start the shadow runs; returns what the client gets."""
+        finite = np.isfinite(out).all(axis=tuple(range(1, out.ndim)))  # (B,): never answer 200 with NaN/Inf
+        if not finite.all():
+            raise InputError(f"rows {np.flatnonzero(~finite)[:5].tolist()}: '{name}' gave non-finite outputs; "
+                             "expected inputs within the range the model handles (finite inputs can still overflow it)")
         manifest = served.loaded.manifest
         result = Result(name, out, served.version, manifest.classes, manifest.task, extra)
         labels = result.labels()

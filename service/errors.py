@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import orjson
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from fusion.errors import (
@@ -36,6 +37,7 @@ STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (UnsupportedMediaError, 415),
     (UnknownNameError, 404),
     (InputError, 400),
+    (ClientDisconnect, 400),  # the client left mid-body: its fault, not a 500 with a traceback in the log
     (DeadlineError, 504),
     (BundleError, 503),
     (UnavailableError, 503),
@@ -65,7 +67,7 @@ def error_response(exc: BaseException, request_id: str, headers: dict | None = N
         log.exception("internal error in request %s", request_id, exc_info=exc)
         message = "internal server error; the server log has the details under this request_id"
     else:
-        message = str(exc)
+        message = str(exc) or type(exc).__name__
     headers = {**(headers or {}), "X-Request-ID": request_id}
     if status == 503:
         headers.setdefault("Retry-After", "1")

@@ -141,9 +141,11 @@ class RoutingPolicy:
                 cascade = None
             elif isinstance(c, dict) and set(c) <= {"cheap", "threshold", "fallback"} and "cheap" in c and "threshold" in c:
                 try:
-                    cascade = Cascade(str(c["cheap"]), float(c["threshold"]), str(c.get("fallback", "ensemble"))).validated()
+                    threshold = float(c["threshold"])
                 except (TypeError, ValueError):
                     raise ConfigError(f"cascade: expected a number threshold; got {c['threshold']!r}") from None
+                # validated() outside the try: its ConfigError is a ValueError and must keep its own message
+                cascade = Cascade(str(c["cheap"]), threshold, str(c.get("fallback", "ensemble"))).validated()
             else:
                 raise ConfigError(f"expected cascade as {{cheap, threshold[, fallback]}} or null; got {c!r}")
         return cls(weights=dict(weights), shadow=tuple(shadow), cascade=cascade)

@@ -11,7 +11,8 @@ import numpy as np
 import onnxruntime as ort
 
 from fusion.bundle import Bundle, Manifest, read_bundle
-from fusion.errors import UnavailableError
+from fusion.errors import BundleError, UnavailableError
+from service.onnx_check import check_model
 
 log = logging.getLogger("fusion.service")
 
@@ -118,8 +119,16 @@ def load(path: str | Path, cfg: RuntimeConfig | None = None) -> LoadedBundle:
         # members spread round-robin over the visible GPUs; variants on the first one
         device_id = (gpus[i % len(gpus)] if is_member else gpus[0]) if gpus else None
         threads = cfg.member_threads if is_member else cfg.intra_op_threads
-        sess = make_session(bundle.read_verified(name), threads, providers_for(cfg, device_id))
+        data, providers = bundle.read_verified(name), providers_for(cfg, device_id)
+        check_model(data, entry.file)  # no external data, no custom-op domains: refused before parsing
+        try:
+            sess = make_session(data, threads, providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's refusal: the bundle is unusable, say which file
+            log.error("onnxruntime could not load %s: %s", entry.file, exc)
+            raise BundleError(f"{entry.file}: onnxruntime could not load it: {str(exc).rsplit(' : ', 1)[-1]:.300}") from None
         device = f"cuda:{device_id}" if "CUDAExecutionProvider" in sess.get_providers() else "cpu"
+        if cfg.device == "cuda" and device == "cpu":  # onnxruntime falls back to CPU silently (no GPU, no CUDA libs)
+            raise UnavailableError(f"FUSION_DEVICE=cuda but '{name}' got only {sess.get_providers()}")
         loaded.models[name] = Model(name, sess, sess.get_inputs()[0].name, device)
     warm_up(loaded)
     return loaded
