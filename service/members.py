@@ -16,6 +16,7 @@ import numpy as np
 from fusion.errors import ConfigError, UnavailableError
 from service.combine import combine, member_weights
 from service.errors import DeadlineError
+from service.stats import DEGRADED
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,8 @@ class MembersEnsemble:
                 f"(failed: {', '.join(sorted(failed))})"
             )
         idx = sorted(outputs)
+        for name in failed:
+            DEGRADED.labels(name).inc()
         if self.weights[idx].sum() <= 0:
             raise UnavailableError(f"the members that answered ({[self.names[i] for i in idx]}) all have weight 0")
         probs = np.stack([outputs[i] for i in idx])  # (M', B, C)

@@ -28,8 +28,9 @@ class RuntimeConfig:
 
     @classmethod
     def from_env(cls) -> "RuntimeConfig":
-        workers = max(1, int(os.environ.get("FUSION_WORKERS", "1")))
-        default_threads = max(1, (os.cpu_count() or 1) // workers)
+        # 1 by default: at batch 1 a second thread costs more in wake-ups than it saves, and p99 suffers
+        # when the cores are shared with HTTP handling; raise it for large batches (docs/BENCHMARKS.md)
+        default_threads = 1
         gpus = os.environ.get("FUSION_GPU_IDS", "")
         return cls(
             intra_op_threads=int(os.environ.get("FUSION_INTRA_OP_THREADS", default_threads)),

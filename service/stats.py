@@ -26,6 +26,10 @@ LATENCY = Histogram(
     "fusion_request_latency_seconds", "Model latency per request, by variant", ["variant"],
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
+SHADOW_LATENCY = Histogram(
+    "fusion_shadow_latency_seconds", "Model latency of shadow runs, by variant", ["variant"],
+    buckets=LATENCY._upper_bounds[:-1],
+)
 AGREEMENT = Counter("fusion_agreement", "Rows compared with the ensemble (shadow pairs), by variant", ["variant", "agree"])
 FEEDBACK = Counter("fusion_feedback", "Labelled rows, by variant and correctness", ["variant", "correct"])
 CASCADE_ROWS = Counter("fusion_cascade_rows", "Cascade rows by outcome", ["outcome"])
@@ -89,7 +93,8 @@ class Record:
 class VariantStats:
     requests: int = 0
     rows: int = 0
-    latencies: deque = field(default_factory=lambda: deque(maxlen=20_000))  # seconds
+    latencies: deque = field(default_factory=lambda: deque(maxlen=20_000))  # seconds, answered requests
+    shadow_latencies: deque = field(default_factory=lambda: deque(maxlen=20_000))  # seconds, shadow runs
     agree: int = 0
     compared: int = 0
     correct: int = 0
@@ -125,10 +130,10 @@ class Stats:
 
     def observe_shadow(self, request_id: str, primary: str, shadow: str, primary_pred: list, shadow_pred: list, seconds: float) -> None:
         """A shadow run finished: record its latency and, against the ensemble, the agreement."""
-        LATENCY.labels(shadow).observe(seconds)
+        SHADOW_LATENCY.labels(shadow).observe(seconds)
         pair = (shadow, primary_pred, shadow_pred) if primary == ENSEMBLE else (primary, shadow_pred, primary_pred) if shadow == ENSEMBLE else None
         with self._lock:
-            self.variants[shadow].latencies.append(seconds)
+            self.variants[shadow].shadow_latencies.append(seconds)
             rec = self.records.get(request_id)
             if rec is not None:
                 rec.others[shadow] = shadow_pred
@@ -186,10 +191,13 @@ class Stats:
             for name, s in sorted(self.variants.items()):
                 lat = np.asarray(s.latencies) * 1e3
                 pct = np.percentile(lat, [50, 95, 99]).tolist() if len(lat) else [None] * 3
+                sh = np.asarray(s.shadow_latencies) * 1e3
+                sh_pct = np.percentile(sh, [50, 99]).tolist() if len(sh) else [None] * 2
                 acc = s.correct / s.labelled if s.labelled else None
                 entry = {
                     "requests": s.requests, "rows": s.rows,
                     "latency_ms": {"p50": pct[0], "p95": pct[1], "p99": pct[2], "samples": len(lat)},
+                    "shadow_latency_ms": {"p50": sh_pct[0], "p99": sh_pct[1], "samples": len(sh)},
                     "agreement_with_ensemble": (s.agree / s.compared if s.compared else None) if name != ENSEMBLE else 1.0,
                     "compared_rows": s.compared if name != ENSEMBLE else None,
                     "accuracy": acc, "accuracy_ci95": list(wilson_interval(s.correct, s.labelled)) if s.labelled else None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -77,6 +78,7 @@ class Server:
             return self.proc.wait(5)
         finally:
             self._log.close()
+            shutil.rmtree(self.home, ignore_errors=True)  # the log stays: tests read it after stopping
 
     def __enter__(self) -> "Server":
         return self.start()
