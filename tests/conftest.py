@@ -9,6 +9,14 @@ import pytest
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
+
+def pytest_configure(config):
+    # tests check correctness, not speed: one torch thread trains the tiny zoo faster than two on
+    # shared cores (and leaves the other core to the servers the tests start)
+    import torch
+
+    torch.set_num_threads(1)
+
 TINY_ZOO = dict(n_mlp=3, n_cnn=1, mlp_hidden=(32,), cnn_channels=(4, 8), seed=0)
 TINY_EPOCHS = 8
 TINY_DISTILL = dict(hidden=(32,), epochs=3)
