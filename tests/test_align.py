@@ -23,21 +23,9 @@ from fusion.zoo import TrainConfig, build_model, init_scaler, seed_everything, t
 ARGS = {"mlp": {"hidden": [32, 24]}, "cnn": {"channels": [4, 8], "hidden": 16}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than two fighting over a shared machine; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-
 @pytest.fixture(scope="module")
-def data():
-    from fusion.data import load_digits
-
-    return load_digits()
+def data(digits):
+    return digits  # the session's digits split (tests/conftest.py); torch runs on one thread there too
 
 
 def _trained(arch: str, seed: int, data, epochs: int = 2):

@@ -30,21 +30,9 @@ MLP = {"hidden": [64, 64]}
 CNN = {"channels": [4, 8], "hidden": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than two fighting over a shared machine; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-
 @pytest.fixture(scope="module")
-def data():
-    from fusion.data import load_digits
-
-    return load_digits()
+def data(digits):
+    return digits  # the session's digits split (tests/conftest.py); torch runs on one thread there too
 
 
 def _trained(arch, args, seed, data, epochs):

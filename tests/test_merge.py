@@ -37,15 +37,6 @@ MLP_ARGS = dict(in_features=6, hidden=(5, 4), n_outputs=3)
 CNN_ARGS = dict(in_features=16, image_shape=(1, 4, 4), channels=(2, 3), hidden=5, n_outputs=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than two fighting over a shared machine; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _mlp_state(seed: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     m = build_model("mlp", **MLP_ARGS)
