@@ -4,7 +4,8 @@ engine.py, sessions in runtime.py, the error mapping in errors.py.
 Our routes are a Starlette app mounted on the service, so that every response, errors included,
 has one shape (`{"error": ..., "request_id": ...}`), the body limit is enforced while reading, and
 path parameters work (`/v2/models/{name}/infer`). BentoML provides `/livez`, `/readyz` (ready only
-after the bundle is loaded, probed and warmed up), `/metrics`, the traffic limits and the workers.
+after the bundle is loaded, probed and warmed up), `/metrics`, the request timeout and the workers;
+admission control and draining are ours (service/traffic.py).
 """
 
 from __future__ import annotations
