@@ -48,7 +48,8 @@ def build_fused(arch: str, k: int, args: dict, tmp: Path):
     members = [build_model(arch, **args).eval() for _ in range(k)]
     X = np.random.default_rng(0).uniform(0, 16, (64, 64)).astype(np.float32)
     fused = FusedEnsemble(members, make_combiner("soft_vote", k)).eval()
-    ens_path, one_path = tmp / f"{arch}_{k}_{args.get('hidden', '')}.onnx", tmp / f"{arch}_one.onnx"
+    tag = f"{arch}_{k}_{'x'.join(map(str, args.get('hidden', [])))}"
+    ens_path, one_path = tmp / f"{tag}.onnx", tmp / f"{tag}_one.onnx"  # one member of this very config
     export_onnx(fused, ens_path, X)
     export_onnx(Probabilities(members[0]).eval(), one_path, X)
     return ens_path, one_path, macs_per_sample(fused)

@@ -1,8 +1,9 @@
 """Adaptive batching: concurrent requests for the same model are coalesced into one call.
 
-No timer: a request that finds its model idle runs at once (no added latency at low load); the
-requests that arrive while a call is running wait for it and then run together as the next call,
-up to `max_rows` rows. Each request was validated before it joined, so one bad request can never
+No timer: a request that finds its model idle runs at the next turn of the event loop (no added
+latency at low load); the requests that arrive meanwhile, or while a call is running, wait for it
+and then run together as the next call, up to `max_rows` rows. Small calls run on the event loop
+(a thread hop costs more than the model); large ones in a worker thread. Each request was validated before it joined, so one bad request can never
 fail the others (BentoML's batching fails the whole batch).
 """
 
@@ -23,8 +24,8 @@ class _Queue:
 
 
 class AdaptiveBatcher:
-    def __init__(self, max_rows: int = 256):
-        self.max_rows = max_rows
+    def __init__(self, max_rows: int = 256, inline_rows: int = 32):
+        self.max_rows, self.inline_rows = max_rows, inline_rows
         self.queues: dict[int, _Queue] = {}
         self.calls = 0
         self.requests = 0
@@ -42,6 +43,7 @@ class AdaptiveBatcher:
     async def _drain(self, q: _Queue, model) -> None:
         try:
             while q.pending:
+                await asyncio.sleep(0)  # one loop turn: requests already received join this call
                 batch, rows = [], 0
                 while q.pending and (not batch or rows + len(q.pending[0][0]) <= self.max_rows):
                     X, fut = q.pending.pop(0)
@@ -51,7 +53,7 @@ class AdaptiveBatcher:
                 self.calls += 1
                 self.requests += len(batch)
                 try:
-                    out = await run_in_threadpool(model, Xb)  # the loop keeps accepting while it runs
+                    out = model(Xb) if rows <= self.inline_rows else await run_in_threadpool(model, Xb)
                 except Exception as exc:  # noqa: BLE001 - handed to every waiting request
                     for _, fut in batch:
                         if not fut.done():

@@ -52,3 +52,24 @@ def test_readme_curl_example_against_a_real_server(tiny_bundle):
     assert out["predictions"] == [0] and out["variant"] == "ensemble"
     assert set(out) >= {"predictions", "probabilities", "variant", "bundle_version", "request_id"}
     assert abs(sum(out["probabilities"][0]) - 1) < 1e-5
+
+
+def endpoint_examples() -> str:
+    """The README's shell block that exercises every endpoint."""
+    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    return next(b for b in blocks if b.startswith("ROW="))
+
+
+@pytest.mark.server
+def test_readme_endpoint_examples_run_against_a_real_server(tiny_bundle, tmp_path):
+    """Every curl line of the README's endpoint block succeeds (curl -f: no 4xx/5xx) on a real server."""
+    import subprocess
+
+    with Server(tiny_bundle, env={"FUSION_BUNDLE_ROOT": str(Path(tiny_bundle).parent)}) as srv:
+        host = srv.url.removeprefix("http://")
+        script = (endpoint_examples().replace("localhost:3000", host).replace("curl -s ", "curl -sf ")
+                  .replace('"path": "artifacts/bundle"', f'"path": "{tiny_bundle}"'))
+        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    assert '"variant":"distilled"' in proc.stdout and '"model_name":"fusion"' in proc.stdout
+    assert "fusion_requests_total" in proc.stdout

@@ -1,0 +1,78 @@
+"""Adaptive batching: concurrent requests are coalesced, each gets exactly its own rows back, and one
+failing call fails only the requests in it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from service.batching import AdaptiveBatcher
+
+
+class Recorder:
+    """A deterministic 'model' (row sums times a weight) that records the size of every call."""
+
+    def __init__(self, fail_on_rows: int | None = None):
+        self.calls: list[int] = []
+        self.fail_on_rows = fail_on_rows
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        self.calls.append(len(X))
+        if self.fail_on_rows is not None and (X[:, 0] == self.fail_on_rows).any():
+            raise RuntimeError("boom")
+        return np.stack([X.sum(1), X.max(1)], axis=1)  # (B, 2)
+
+
+def reference(X):
+    return np.stack([X.sum(1), X.max(1)], axis=1)
+
+
+@pytest.mark.parametrize("inline_rows", [32, 0])  # on the event loop, and in worker threads
+def test_concurrent_requests_are_coalesced_and_answered_exactly(inline_rows):
+    rng = np.random.default_rng(0)
+    requests = [rng.normal(size=(int(rng.integers(1, 5)), 8)).astype(np.float32) for _ in range(60)]
+    model = Recorder()
+    batcher = AdaptiveBatcher(max_rows=64, inline_rows=inline_rows)
+
+    async def main():
+        return await asyncio.gather(*(batcher.run(model, X) for X in requests))
+
+    outs = asyncio.run(main())
+    for X, out in zip(requests, outs):
+        np.testing.assert_array_equal(out, reference(X))
+    assert sum(model.calls) == sum(len(X) for X in requests)  # every row computed exactly once
+    assert len(model.calls) < len(requests)  # and in fewer calls than requests
+    assert max(model.calls) <= 64
+
+
+def test_a_request_larger_than_max_rows_runs_alone():
+    model = Recorder()
+    batcher = AdaptiveBatcher(max_rows=4)
+    X = np.ones((10, 3), dtype=np.float32)
+    out = asyncio.run(batcher.run(model, X))
+    np.testing.assert_array_equal(out, reference(X))
+    assert model.calls == [10]
+
+
+def test_a_failing_call_fails_only_its_own_requests():
+    model = Recorder(fail_on_rows=7)
+    batcher = AdaptiveBatcher(max_rows=2)  # two single-row requests per call
+
+    async def main():
+        rows = [np.full((1, 3), v, dtype=np.float32) for v in (1, 7, 2, 3)]
+        return await asyncio.gather(*(batcher.run(model, X) for X in rows), return_exceptions=True)
+
+    res = asyncio.run(main())
+    assert isinstance(res[0], RuntimeError) and isinstance(res[1], RuntimeError)  # the call holding row 7
+    np.testing.assert_array_equal(res[2], reference(np.full((1, 3), 2, dtype=np.float32)))
+    np.testing.assert_array_equal(res[3], reference(np.full((1, 3), 3, dtype=np.float32)))
+
+
+@pytest.mark.server
+def test_bench_batching_smoke(tiny_bundle):
+    from bench.bench_batching import run
+
+    res = run(str(tiny_bundle), smoke=True)
+    assert res["failed"] == 0 and res["rps_on"] > 0 and res["rps_off"] > 0
