@@ -24,6 +24,9 @@ from fusion.zoo import MemberSpec, ZooConfig, load_zoo, train_zoo
 log = logging.getLogger(__name__)
 
 
+RESERVED_NAMES = frozenset({"ensemble", "merged", "distilled", "members", "cascade", "fusion"})
+
+
 @dataclass(frozen=True)
 class Member:
     name: str
@@ -53,6 +56,9 @@ def ensure_zoo(recipe: Recipe, data: Dataset) -> list[Member]:
         members = [by_name[n] for n in recipe.zoo.members]
     if not members:
         raise ConfigError(f"no members in {zoo_dir}")
+    clash = [m.name for m in members if m.name in RESERVED_NAMES or m.name.endswith("_int8")]
+    if clash:  # a member named like a variant or a serving mode would shadow it in the service
+        raise ConfigError(f"member names {clash} are reserved ({sorted(RESERVED_NAMES)}, *_int8); rename the checkpoints")
     return members
 
 

@@ -129,12 +129,13 @@ class Manifest:
             raise ManifestError(f"malformed manifest: {type(exc).__name__}: {exc}") from None
 
 
-def bundle_version(entries: dict[str, ModelEntry]) -> str:
-    """Content address of a bundle: a digest over every file's digest, so equal bundles share a version."""
-    h = hashlib.sha256()
-    for name in sorted(entries):
-        h.update(f"{name}:{entries[name].file}:{entries[name].sha256}\n".encode())
-    return h.hexdigest()[:12]
+def bundle_version(manifest: "Manifest") -> str:
+    """Content address of a bundle: a digest of its canonical manifest (every file digest, the classes,
+    the input scaling, combiners, metrics, probe) without `created` and `bundle_version` themselves,
+    so equal bundles share a version and bundles that answer differently never do."""
+    # `comparison` holds latencies measured at build time: a report about the bundle, not part of it
+    data = {k: v for k, v in manifest.to_dict().items() if k not in ("created", "bundle_version", "comparison")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def finalize_manifest(stage: Path, manifest: Manifest) -> Manifest:
@@ -143,12 +144,9 @@ def finalize_manifest(stage: Path, manifest: Manifest) -> Manifest:
     def digest(entries: dict[str, ModelEntry]) -> dict[str, ModelEntry]:
         return {k: replace(e, sha256=sha256_file(stage / e.file)) for k, e in entries.items()}
 
-    variants, members = digest(manifest.variants), digest(manifest.members)
-    return replace(
-        manifest, variants=variants, members=members,
-        bundle_version=bundle_version({**variants, **members}),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    )
+    manifest = replace(manifest, variants=digest(manifest.variants), members=digest(manifest.members))
+    return replace(manifest, bundle_version=bundle_version(manifest),
+                   created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
 class BundleWriter:

@@ -119,7 +119,8 @@ def endpoint(scope: str | None):
             try:
                 svc = service()
                 if scope:
-                    svc.tokens.check(request.headers.get("authorization"), scope)
+                    svc.tokens.check(request.headers.get("authorization"), scope,
+                                     request.client.host if request.client else None)
                 response = await fn(request, svc, rid)
                 response.headers.setdefault("X-Request-ID", rid)
                 return response
@@ -141,12 +142,12 @@ async def json_body(request: Request, svc: "FusionService") -> dict:
     return data
 
 
-async def compute(svc: "FusionService", X: np.ndarray, variant: str | None, key: str | None, rid: str):
+async def compute(svc: "FusionService", served, X: np.ndarray, variant: str | None, key: str | None, rid: str):
     """Run the routed variant: coalesced with concurrent requests when batching is on, on the event
     loop for small batches of one session, in a worker thread for large ones and for members/cascade
     (they wait on member threads up to the member deadline, which must never block the loop)."""
     engine = svc.engine
-    served, name = engine.resolve(variant, key)
+    served, name = engine.resolve(variant, key, served)  # the version X was checked against
     t0 = time.perf_counter()
     single = name in served.loaded.models  # one onnxruntime session, no waiting on other threads
     if svc.batcher is not None and single:
@@ -182,7 +183,7 @@ async def predict(request: Request, svc: "FusionService", rid: str) -> Response:
             raise InputError(f"expected '{name}' to be a string; got {type(data[name]).__name__}")
     variant = data.get("variant") or request.headers.get("x-variant") or None
     key = data.get("routing_key") or request.headers.get("x-routing-key") or None
-    result = await compute(svc, X, variant, key, rid)
+    result = await compute(svc, served, X, variant, key, rid)
     out = {"predictions": result.labels(), "variant": result.variant, "bundle_version": result.version, "request_id": rid}
     if result.task == "classification":
         out["probabilities"] = result.output
@@ -296,7 +297,7 @@ async def v2_model(request: Request, svc: "FusionService", rid: str) -> Response
     name = request.path_params["name"]
     _oip_variant(svc, name)
     m = svc.engine.current().loaded.manifest
-    return json_response(oip.metadata(name, m.bundle_version, m.input.n_features, max(len(m.classes), 1)))
+    return json_response(oip.metadata(name, m.bundle_version, m.input.n_features, m.classes if m.task == "classification" else ()))
 
 
 @endpoint("inference")
@@ -317,11 +318,12 @@ async def v2_infer(request: Request, svc: "FusionService", rid: str) -> Response
     body = await read_body(request, svc.settings.max_body_bytes)
     served = svc.engine.current()
     req = oip.parse(body, header_len, served.loaded.manifest.input.n_features, svc.settings.max_rows)
-    result = await compute(svc, req.X, variant, request.headers.get("x-routing-key"), rid)
+    result = await compute(svc, served, req.X, variant, request.headers.get("x-routing-key"), rid)
     extra = {"variant": result.variant, "request_id": rid, "bundle_version": result.version}
     if "degraded" in result.extra:
         extra["degraded"] = result.extra["degraded"]
-    content, headers = oip.response(name, result.version, req, result.output, result.output.argmax(-1).tolist(), extra)
+    labels = result.labels() if result.task == "classification" else None
+    content, headers = oip.response(name, result.version, req, result.output, labels, extra)
     headers |= {"X-Variant": result.variant, "X-Bundle-Version": result.version}
     return Response(content, headers=headers, media_type=headers.pop("Content-Type"))
 

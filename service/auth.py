@@ -13,6 +13,15 @@ from dataclasses import dataclass
 from service.errors import AuthError
 
 
+def is_loopback(host: str | None) -> bool:
+    import ipaddress
+
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 @dataclass(frozen=True)
 class Tokens:
     inference: str = ""
@@ -22,13 +31,19 @@ class Tokens:
     def from_env(cls, env=os.environ) -> "Tokens":
         return cls(env.get("FUSION_INFERENCE_TOKEN", ""), env.get("FUSION_ADMIN_TOKEN", ""))
 
-    def check(self, authorization: str | None, scope: str) -> None:
-        """scope "inference": the inference or the admin token; scope "admin": the admin token only."""
+    def check(self, authorization: str | None, scope: str, client_host: str | None = None) -> None:
+        """scope "inference": the inference or the admin token; scope "admin": the admin token only.
+
+        Without an admin token, admin endpoints answer loopback clients only (a local `make serve`),
+        never the network: an open admin endpoint could load bundles from anywhere on the server.
+        """
         needed = [t for t in ((self.inference, self.admin) if scope == "inference" else (self.admin,)) if t]
         if scope == "inference" and not self.inference:
             return  # inference is open unless its own token is set
         if scope == "admin" and not self.admin:
-            return
+            if is_loopback(client_host):
+                return
+            raise AuthError("admin endpoints answer only loopback clients unless FUSION_ADMIN_TOKEN is set", 403)
         scheme, _, given = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not given:
             raise AuthError(f"this endpoint needs 'Authorization: Bearer <{scope} token>'; got none", 401)

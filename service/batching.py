@@ -49,10 +49,10 @@ class AdaptiveBatcher:
                     X, fut = q.pending.pop(0)
                     batch.append((X, fut))
                     rows += len(X)
-                Xb = batch[0][0] if len(batch) == 1 else np.concatenate([x for x, _ in batch])  # (rows, F)
                 self.calls += 1
                 self.requests += len(batch)
                 try:
+                    Xb = batch[0][0] if len(batch) == 1 else np.concatenate([x for x, _ in batch])  # (rows, F)
                     out = model(Xb) if rows <= self.inline_rows else await run_in_threadpool(model, Xb)
                 except Exception as exc:  # noqa: BLE001 - handed to every waiting request
                     for _, fut in batch:

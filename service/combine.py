@@ -20,6 +20,11 @@ def _softmax(s: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
+def calibrate(probs: np.ndarray, temperatures: np.ndarray) -> np.ndarray:
+    """Temperature scaling on probabilities: softmax(log p_m / T_m) per member. probs (M, B, C), temperatures (M,)."""
+    return _softmax(np.log(np.maximum(probs, EPS)) / temperatures.reshape(-1, 1, 1))
+
+
 def combine(config: dict, probs: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """probs: (M, B, C) member probabilities -> (B, C); weights: (M,) over the members present."""
     name = config["name"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fusion.errors import BundleError, ConfigError, InputError, UnavailableError, UnknownNameError
+from fusion.errors import BundleError, ConfigError, FusionError, InputError, UnavailableError, UnknownNameError
 from service import runtime
 from service.members import FailurePolicy, Fault, MembersEnsemble
 from service.routing import CASCADE, RoutingPolicy
@@ -100,8 +100,13 @@ class Engine:
 
     def open(self, path: str | Path) -> Served:
         """Verify, load, warm up and probe a bundle; nothing is swapped in here."""
-        loaded = runtime.load(path)
-        check_probe(loaded)
+        try:
+            loaded = runtime.load(path)
+            check_probe(loaded)
+        except FusionError:
+            raise
+        except (Exception, RecursionError) as exc:  # a malformed manifest with valid digests
+            raise BundleError(f"the bundle is malformed: {type(exc).__name__}: {exc}"[:400]) from None
         members = None
         ens = loaded.manifest.variants.get("ensemble")
         if ens is not None and ens.members and all(m in loaded.models for m in ens.members):
@@ -115,7 +120,10 @@ class Engine:
             self.policy.check_against(served.names())
         except Exception as exc:  # noqa: BLE001 - any failure leaves the service not ready, never crashing
             # clients see this in every 503 until a bundle loads: no server path in it (the log has it)
-            self.error = f"{type(exc).__name__}: {exc}".replace(str(self.cfg.bundle), "<bundle>")
+            text = f"{type(exc).__name__}: {exc}"
+            for form in {str(self.cfg.bundle), str(Path(self.cfg.bundle)), str(Path(self.cfg.bundle).resolve())}:
+                text = text.replace(form, "<bundle>")  # the log keeps the path; clients never see it
+            self.error = text
             log.error("could not load bundle %s: %s", self.cfg.bundle, exc)
             return
         self._install(served)
@@ -166,9 +174,10 @@ class Engine:
         return self.served is not None
 
     def set_policy(self, body: dict) -> RoutingPolicy:
-        policy = RoutingPolicy.from_dict(body, self.policy)
-        policy.check_against(self.current().names())
-        self.policy = policy  # one reference assignment: atomic for readers
+        with self._swap_lock:  # never checked against a bundle that a concurrent swap is replacing
+            policy = RoutingPolicy.from_dict(body, self.policy)
+            policy.check_against(self.current().names())
+            self.policy = policy  # one reference assignment: atomic for readers
         return policy
 
     # ---- prediction ----------------------------------------------------------------------
@@ -199,9 +208,9 @@ class Engine:
         self.stats.observe_cascade(len(X) - n_esc, n_esc)
         return out, {"escalated": escalate.tolist(), "cascade": c.to_dict()}
 
-    def resolve(self, variant: str | None, key: str | None) -> tuple[Served, str]:
+    def resolve(self, variant: str | None, key: str | None, served: Served | None = None) -> tuple[Served, str]:
         """The bundle version and the variant a request will use (both fixed for the whole request)."""
-        return self.current(), self.choose(variant, key)
+        return served or self.current(), self.choose(variant, key)
 
     def finish(self, served: Served, name: str, X: np.ndarray, out: np.ndarray, extra: dict,
                elapsed: float, request_id: str) -> Result:
@@ -288,6 +297,9 @@ def check_probe(loaded: runtime.LoadedBundle) -> None:
         if name not in loaded.models:
             continue
         got = loaded.models[name](X)
-        diff = float(np.abs(got - np.asarray(expected, dtype=np.float32)).max())
+        expected = np.asarray(expected, dtype=np.float32)
+        if got.shape != expected.shape:
+            raise UnavailableError(f"'{name}' gave outputs of shape {got.shape} on the probe rows; the manifest recorded {expected.shape}")
+        diff = float(np.abs(got - expected).max())
         if not diff <= PROBE_ATOL:
             raise UnavailableError(f"'{name}' does not reproduce its recorded outputs: max |Δ| = {diff:.3g} > {PROBE_ATOL}")

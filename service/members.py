@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fusion.errors import ConfigError, UnavailableError
-from service.combine import combine, member_weights
+from service.combine import calibrate, combine, member_weights
 from service.errors import DeadlineError
 from service.stats import DEGRADED
 
@@ -72,6 +72,11 @@ class MembersEnsemble:
         self.names = list(entry.members)
         self.models = [loaded.model(n) for n in self.names]
         self.combiner = entry.combiner or {"name": "soft_vote", "weights": None}
+        # temperature-calibrated ensembles divide each member's logits by T inside the fused graph;
+        # on probabilities that is softmax(log p / T) (the per-row log-softmax offset cancels)
+        method = getattr(entry, "method", None) or {}
+        temps = method.get("temperatures") if method.get("calibration") == "temperature" else None
+        self.temperatures = np.asarray([temps[n] for n in self.names], dtype=np.float64) if temps else None
         self.weights = member_weights(self.combiner, len(self.names))
         self.policy = policy
         if policy.quorum is not None and policy.quorum > len(self.names):
@@ -125,6 +130,8 @@ class MembersEnsemble:
         if self.weights[idx].sum() <= 0:
             raise UnavailableError(f"the members that answered ({[self.names[i] for i in idx]}) all have weight 0")
         probs = np.stack([outputs[i] for i in idx])  # (M', B, C)
+        if self.temperatures is not None:
+            probs = calibrate(probs, self.temperatures[idx])
         combined = combine(self.combiner, probs, self.weights[idx])
         return combined.astype(np.float32), {
             "degraded": bool(failed),

@@ -97,21 +97,28 @@ def _tensor(t: dict, binary: memoryview, n_features: int, max_rows: int) -> tupl
 
 def response(model: str, version: str, req: InferRequest, probs: np.ndarray, labels: list, extra: dict) -> tuple[bytes, dict]:
     """The body and extra headers of an inference response (JSON, or JSON header + binary tensors)."""
-    tensors = {
-        OUTPUT_PROBS: ("FP32", list(probs.shape), np.ascontiguousarray(probs, dtype=np.float32)),
-        OUTPUT_LABEL: ("INT64", [len(labels)], np.asarray(labels, dtype=np.int64)),
-    }
+    tensors = {OUTPUT_PROBS: ("FP32", list(probs.shape), np.ascontiguousarray(probs, dtype=np.float32))}
+    if labels is not None:  # class labels, as /predict's "predictions"
+        if all(isinstance(y, int) and not isinstance(y, bool) for y in labels):
+            tensors[OUTPUT_LABEL] = ("INT64", [len(labels)], np.asarray(labels, dtype=np.int64))
+        else:
+            tensors[OUTPUT_LABEL] = ("BYTES", [len(labels)], np.asarray([str(y) for y in labels], dtype=object))
+    missing = sorted(set(req.outputs) - set(tensors))
+    if missing:
+        raise InputError(f"output {missing} is not produced by this model; expected some of {sorted(tensors)}")
     wanted = req.outputs or {name: req.binary_default for name in tensors}
     outs, blobs = [], []
     for name, binary in wanted.items():
         dtype, shape, arr = tensors[name]
         out = {"name": name, "datatype": dtype, "shape": shape}
+        if binary and dtype == "BYTES":
+            raise InputError("the binary-data extension is supported for numeric outputs; request 'label' as JSON")
         if binary:
             blob = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
             out["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            out["data"] = arr.reshape(-1)
+            out["data"] = arr.reshape(-1).tolist() if dtype == "BYTES" else arr.reshape(-1)
         outs.append(out)
     body = {"model_name": model, "model_version": version, "outputs": outs}
     if req.id is not None:
@@ -124,12 +131,15 @@ def response(model: str, version: str, req: InferRequest, probs: np.ndarray, lab
     return head + b"".join(blobs), {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))}
 
 
-def metadata(model: str, version: str, n_features: int, n_classes: int, platform: str = "onnxruntime_onnx") -> dict:
+def metadata(model: str, version: str, n_features: int, classes: tuple, platform: str = "onnxruntime_onnx") -> dict:
+    """`probabilities` (FP32 [batch, classes]; regression: the predictions) and, for classification,
+    `label`: the class labels (INT64 for integer classes, BYTES otherwise), as /predict's predictions."""
+    outputs = [{"name": OUTPUT_PROBS, "datatype": "FP32", "shape": [-1, max(len(classes), 1)]}]
+    if classes:
+        ints = all(isinstance(c, int) and not isinstance(c, bool) for c in classes)
+        outputs.append({"name": OUTPUT_LABEL, "datatype": "INT64" if ints else "BYTES", "shape": [-1]})
     return {
         "name": model, "versions": [version], "platform": platform,
         "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, n_features]}],
-        "outputs": [
-            {"name": OUTPUT_PROBS, "datatype": "FP32", "shape": [-1, n_classes]},
-            {"name": OUTPUT_LABEL, "datatype": "INT64", "shape": [-1]},
-        ],
+        "outputs": outputs,
     }

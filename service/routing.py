@@ -7,6 +7,7 @@ Pure and stateless: a keyed request's variant is a function of the key and the w
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -83,8 +84,8 @@ class RoutingPolicy:
         if bad:
             raise ConfigError(f"routing weights: expected finite non-negative numbers; got {bad}")
         total = sum(self.weights.values())
-        if total <= 0:
-            raise ConfigError(f"routing weights: expected a positive total; got {self.weights}")
+        if not math.isfinite(total) or total <= 0:
+            raise ConfigError(f"routing weights: expected a positive total (finite); got {self.weights}")
         normalised = {k: v / total for k, v in sorted(self.weights.items())}
         object.__setattr__(self, "weights", normalised)
         if CASCADE in normalised and self.cascade is None:

@@ -104,11 +104,15 @@ class VariantStats:
 class Stats:
     """Thread-safe per-variant figures for `/ab/report`."""
 
-    def __init__(self, max_records: int = 100_000):
+    def __init__(self, max_records: int = 100_000, max_rows: int = 200_000):
         self._lock = threading.Lock()
         self.variants: dict[str, VariantStats] = defaultdict(VariantStats)
+        # awaiting feedback, oldest first; bounded by requests and by rows (a 1024-row request holds
+        # 1024 labels per variant), so memory stays bounded whatever the batch sizes
         self.records: OrderedDict[str, Record] = OrderedDict()
-        self.max_records = max_records
+        self.max_records, self.max_rows = max_records, max_rows
+        self.stored_rows = 0
+        self.reused_ids = 0
         # paired outcomes vs the ensemble on labelled rows: variant -> [both, only_v, only_e, neither]
         self.paired: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
         self.cascade = {"answered": 0, "escalated": 0}
@@ -124,9 +128,16 @@ class Stats:
             s.requests += 1
             s.rows += rows
             s.latencies.append(seconds)
+            old = self.records.pop(request_id, None)
+            if old is not None:  # a client reused an X-Request-ID: score neither answer against a label
+                self.stored_rows -= len(old.predictions)
+                self.reused_ids += 1
+                return
             self.records[request_id] = Record(variant, predictions)
-            while len(self.records) > self.max_records:
-                self.records.popitem(last=False)
+            self.stored_rows += len(predictions)
+            while len(self.records) > self.max_records or self.stored_rows > self.max_rows:
+                _, dropped = self.records.popitem(last=False)
+                self.stored_rows -= len(dropped.predictions)
 
     def observe_shadow(self, request_id: str, primary: str, shadow: str, primary_pred: list, shadow_pred: list, seconds: float) -> None:
         """A shadow run finished: record its latency and, against the ensemble, the agreement."""
@@ -166,6 +177,7 @@ class Stats:
             if len(labels) != len(rec.predictions):
                 self.records[request_id] = rec
                 raise ValueError(f"expected {len(rec.predictions)} labels for request {request_id}; got {len(labels)}")
+            self.stored_rows -= len(rec.predictions)
             scored = {rec.variant: rec.predictions, **rec.others}
             for variant, preds in scored.items():
                 s = self.variants[variant]

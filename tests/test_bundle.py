@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 import os
 import shutil
 import subprocess
@@ -82,8 +83,13 @@ def test_bundle_version_is_a_content_address(bundle_copy, tiny_bundle):
     from fusion.bundle import bundle_version
 
     changed = Manifest.from_dict(json.loads((bundle_copy / MANIFEST).read_text()))
-    assert bundle_version(read_bundle(tiny_bundle).manifest.entries()) == v
-    assert bundle_version(changed.entries()) != v
+    assert bundle_version(read_bundle(tiny_bundle).manifest) == v
+    assert bundle_version(changed) != v
+    # what the bundle answers depends on more than the files: the class labels are covered too
+    relabelled = replace(read_bundle(tiny_bundle).manifest, classes=tuple(reversed(read_bundle(tiny_bundle).manifest.classes)))
+    assert bundle_version(relabelled) != v
+    # the build-time latency report is not part of the content
+    assert bundle_version(replace(read_bundle(tiny_bundle).manifest, comparison={"rows": []})) == v
 
 
 # ---------------------------------------------------------------- refusals

@@ -41,11 +41,12 @@ def asset(path: str) -> tuple[bytes, str]:
 def comparison_plot(bundle_dir: str | Path, comparison: dict | None) -> bytes:
     """`comparison.png` of the served bundle, checked against the sha256 the manifest's comparison
     lists for it (`artifacts`); UnknownNameError (404) when the bundle has none."""
-    path = Path(bundle_dir) / PLOT
-    if not path.is_file():
-        raise UnknownNameError(f"this bundle has no comparison plot ({PLOT}); `fusion build` or `fusion compare` writes one")
-    data = path.read_bytes()
     expected = ((comparison or {}).get("artifacts") or {}).get(PLOT)
-    if isinstance(expected, str) and sha256_bytes(data) != expected:
+    if not (Path(bundle_dir) / PLOT).is_file() or not isinstance(expected, str):
+        raise UnknownNameError(f"this bundle has no comparison plot ({PLOT}) with a digest in its manifest; `fusion build` or `fusion compare` writes one")
+    from fusion.bundle import _safe_path
+
+    data = _safe_path(Path(bundle_dir), PLOT).read_bytes()  # never through a link out of the bundle
+    if sha256_bytes(data) != expected:
         raise IntegrityError(f"{PLOT}: sha256 mismatch with the manifest's comparison; the plot is not served")
     return data
