@@ -149,6 +149,16 @@ def finalize_manifest(stage: Path, manifest: Manifest) -> Manifest:
                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory below root to disk (durability before the directory is renamed)."""
+    for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True) + [root]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 class BundleWriter:
     """Stage files in a sibling temp directory, then swap it into place with renames.
 
@@ -171,6 +181,7 @@ class BundleWriter:
         tmp = self.stage / f".{MANIFEST}.tmp"
         tmp.write_text(manifest.to_json())
         os.replace(tmp, self.stage / MANIFEST)
+        _fsync_tree(self.stage)  # a crash after the rename never leaves a manifest over empty files
         old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
         if self.out.exists():
             os.replace(self.out, old)
