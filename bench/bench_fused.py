@@ -170,8 +170,8 @@ def run(bundle_dir: str | Path, *, smoke: bool = False, threads=THREADS, batches
         s = open_sessions(bundle, t)
         for b in batches:
             X = np.ascontiguousarray(X_all[:b])
-            configs = {"fused": lambda X=X: s.run_fused(X), "loop": lambda X=X: s.run_loop(X)}
-            configs |= {f"member:{n}": (lambda X=X, n=n: s.run_member(n, X)) for n in singles}
+            configs = {"fused": lambda X=X, s=s: s.run_fused(X), "loop": lambda X=X, s=s: s.run_loop(X)}
+            configs |= {f"member:{n}": (lambda X=X, n=n, s=s: s.run_member(n, X)) for n in singles}
             res = measure(configs, rounds, block, warmup, budget_s)
             fused = res["fused"]["median_ms"]
             rows.append({

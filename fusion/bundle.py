@@ -228,17 +228,24 @@ def _safe_path(root: Path, rel: str) -> Path:
     return full
 
 
-def read_bundle(path: str | Path) -> Bundle:
-    """Read `manifest.json` and verify every listed file's sha256 before anything else is parsed."""
-    path = Path(path)
-    mpath = path / MANIFEST
+def read_manifest_json(path: str | Path) -> dict:
+    """The raw JSON object of a bundle directory's `manifest.json` (no file is hashed or parsed here)."""
+    mpath = Path(path) / MANIFEST
     if not mpath.is_file():
         raise ManifestError(f"{path}: no {MANIFEST} (is this a bundle directory? build one with `fusion build`)")
     try:
         data = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{mpath}: not valid JSON ({exc})") from None
-    manifest = Manifest.from_dict(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ManifestError(f"{mpath}: not valid JSON ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{mpath}: expected a JSON object; got {type(data).__name__}")
+    return data
+
+
+def read_bundle(path: str | Path) -> Bundle:
+    """Read `manifest.json` and verify every listed file's sha256 before anything else is parsed."""
+    path = Path(path)
+    manifest = Manifest.from_dict(read_manifest_json(path))
     for name, entry in manifest.entries().items():
         got = sha256_file(_safe_path(path, entry.file))
         if got != entry.sha256:

@@ -371,7 +371,7 @@ def _cpu_name() -> str:
 def to_markdown(report: dict) -> str:
     """The report as Markdown tables (the README shows this)."""
     bs = report["latency_setup"]["batch_sizes"]
-    head = ["model", "kind", f"accuracy % (95% CI)", "NLL", f"ECE ({report['ece_bins']} bins)",
+    head = ["model", "kind", "accuracy % (95% CI)", "NLL", f"ECE ({report['ece_bins']} bins)",
             f"agree % w/ {report['reference']}", "McNemar b/c, p", "params", "MFLOPs/sample", "ONNX KiB",
             *[f"b={b} median / p99 ms" for b in bs], f"b={bs[0]} latency ÷ {report['reference']}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["--:"] * (len(head) - 2)) + "|"]

@@ -20,12 +20,11 @@ import base64
 import html
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fusion.bundle import MANIFEST, sha256_bytes
+from fusion.bundle import MANIFEST, read_manifest_json, sha256_bytes
 from fusion.errors import IntegrityError, ManifestError
 
 ROW_KEYS = ("rows", "table", "models", "variants", "entries", "results")
@@ -57,16 +56,7 @@ class Comparison:
 
 def read_manifest(bundle: str | Path) -> dict:
     """The raw manifest JSON of a bundle directory (the report parses no model file, so none is hashed)."""
-    path = Path(bundle) / MANIFEST
-    if not path.is_file():
-        raise ManifestError(f"{bundle}: no {MANIFEST} (is this a bundle directory? build one with `fusion build`)")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ManifestError(f"{path}: expected a JSON object; got {type(data).__name__}")
-    return data
+    return read_manifest_json(bundle)
 
 
 def load_comparison(bundle: str | Path, manifest: dict | None = None) -> tuple[dict | None, str]:
