@@ -7,7 +7,7 @@ BUNDLE ?= artifacts/bundle
 export BENTOML_DO_NOT_TRACK := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install install-dev zoo bundle serve test test-fast bench clean chromium
+.PHONY: install install-dev zoo bundle serve test test-fast bench clean chromium wrk
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,13 +45,23 @@ chromium:
 	    || echo "warning: could not install chromium; tests/test_ui.py's browser tests will skip"; \
 	else echo "note: no /usr/bin/chromium (apt-get install -y chromium chromium-driver as root); the browser tests will skip"; fi
 
-test: install-dev chromium
+# wrk (a C load generator, Debian's package) drives the served benchmarks (bench/loadgen.py); without it
+# they fall back to a Python client that takes more of the shared cores. Installed like chromium.
+wrk:
+	@if command -v wrk >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing wrk (apt-get) for the served benchmarks"; \
+	  (apt-get install -y -qq wrk || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk)) >/dev/null 2>&1 \
+	    || echo "warning: could not install wrk; the served benchmarks use the Python client"; \
+	else echo "note: no wrk (apt-get install -y wrk as root); the served benchmarks use the Python client"; fi
+
+test: install-dev chromium wrk
 	$(BIN)/python -m pytest -q
 
 test-fast: install-dev
 	$(BIN)/python -m pytest -q -m "not server and not slow and not deploy"
 
-bench: install-dev $(BUNDLE)/manifest.json  ## every benchmark once -> docs/BENCHMARKS.md (+ benchmarks.json, plots)
+bench: install-dev wrk $(BUNDLE)/manifest.json  ## every benchmark once -> docs/BENCHMARKS.md (+ benchmarks.json, plots)
 	$(BIN)/python -m bench.run --bundle $(BUNDLE)
 
 clean:

@@ -1,16 +1,27 @@
-"""Served throughput with and without adaptive batching, at N concurrent single-row clients.
+"""Served throughput with and without adaptive batching, at N concurrent single-row clients, for
+ensembles of growing cost: where does batching pay?
 
-Two servers on the same bundle, one with `FUSION_BATCH_MAX_ROWS=0` (off) and one with batching on,
-driven alternately by the same bounded asyncio client (loopback only). Client and server share
-this machine's cores: the report says how many there are.
+For each bundle, two servers run side by side: one with `FUSION_BATCH_MAX_ROWS=0` (off: cheap calls
+on the event loop, expensive ones in worker threads, so the baseline already uses both cores) and
+one with batching on (`FUSION_BATCH_MAX_ROWS=256`, `FUSION_BATCH_INSTANCES=2`). They are driven
+alternately, round after round, by the same closed-loop load generator (wrk when installed, see
+bench/loadgen.py). The bundles:
 
-    python -m bench.bench_batching [--bundle DIR] [--clients 32] [--seconds 5] [--smoke] [--json OUT]
+* `default`: the bundle given (--bundle), the product's default 8-member ensemble;
+* `mlp-<H>`: 5 MLPs 64-H-H-10 trained on digits for one epoch (quality is not the point here),
+  built once into artifacts/bench/ (--wide, default 1024,2048,4096). Their batch-1 cost grows from
+  ~1 ms to ~25 ms, as for larger models: a batch of 32 rows costs far less than 32 calls of one.
+
+Batching can only save model time: with HTTP at ~0.3 ms of server CPU per request, the gain grows
+with the model's batch-1 cost (reported in-process beside each row, 1 thread) and the plot shows it.
+
+    python -m bench.bench_batching [--bundle DIR] [--clients 32] [--seconds 5] [--wide 1024,2048,4096]
+                                   [--smoke] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -21,54 +32,129 @@ import httpx
 import numpy as np
 import orjson
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-async def drive(url: str, rows: list[bytes], clients: int, seconds: float, max_requests: int) -> dict:
-    """Closed loop: `clients` workers each send one request after the other until the time or count runs out."""
-    sent = failed = 0
-    lat: list[float] = []
-    deadline = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as c:
-        async def worker(w: int):
-            nonlocal sent, failed
-            i = w
-            while time.perf_counter() < deadline and sent < max_requests:
-                sent += 1
-                t = time.perf_counter()
-                r = await c.post("/predict", content=rows[i % len(rows)], headers={"Content-Type": "application/json"})
-                lat.append(time.perf_counter() - t)
-                failed += r.status_code != 200
-                i += clients
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(w) for w in range(clients)))
-        elapsed = time.perf_counter() - t0
-    return {"requests": sent, "failed": failed, "rps": sent / elapsed,
-            "p50_ms": float(np.percentile(lat, 50) * 1e3), "p99_ms": float(np.percentile(lat, 99) * 1e3)}
+WIDE = (1024, 2048, 4096)
+BENCH_DIR = ROOT / "artifacts" / "bench"
 
 
-def run(bundle: str, clients: int = 32, seconds: float = 5.0, rounds: int = 3, smoke: bool = False) -> dict:
+def wide_bundle(hidden: int, root: Path = BENCH_DIR, n_members: int = 5, epochs: int = 1) -> Path:
+    """A bundle of `n_members` MLPs 64-hidden-hidden-10 (seeded, trained `epochs` on digits); built once."""
+    out = root / f"mlp-{hidden}" / "bundle"
+    if (out / "manifest.json").exists():
+        return out
+    from fusion.build import build_bundle
     from fusion.data import load_digits
+    from fusion.recipe import Recipe, override
+    from fusion.zoo import TrainConfig, ZooConfig, train_zoo
+
+    zoo = out.parent / "zoo"
+    train_zoo(load_digits(), zoo, ZooConfig(n_mlp=n_members, n_cnn=0, mlp_hidden=(hidden, hidden),
+                                            train=TrainConfig(epochs=epochs)))
+    r = override(Recipe(), "zoo", dir=str(zoo))
+    r = override(r, "distill", enabled=False)
+    r = override(r, "merge", method="")
+    r = override(r, "build", out=str(out), compare=False)
+    build_bundle(r)
+    return out
+
+
+def batch1_ms(bundle: Path, rows: np.ndarray, reps: int = 20) -> float:
+    """Median in-process latency of the bundle's ensemble at batch 1 on 1 thread."""
+    from fusion.bundle import read_bundle
+    from service.runtime import make_session
+
+    b = read_bundle(bundle)
+    s = make_session(b.read_verified("ensemble"), 1, ["CPUExecutionProvider"])
+    name = b.manifest.input.name
+    x = np.ascontiguousarray(rows[:1], dtype=np.float32)
+    s.run(None, {name: x})
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        s.run(None, {name: x})
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts) * 1e3)
+
+
+def batch_stats(url: str) -> dict:
+    """Mean rows and requests per model call, from the batcher's Prometheus histograms."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    vals = {}
+    for line in text.splitlines():
+        for metric in ("fusion_batch_rows", "fusion_batch_requests"):
+            for suffix in ("_sum", "_count"):
+                if line.startswith(metric + suffix + "{"):
+                    vals[metric + suffix] = vals.get(metric + suffix, 0.0) + float(line.rsplit(" ", 1)[1])
+    calls = vals.get("fusion_batch_rows_count", 0.0)
+    return {"calls": calls, "mean_rows": vals.get("fusion_batch_rows_sum", 0.0) / calls if calls else None}
+
+
+def check_answers(url: str, rows: np.ndarray, expected: np.ndarray) -> int:
+    """Wrong or failed answers among a few concurrent requests (the batched path must answer each exactly)."""
+    import asyncio
+
+    async def go():
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+            rs = await asyncio.gather(*(c.post("/predict", json={"inputs": [r.tolist()]}) for r in rows))
+        bad = 0
+        for r, e in zip(rs, expected):
+            bad += r.status_code != 200 or not np.allclose(r.json()["probabilities"][0], e, atol=1e-5)
+        return bad
+
+    return asyncio.run(go())
+
+
+def scenario(name: str, bundle: Path, rows: np.ndarray, clients: int, seconds: float, rounds: int) -> dict:
+    from bench.loadgen import run_load
+    from fusion.bundle import read_bundle
+    from service.runtime import make_session
     from tests.server import Server
 
-    if smoke:
-        clients, seconds, rounds = 4, 0.5, 1
-    X = load_digits().X_test
-    rows = [orjson.dumps({"inputs": [r.tolist()]}) for r in X]
-    common = {"FUSION_MAX_CONCURRENCY": str(4 * clients), "FUSION_INTRA_OP_THREADS": "1"}
-    results: dict = {"off": [], "on": []}
+    bodies = [orjson.dumps({"inputs": [r.tolist()]}) for r in rows]
+    b = read_bundle(bundle)
+    ref = make_session(b.read_verified("ensemble"), 1, ["CPUExecutionProvider"])
+    expected = ref.run(None, {b.manifest.input.name: rows[:16]})[0]
+    common = {"FUSION_MAX_CONCURRENCY": str(4 * clients), "FUSION_INTRA_OP_THREADS": "1",
+              "FUSION_AB_WEIGHTS": "ensemble=1", "FUSION_ACCESS_LOG": "0"}
+    runs: dict = {"off": [], "on": []}
     with Server(bundle, env={**common, "FUSION_BATCH_MAX_ROWS": "0"}) as off, \
-         Server(bundle, env={**common, "FUSION_BATCH_MAX_ROWS": "256"}) as on:
+         Server(bundle, env={**common, "FUSION_BATCH_MAX_ROWS": "256", "FUSION_BATCH_INSTANCES": "2"}) as on:
+        wrong = sum(check_answers(s.url, rows[:16], expected) for s in (off, on))
         for srv in (off, on):  # warm-up
-            asyncio.run(drive(srv.url, rows, clients, min(seconds, 1.0), 10**6))
-        for _ in range(rounds):  # alternate so that drift hits both alike
-            for name, srv in (("off", off), ("on", on)):
-                results[name].append(asyncio.run(drive(srv.url, rows, clients, seconds, 10**6)))
-    best = {k: max(v, key=lambda r: r["rps"]) for k, v in results.items()}
-    return {"clients": clients, "seconds": seconds, "rounds": rounds, "cpu_count": os.cpu_count(),
-            "runs": results, "rps_off": best["off"]["rps"], "rps_on": best["on"]["rps"],
-            "batching_speedup": best["on"]["rps"] / best["off"]["rps"],
-            "failed": sum(r["failed"] for v in results.values() for r in v)}
+            run_load(srv.url, "/predict", bodies, clients, min(seconds, 1.0))
+        for r in range(rounds):  # alternate (and swap the order) so that drift hits both alike
+            for mode, srv in ((("off", off), ("on", on)) if r % 2 == 0 else (("on", on), ("off", off))):
+                runs[mode].append(run_load(srv.url, "/predict", bodies, clients, seconds))
+        stats = batch_stats(on.url)
+    med = {k: float(np.median([x["rps"] for x in v])) for k, v in runs.items()}
+    return {"name": name, "bundle": str(bundle), "members": len(b.manifest.variants["ensemble"].members),
+            "batch1_ms": batch1_ms(bundle, rows), "rps_off": med["off"], "rps_on": med["on"],
+            "speedup": med["on"] / med["off"], "mean_batch_rows": stats["mean_rows"], "runs": runs,
+            "tool": runs["on"][0]["tool"], "errors": sum(x["errors"] for v in runs.values() for x in v),
+            "wrong": wrong}
+
+
+def run(bundle: str, clients: int = 32, seconds: float = 5.0, rounds: int = 3, smoke: bool = False,
+        wide: tuple[int, ...] = WIDE, bench_dir: Path = BENCH_DIR) -> dict:
+    from fusion.data import load_digits
+
+    if smoke:
+        clients, seconds, rounds = 4, 1.0, 1
+        wide = (16,) if wide == WIDE else wide  # a tiny extra bundle: the path, not the figure
+    X = np.ascontiguousarray(load_digits().X_test, dtype=np.float32)
+    plan = [("default", Path(bundle))] + [(f"mlp-{h}", wide_bundle(h, bench_dir)) for h in wide]
+    out = {"clients": clients, "seconds": seconds, "rounds": rounds, "cpu_count": os.cpu_count(),
+           "scenarios": [scenario(n, b, X, clients, seconds, rounds) for n, b in plan]}
+    d = out["scenarios"][0]
+    out |= {"rps_off": d["rps_off"], "rps_on": d["rps_on"], "batching_speedup": d["speedup"],
+            "failed": sum(s["errors"] for s in out["scenarios"]), "wrong": sum(s["wrong"] for s in out["scenarios"])}
+    top = max(out["scenarios"], key=lambda s: s["batch1_ms"])
+    out["max_cost_speedup"] = top["speedup"]
+    out["max_cost_scenario"] = top["name"]
+    return out
 
 
 def main(argv=None) -> int:
@@ -76,19 +162,27 @@ def main(argv=None) -> int:
     p.add_argument("--bundle", default="artifacts/bundle")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--wide", default=",".join(map(str, WIDE)), help="hidden widths of the extra bundles ('' for none)")
+    p.add_argument("--bench-dir", default=str(BENCH_DIR), help="where the extra bundles are built (once)")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json")
     a = p.parse_args(argv)
     if not (Path(a.bundle) / "manifest.json").exists():
         print(f"no bundle at {a.bundle}: run `make bundle` first", file=sys.stderr)
         return 2
-    res = run(a.bundle, a.clients, a.seconds, smoke=a.smoke)
-    print(f"{res['clients']} concurrent single-row clients, {res['cpu_count']} cores shared by client and server")
-    print(f"  batching off: {res['rps_off']:8.0f} req/s")
-    print(f"  batching on : {res['rps_on']:8.0f} req/s  ({res['batching_speedup']:.2f}x), failed requests: {res['failed']}")
+    wide = tuple(int(w) for w in a.wide.split(",") if w.strip())
+    res = run(a.bundle, a.clients, a.seconds, a.rounds, smoke=a.smoke, wide=wide, bench_dir=Path(a.bench_dir))
+    print(f"{res['clients']} concurrent single-row clients ({res['scenarios'][0]['tool']}), "
+          f"{res['cpu_count']} cores shared by client and server")
+    print(f"  {'bundle':10s} {'batch-1 ms':>10s} {'off req/s':>10s} {'on req/s':>9s} {'on÷off':>7s} {'rows/call':>9s}")
+    for s in res["scenarios"]:
+        rows = f"{s['mean_batch_rows']:.1f}" if s["mean_batch_rows"] else "-"
+        print(f"  {s['name']:10s} {s['batch1_ms']:10.2f} {s['rps_off']:10.0f} {s['rps_on']:9.0f} {s['speedup']:7.2f} {rows:>9s}")
+    print(f"  failed requests: {res['failed']}, wrong answers: {res['wrong']}")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))
-    return 0
+    return 1 if res["failed"] or res["wrong"] else 0
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ from service.traffic import Admission, Traffic, install_drain, patch_bentoml_tim
 log = logging.getLogger("fusion.service")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-INLINE_ROWS = 32  # smaller batches run on the event loop: a thread hop costs more than the model
 
 
 @dataclass(frozen=True)
@@ -54,6 +53,9 @@ class Settings:
     timeout_s: float = 30.0
     max_concurrency: int = 64
     batch_max_rows: int = 0  # adaptive batching of concurrent requests per model; 0 = off
+    batch_instances: int = 2  # calls of one model the batcher may run at once (Triton: model instances)
+    tracing: bool = False  # OpenTelemetry spans on the inference paths (BentoML's middleware: 2-3x the floor)
+    access_log: bool = True  # BentoML's one INFO line per request
 
     @classmethod
     def from_env(cls, env=os.environ) -> "Settings":
@@ -64,10 +66,16 @@ class Settings:
             timeout_s=float(env.get("FUSION_TIMEOUT_S", cls.timeout_s)),
             max_concurrency=int(env.get("FUSION_MAX_CONCURRENCY", cls.max_concurrency)),
             batch_max_rows=int(env.get("FUSION_BATCH_MAX_ROWS", cls.batch_max_rows)),
+            batch_instances=int(env.get("FUSION_BATCH_INSTANCES", cls.batch_instances)),
+            tracing=env.get("FUSION_TRACING", "0").strip().lower() in ("1", "true", "yes"),
+            access_log=env.get("FUSION_ACCESS_LOG", "1").strip().lower() not in ("0", "false", "no"),
         )
 
 
 SETTINGS = Settings.from_env()
+# Paths BentoML's OpenTelemetry middleware skips unless FUSION_TRACING=1: with no exporter configured
+# its spans go nowhere, yet it cost 2-3x our whole echo round trip (docs/BENCHMARKS.md, "HTTP floor").
+INFERENCE_PATHS = ["/predict", "/echo", "/feedback", "/v2/models/[^/]+/infer"]
 # our admission limit (per worker) and drain state: service/traffic.py says why not BentoML's max_concurrency
 TRAFFIC = Traffic.from_settings(SETTINGS.max_concurrency, SETTINGS.workers)
 patch_bentoml_timeout()  # BentoML's per-request timer kept every request's context for 30 s (traffic.py)
@@ -143,16 +151,17 @@ async def json_body(request: Request, svc: "FusionService") -> dict:
 
 
 async def compute(svc: "FusionService", served, X: np.ndarray, variant: str | None, key: str | None, rid: str):
-    """Run the routed variant: coalesced with concurrent requests when batching is on, on the event
-    loop for small batches of one session, in a worker thread for large ones and for members/cascade
-    (they wait on member threads up to the member deadline, which must never block the loop)."""
+    """Run the routed variant: coalesced with concurrent requests when batching is on; else on the
+    event loop when it is one session and the call is cheap (runtime.Model.inline_ok: few rows, and
+    recent small calls took ≤ FUSION_INLINE_BUDGET_MS), in a worker thread otherwise. members and
+    cascade always run in a thread: they wait on member threads up to the member deadline."""
     engine = svc.engine
     served, name = engine.resolve(variant, key, served)  # the version X was checked against
     t0 = time.perf_counter()
     single = name in served.loaded.models  # one onnxruntime session, no waiting on other threads
     if svc.batcher is not None and single:
         out, extra = await svc.batcher.run(served.loaded.models[name], X), {}
-    elif len(X) <= INLINE_ROWS and single:
+    elif single and served.loaded.models[name].inline_ok(len(X)):
         out, extra = engine.run(served, name, X)
     else:
         out, extra = await run_in_threadpool(engine.run, served, name, X)
@@ -420,6 +429,8 @@ routes = Starlette(routes=[
     name="fusion_serve",
     workers=SETTINGS.workers,
     traffic={"timeout": SETTINGS.timeout_s},  # the concurrency limit is ours (TRAFFIC), not BentoML's
+    **({} if SETTINGS.tracing else {"tracing": {"excluded_urls": INFERENCE_PATHS}}),
+    **({} if SETTINGS.access_log else {"logging": {"access": {"enabled": False}}}),
 )
 @bentoml.asgi_app(routes, path="/")
 class FusionService:
@@ -429,7 +440,8 @@ class FusionService:
         self.settings = Settings.from_env()
         self.tokens = Tokens.from_env()
         self.engine = Engine(EngineConfig.from_env())
-        self.batcher = AdaptiveBatcher(self.settings.batch_max_rows) if self.settings.batch_max_rows > 0 else None
+        self.batcher = (AdaptiveBatcher(self.settings.batch_max_rows, instances=self.settings.batch_instances)
+                        if self.settings.batch_max_rows > 0 else None)
         self.engine.start()  # a bundle that fails to load leaves the service up and not ready
         install_drain(TRAFFIC)  # SIGTERM: readiness 503 while in-flight requests finish (service/traffic.py)
 

@@ -2,9 +2,14 @@
 
 No timer: a request that finds its model idle runs at the next turn of the event loop (no added
 latency at low load); the requests that arrive meanwhile, or while a call is running, wait for it
-and then run together as the next call, up to `max_rows` rows. Small calls run on the event loop
-(a thread hop costs more than the model); large ones in a worker thread. Each request was validated before it joined, so one bad request can never
-fail the others (BentoML's batching fails the whole batch).
+and then run together as the next call, up to `max_rows` rows. Up to `instances` calls of one
+model run at once (Triton's model instances): while one computes in a worker thread, another can
+start on the requests that arrived meanwhile, so a second core is not left idle. Cheap calls run on the event loop
+(a thread hop costs more than the model); expensive ones (more than `inline_rows` rows, or a model
+whose recent small calls took longer than FUSION_INLINE_BUDGET_MS: runtime.Model.inline_ok) run in
+a worker thread, so that the loop keeps reading requests, which join the next call, while the model
+computes. Each request was validated before it joined, so one bad request can never fail the others
+(BentoML's batching fails the whole batch).
 """
 
 from __future__ import annotations
@@ -14,18 +19,30 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+from prometheus_client import Histogram
 from starlette.concurrency import run_in_threadpool
+
+BATCH_ROWS = Histogram(
+    "fusion_batch_rows", "Rows per model call made by the adaptive batcher, by model", ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+BATCH_REQUESTS = Histogram(
+    "fusion_batch_requests", "Requests coalesced into one model call by the adaptive batcher, by model", ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
 
 
 @dataclass
 class _Queue:
     pending: list = field(default_factory=list)  # [(X (b, F), future)]
-    running: bool = False
+    running: int = 0  # calls of this model in flight (at most `instances`)
 
 
 class AdaptiveBatcher:
-    def __init__(self, max_rows: int = 256, inline_rows: int = 32):
-        self.max_rows, self.inline_rows = max_rows, inline_rows
+    def __init__(self, max_rows: int = 256, inline_rows: int = 32, instances: int = 1):
+        if max_rows < 1 or instances < 1:
+            raise ValueError(f"expected max_rows >= 1 and instances >= 1; got {max_rows}, {instances}")
+        self.max_rows, self.inline_rows, self.instances = max_rows, inline_rows, instances
         self.queues: dict[int, _Queue] = {}
         self.calls = 0
         self.requests = 0
@@ -35,10 +52,14 @@ class AdaptiveBatcher:
         q = self.queues.setdefault(id(model), _Queue())
         fut = asyncio.get_running_loop().create_future()
         q.pending.append((X, fut))
-        if not q.running:
-            q.running = True
+        if q.running < self.instances:  # an idle instance starts a call; busy ones pick it up next
+            q.running += 1
             asyncio.create_task(self._drain(q, model))
         return await fut
+
+    def _inline(self, model, rows: int) -> bool:
+        inline_ok = getattr(model, "inline_ok", None)  # runtime.Model knows its cost; a plain callable is cheap
+        return rows <= self.inline_rows and (inline_ok is None or inline_ok(rows))
 
     async def _drain(self, q: _Queue, model) -> None:
         try:
@@ -51,9 +72,12 @@ class AdaptiveBatcher:
                     rows += len(X)
                 self.calls += 1
                 self.requests += len(batch)
+                label = getattr(model, "name", "model")
+                BATCH_ROWS.labels(label).observe(rows)
+                BATCH_REQUESTS.labels(label).observe(len(batch))
                 try:
                     Xb = batch[0][0] if len(batch) == 1 else np.concatenate([x for x, _ in batch])  # (rows, F)
-                    out = model(Xb) if rows <= self.inline_rows else await run_in_threadpool(model, Xb)
+                    out = model(Xb) if self._inline(model, rows) else await run_in_threadpool(model, Xb)
                 except Exception as exc:  # noqa: BLE001 - handed to every waiting request
                     for _, fut in batch:
                         if not fut.done():
@@ -65,4 +89,4 @@ class AdaptiveBatcher:
                         fut.set_result(out[start : start + len(X)])
                     start += len(X)
         finally:
-            q.running = False
+            q.running -= 1

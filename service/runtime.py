@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +65,29 @@ def make_session(model: bytes, threads: int, providers: list) -> ort.InferenceSe
     return ort.InferenceSession(model, opts, providers=providers)
 
 
+INLINE_ROWS = 32  # calls of at most this many rows may run on the event loop...
+INLINE_BUDGET_S = float(os.environ.get("FUSION_INLINE_BUDGET_MS", "0.5")) / 1e3  # ...if they take at most this long
+
+
+@dataclass
+class CallCost:
+    """Exponentially weighted mean wall time of a model's small calls (≤ INLINE_ROWS rows).
+
+    The serving path runs a call on the event loop only when it is cheap: a thread hop costs
+    ~0.05-0.1 ms, more than a small model, but an expensive call on the loop stalls every other
+    request (parsing, health checks, and the batcher gathering the next batch). Updates from
+    concurrent threads may race; a lost update of a running mean is harmless."""
+
+    alpha: float = 0.2
+    small_s: float = 0.0  # 0.0 until the first small call (warm-up makes one)
+    calls: int = 0
+
+    def observe(self, rows: int, seconds: float) -> None:
+        if rows <= INLINE_ROWS:
+            self.small_s = seconds if self.calls == 0 else self.small_s + self.alpha * (seconds - self.small_s)
+            self.calls += 1
+
+
 @dataclass
 class Model:
     """One servable ONNX model: a variant or a member."""
@@ -72,10 +96,18 @@ class Model:
     session: ort.InferenceSession
     input_name: str
     device: str
+    cost: CallCost = field(default_factory=CallCost)
 
     def __call__(self, X: np.ndarray) -> np.ndarray:
         # X: (B, F) float32 C-contiguous -> (B, C) float32
-        return self.session.run(None, {self.input_name: X})[0]
+        t0 = time.perf_counter()
+        out = self.session.run(None, {self.input_name: X})[0]
+        self.cost.observe(len(X), time.perf_counter() - t0)
+        return out
+
+    def inline_ok(self, rows: int, budget_s: float = INLINE_BUDGET_S) -> bool:
+        """Whether a call on `rows` rows is cheap enough to run on the event loop (see CallCost)."""
+        return rows <= INLINE_ROWS and self.cost.small_s <= budget_s
 
 
 @dataclass
@@ -136,10 +168,13 @@ def load(path: str | Path, cfg: RuntimeConfig | None = None) -> LoadedBundle:
 
 
 def warm_up(loaded: LoadedBundle) -> None:
-    """Run every model once at batch 1 and 8 on zeros; a model that fails makes the bundle unusable."""
+    """Run every model at batch 1 and 8 on zeros; a model that fails makes the bundle unusable. The
+    last calls (batch 1, after the first-call allocations) seed each model's CallCost."""
     n = loaded.manifest.input.n_features
     for name, model in loaded.models.items():
-        for b in (1, 8):
+        for i, b in enumerate((1, 8, 1, 1)):
+            if i == 2:
+                model.cost = CallCost()  # forget the first calls' one-off allocations
             out = model(np.zeros((b, n), dtype=np.float32))
             if out.shape[0] != b or not np.isfinite(out).all():
                 raise UnavailableError(f"warm-up of '{name}' gave {out.shape} / non-finite output")

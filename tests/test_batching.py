@@ -71,8 +71,17 @@ def test_a_failing_call_fails_only_its_own_requests():
 
 
 @pytest.mark.server
-def test_bench_batching_smoke(tiny_bundle):
+def test_bench_batching_smoke(tiny_bundle, tmp_path):
     from bench.bench_batching import run
 
-    res = run(str(tiny_bundle), smoke=True)
-    assert res["failed"] == 0 and res["rps_on"] > 0 and res["rps_off"] > 0
+    res = run(str(tiny_bundle), smoke=True, bench_dir=tmp_path)
+    assert [s["name"] for s in res["scenarios"]] == ["default", "mlp-16"]  # the given bundle, then a built one
+    assert res["failed"] == 0 and res["wrong"] == 0  # every answer checked against onnxruntime offline
+    for s in res["scenarios"]:
+        assert s["rps_on"] > 0 and s["rps_off"] > 0 and s["batch1_ms"] > 0
+        assert s["mean_batch_rows"] >= 1  # the batching server did batch (its own Prometheus histogram)
+        assert abs(s["speedup"] - s["rps_on"] / s["rps_off"]) < 1e-9
+    from fusion.bundle import read_bundle
+
+    built = read_bundle(tmp_path / "mlp-16" / "bundle").manifest  # verified: digests and parity as any bundle
+    assert len(built.variants["ensemble"].members) == 5
