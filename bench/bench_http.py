@@ -3,19 +3,25 @@ and requests/s at 8 concurrent connections, in one run on one server.
 
 `/echo` parses and returns the same JSON body through the same middleware, auth and body-limit
 code, with no model: predict ÷ echo is what the model and the serving logic add over the
-framework's floor (goal: median ≤ 1.25x). The two are measured in interleaved rounds (the order
-alternates every round) so that machine drift hits both alike.
+framework's floor (goal: median ≤ 1.25x). Measured in interleaved rounds (the order rotates every
+round) so that machine drift hits all alike, with a third endpoint beside them: `/predict` of one
+single-model variant (`merged`, else `distilled`, else a member; chosen with the `X-Variant`
+header, so the body is the same): what serving costs when the model is cheap. The server's own
+histogram of model time (`fusion_request_latency_seconds`) gives the third figure: the mean
+/predict round trip less the model's mean time in the server, ÷ echo, i.e. everything that is not
+the model.
 
 Latency uses one keep-alive `http.client` connection (the lightest Python client, so that the
-ratio shows the server, not the client). Throughput uses 8 threads, each with its own keep-alive
-connection, closed loop. Client and server share this machine's cores: on a small machine the
-client's own CPU time caps requests/s, so compare the two endpoints' figures, not absolute ones.
+ratio shows the server, not the client). Throughput uses the load generator of bench/loadgen.py
+(wrk when installed) at 8 connections. Client and server share this machine's cores: compare the
+endpoints' figures with each other, not with other machines.
 
     python -m bench.bench_http [--bundle DIR] [--smoke] [--json OUT] [--with-batching]
     python bench/bench_http.py --bundle artifacts/bundle --rounds 10 --requests 200 [--env FUSION_INTRA_OP_THREADS=1]
 
-Every response is checked: /predict's probabilities against the bundle's ensemble run offline in
-onnxruntime, /echo's body against what was sent. Exit status 1 if any request failed or was wrong.
+Every latency response is checked: /predict's probabilities against the bundle's model run offline
+in onnxruntime, /echo's body against what was sent; throughput runs count every non-2xx answer.
+Exit status 1 if any request failed or was wrong.
 """
 
 from __future__ import annotations
@@ -41,13 +47,23 @@ CONNECTIONS = 8
 HEADERS = {"Content-Type": "application/json"}
 
 
-def offline_ensemble(bundle: Path, X: np.ndarray) -> np.ndarray:
-    """The bundle's fused ensemble run directly in onnxruntime: the reference for /predict."""
+def offline(bundle: Path, X: np.ndarray, name: str = "ensemble") -> np.ndarray:
+    """The bundle's model `name` run directly in onnxruntime: the reference for /predict."""
     import onnxruntime as ort
 
     manifest = json.loads((bundle / "manifest.json").read_text())
-    sess = ort.InferenceSession(str(bundle / manifest["variants"]["ensemble"]["file"]), providers=["CPUExecutionProvider"])
+    entry = manifest["variants"].get(name) or manifest["members"][name]
+    sess = ort.InferenceSession(str(bundle / entry["file"]), providers=["CPUExecutionProvider"])
     return sess.run(None, {sess.get_inputs()[0].name: np.ascontiguousarray(X, dtype=np.float32)})[0]
+
+
+def single_model_variant(bundle: Path) -> str:
+    """The cheap model served beside the ensemble: merged, else distilled, else the first member."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for name in ("merged", "distilled"):
+        if name in manifest["variants"]:
+            return name
+    return next(iter(manifest["members"]))
 
 
 def bench_rows(bundle: Path, n: int = 64) -> np.ndarray:
@@ -64,9 +80,9 @@ def bench_rows(bundle: Path, n: int = 64) -> np.ndarray:
 
 
 class Checker:
-    """Counts failed and wrong responses (thread-safe)."""
+    """Counts failed and wrong responses (thread-safe). expected: variant -> (rows, C) offline outputs."""
 
-    def __init__(self, expected: np.ndarray):
+    def __init__(self, expected: dict[str, np.ndarray]):
         self.expected = expected
         self.failed = 0
         self.wrong = 0
@@ -82,14 +98,15 @@ class Checker:
             if len(self.examples) < 5:
                 self.examples.append(what[:300])
 
-    def predict(self, status: int, data: bytes, i: int) -> None:
+    def predict(self, status: int, data: bytes, i: int, variant: str = "ensemble") -> None:
         if status != 200:
             return self._bad("failed", f"/predict {status}: {data[:200]!r}")
         body = json.loads(data)
+        expected = self.expected[variant]
         probs = np.asarray(body.get("probabilities", [[np.nan]]), dtype=np.float32)
-        if body.get("variant") != "ensemble" or probs.shape != (1, self.expected.shape[1]) \
-                or not np.allclose(probs[0], self.expected[i], atol=1e-5):
-            self._bad("wrong", f"/predict row {i}: {body}")
+        if body.get("variant") != variant or probs.shape != (1, expected.shape[1]) \
+                or not np.allclose(probs[0], expected[i], atol=1e-5):
+            self._bad("wrong", f"/predict ({variant}) row {i}: {body}")
 
     def echo(self, status: int, data: bytes, sent: dict) -> None:
         if status != 200:
@@ -105,21 +122,26 @@ def request(conn: http.client.HTTPConnection, path: str, body: bytes, headers: d
 
 
 def latency(port: int, bodies: list[bytes], sent: list[dict], check: Checker, rounds: int, n: int,
-            headers: dict) -> dict:
-    """Interleaved rounds of n /predict and n /echo requests on one keep-alive connection."""
+            headers: dict, one: str) -> dict:
+    """Interleaved rounds of n requests each: /predict (ensemble), /predict of the variant `one`
+    (X-Variant header, same body) and /echo, on one keep-alive connection; the order rotates."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    lat: dict[str, list[float]] = {"predict": [], "echo": []}
-    order = ["predict", "echo"]
-    for r in range(rounds + 1):  # round 0 warms up and is not recorded
-        for endpoint in (order if r % 2 else order[::-1]):
+    calls = {
+        "predict": ("/predict", headers, lambda st, d, i: check.predict(st, d, i)),
+        "predict_one": ("/predict", {**headers, "X-Variant": one}, lambda st, d, i: check.predict(st, d, i, one)),
+        "echo": ("/echo", headers, lambda st, d, i: check.echo(st, d, sent[i])),
+    }
+    lat: dict[str, list[float]] = {k: [] for k in calls}
+    order = list(calls)
+    for r in range(rounds):
+        for endpoint in order[r % 3:] + order[: r % 3]:
+            path, hdrs, verify = calls[endpoint]
             for k in range(n):
                 i = (r * n + k) % len(bodies)
                 t0 = time.perf_counter()
-                status, data = request(conn, "/" + endpoint, bodies[i], headers)
-                dt = time.perf_counter() - t0
-                if r:
-                    lat[endpoint].append(dt)
-                (check.predict(status, data, i) if endpoint == "predict" else check.echo(status, data, sent[i]))
+                status, data = request(conn, path, bodies[i], hdrs)
+                lat[endpoint].append(time.perf_counter() - t0)
+                verify(status, data, i)
     conn.close()
 
     def summary(xs: list[float]) -> dict:
@@ -130,80 +152,83 @@ def latency(port: int, bodies: list[bytes], sent: list[dict], check: Checker, ro
     return {k: summary(v) for k, v in lat.items()}
 
 
-def throughput(port: int, path: str, bodies: list[bytes], sent: list[dict], check: Checker, seconds: float,
-               headers: dict, connections: int = CONNECTIONS, max_requests: int = 1_000_000) -> dict:
-    """Closed loop: `connections` threads, each with its own keep-alive connection, for `seconds`."""
-    counts = [0] * connections
-    stop = time.perf_counter() + seconds
-
-    def worker(w: int) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        i = w
-        while time.perf_counter() < stop and counts[w] < max_requests // connections:
-            k = i % len(bodies)
-            status, data = request(conn, path, bodies[k], headers)
-            (check.predict(status, data, k) if path == "/predict" else check.echo(status, data, sent[k]))
-            counts[w] += 1
-            i += connections
-        conn.close()
-
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(connections)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(seconds + 60)
-    elapsed = time.perf_counter() - t0
-    return {"requests": sum(counts), "seconds": elapsed, "rps": sum(counts) / elapsed, "connections": connections}
+def model_seconds(port: int, variant: str = "ensemble") -> tuple[float, float]:
+    """(sum, count) of the server's model-time histogram for `variant` (fusion_request_latency_seconds)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    out = {"sum": 0.0, "count": 0.0}
+    for line in text.splitlines():
+        for kind in out:
+            if line.startswith(f'fusion_request_latency_seconds_{kind}{{variant="{variant}"}}'):
+                out[kind] += float(line.rsplit(" ", 1)[1])
+    return out["sum"], out["count"]
 
 
 def run(bundle: Path, *, rounds: int, requests: int, seconds: float, with_batching: bool, token: str = "",
         server_env: dict | None = None) -> dict:
+    from bench.loadgen import run_load
     from tests.server import Server
 
     X = bench_rows(bundle)
-    expected = offline_ensemble(bundle, X)
+    one = single_model_variant(bundle)
     sent = [{"inputs": [row.tolist()]} for row in X]
-    bodies = [json.dumps(s).encode() for s in sent]
+    bodies = [json.dumps(s, separators=(",", ":")).encode() for s in sent]
     headers = {**HEADERS, **({"Authorization": f"Bearer {token}"} if token else {})}
-    check = Checker(expected)
+    check = Checker({"ensemble": offline(bundle, X), one: offline(bundle, X, one)})
     env = {"FUSION_AB_WEIGHTS": "ensemble=1", "FUSION_MAX_CONCURRENCY": "256",
            **({"FUSION_INFERENCE_TOKEN": token} if token else {}), **(server_env or {})}
     out: dict = {"bundle": str(bundle), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-                 "client": "http.client, keep-alive, same machine as the server", "server_env": server_env or {}}
+                 "client": "http.client, keep-alive, same machine as the server", "server_env": server_env or {},
+                 "single_model_variant": one}
     with Server(bundle, env={**env, "FUSION_BATCH_MAX_ROWS": "0"}) as srv:
-        lat = latency(srv.port, bodies, sent, check, rounds, requests, headers)
-        out["predict"], out["echo"] = lat["predict"], lat["echo"]
+        latency(srv.port, bodies, sent, check, 1, min(requests, 50), headers, one)  # warm-up, not recorded
+        s0, c0 = model_seconds(srv.port)
+        lat = latency(srv.port, bodies, sent, check, rounds, requests, headers, one)
+        s1, c1 = model_seconds(srv.port)
+        out["predict"], out["predict_one"], out["echo"] = lat["predict"], lat["predict_one"], lat["echo"]
         out["predict_over_echo_median"] = lat["predict"]["median_ms"] / lat["echo"]["median_ms"]
         out["predict_over_echo_p99"] = lat["predict"]["p99_ms"] / lat["echo"]["p99_ms"]
+        out["one_over_echo_median"] = lat["predict_one"]["median_ms"] / lat["echo"]["median_ms"]
+        model_ms = (s1 - s0) / (c1 - c0) * 1e3 if c1 > c0 else float("nan")
+        out["model_in_server_mean_ms"] = model_ms
+        out["non_model_over_echo_mean"] = (lat["predict"]["mean_ms"] - model_ms) / lat["echo"]["mean_ms"]
         out["rps"] = {
-            "predict": throughput(srv.port, "/predict", bodies, sent, check, seconds, headers),
-            "echo": throughput(srv.port, "/echo", bodies, sent, check, seconds, headers),
+            "predict": run_load(srv.url, "/predict", bodies, CONNECTIONS, seconds, headers),
+            "echo": run_load(srv.url, "/echo", bodies, CONNECTIONS, seconds, headers),
         }
     if with_batching:
         with Server(bundle, env={**env, "FUSION_BATCH_MAX_ROWS": "256"}) as srv:
-            throughput(srv.port, "/predict", bodies, sent, check, min(seconds, 1.0), headers)  # warm-up
-            out["rps"]["predict_batching"] = throughput(srv.port, "/predict", bodies, sent, check, seconds, headers)
+            run_load(srv.url, "/predict", bodies, CONNECTIONS, min(seconds, 1.0), headers)  # warm-up
+            out["rps"]["predict_batching"] = run_load(srv.url, "/predict", bodies, CONNECTIONS, seconds, headers)
     out["goal"] = GOAL
     out["meets_goal"] = out["predict_over_echo_median"] <= GOAL
-    out["failed"], out["wrong"], out["examples"] = check.failed, check.wrong, check.examples
-    out["correct"] = check.failed == 0 and check.wrong == 0
+    throughput_errors = sum(r["errors"] for r in out["rps"].values())
+    out["failed"], out["wrong"], out["examples"] = check.failed + throughput_errors, check.wrong, check.examples
+    out["correct"] = out["failed"] == 0 and check.wrong == 0
     return out
 
 
 def report(res: dict) -> str:
-    p, e = res["predict"], res["echo"]
+    p, o, e = res["predict"], res["predict_one"], res["echo"]
+    one = f"/predict ({res['single_model_variant']})"
     lines = [
         f"bundle {res['bundle']}; {res['cpu_count']} cores shared by the client and the server ({res['client']})"
         + (f"; server env {res['server_env']}" if res["server_env"] else ""),
         f"  /predict (ensemble, batch 1): median {p['median_ms']:.3f} ms, p99 {p['p99_ms']:.3f} ms  (n={p['n']})",
+        f"  {one:28s}: median {o['median_ms']:.3f} ms, p99 {o['p99_ms']:.3f} ms  (n={o['n']})",
         f"  /echo (same body)           : median {e['median_ms']:.3f} ms, p99 {e['p99_ms']:.3f} ms  (n={e['n']})",
         f"  predict ÷ echo: median {res['predict_over_echo_median']:.2f}x, p99 {res['predict_over_echo_p99']:.2f}x "
         f"(goal ≤ {res['goal']}x: {'met' if res['meets_goal'] else 'NOT met'})",
+        f"  {one} ÷ echo: median {res['one_over_echo_median']:.2f}x",
+        f"  ensemble's model time in the server: mean {res['model_in_server_mean_ms']:.3f} ms; "
+        f"(predict − model) ÷ echo, means: {res['non_model_over_echo_mean']:.2f}x",
     ]
     for name, r in res["rps"].items():
-        lines.append(f"  {r['connections']} concurrent connections, {name:16s}: {r['rps']:8.0f} req/s ({r['requests']} in {r['seconds']:.1f} s)")
-    lines.append("  caveat: the client's threads take CPU from the server on this machine; requests/s is a floor")
+        lines.append(f"  {r['connections']} concurrent connections ({r['tool']}), {name:16s}: {r['rps']:8.0f} req/s "
+                     f"({r['requests']} in {r['seconds']:.1f} s, p99 {r['p99_ms']:.2f} ms, errors {r['errors']})")
+    lines.append("  caveat: client and server share the cores; compare the endpoints with each other")
     lines.append(f"  failed requests: {res['failed']}, wrong answers: {res['wrong']}")
     for ex in res["examples"]:
         lines.append(f"    e.g. {ex}")
@@ -213,14 +238,14 @@ def report(res: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", default="artifacts/bundle")
-    p.add_argument("--rounds", type=int, default=10, help="interleaved latency rounds (plus one warm-up round)")
+    p.add_argument("--rounds", type=int, default=12, help="interleaved latency rounds (after a warm-up round)")
     p.add_argument("--requests", type=int, default=200, help="requests per endpoint per round")
     p.add_argument("--seconds", type=float, default=5.0, help="duration of each throughput run")
     p.add_argument("--with-batching", action="store_true", help="also requests/s with adaptive batching on (a second server)")
     p.add_argument("--token", default="", help="run the server with this inference token (auth on the path)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra server environment, e.g. --env FUSION_INTRA_OP_THREADS=1 (repeatable)")
-    p.add_argument("--smoke", action="store_true", help="a quick check: 2 rounds of 25 requests, 0.5 s throughput runs")
+    p.add_argument("--smoke", action="store_true", help="a quick check: 3 rounds of 20 requests, 1 s throughput runs")
     p.add_argument("--json", help="also write the results as JSON to this file")
     a = p.parse_args(argv)
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
@@ -229,7 +254,7 @@ def main(argv=None) -> int:
         print(f"no bundle at {bundle}: run `make bundle` (or `fusion build --out {bundle}`) first", file=sys.stderr)
         return 2
     if a.smoke:
-        a.rounds, a.requests, a.seconds = 2, 25, 0.5
+        a.rounds, a.requests, a.seconds = 3, 20, 1.0
     bad = [e for e in a.env if "=" not in e]
     if bad:
         print(f"expected --env KEY=VALUE; got {bad}", file=sys.stderr)

@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -83,7 +82,7 @@ patch_bentoml_timeout()  # BentoML's per-request timer kept every request's cont
 
 def request_id(request: Request) -> str:
     given = request.headers.get("x-request-id", "")
-    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    return given if _REQUEST_ID.match(given) else os.urandom(16).hex()  # 32 hex digits, as uuid4().hex, 5x cheaper
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -57,9 +57,15 @@ class Result:
     extra: dict = field(default_factory=dict)
 
     def labels(self) -> list:
-        if self.task == "regression":
-            return self.output[:, 0].tolist()
-        return np.asarray(self.classes)[self.output.argmax(-1)].tolist()  # ties -> lowest class index
+        """The predicted class label per row (the value per row for regression); computed once."""
+        cached = self.__dict__.get("_labels")
+        if cached is None:
+            if self.task == "regression":
+                cached = self.output[:, 0].tolist()
+            else:
+                cached = np.asarray(self.classes)[self.output.argmax(-1)].tolist()  # ties -> lowest class index
+            object.__setattr__(self, "_labels", cached)  # frozen: memoised beside the fields
+        return cached
 
 
 @dataclass(frozen=True)

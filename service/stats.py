@@ -106,6 +106,7 @@ class Stats:
 
     def __init__(self, max_records: int = 100_000, max_rows: int = 200_000):
         self._lock = threading.Lock()
+        self._children: dict[str, tuple] = {}  # variant -> (requests, rows, latency) Prometheus children
         self.variants: dict[str, VariantStats] = defaultdict(VariantStats)
         # awaiting feedback, oldest first; bounded by requests and by rows (a 1024-row request holds
         # 1024 labels per variant), so memory stays bounded whatever the batch sizes
@@ -119,10 +120,18 @@ class Stats:
         self.shadow_failures: dict[str, int] = defaultdict(int)
         self.started = time.time()
 
+    def _metrics(self, variant: str) -> tuple:
+        """The variant's Prometheus children, looked up once (labels() takes a lock and builds a key)."""
+        children = self._children.get(variant)
+        if children is None:
+            children = self._children[variant] = (REQUESTS.labels(variant), ROWS.labels(variant), LATENCY.labels(variant))
+        return children
+
     def observe(self, variant: str, rows: int, seconds: float, request_id: str, predictions: list) -> None:
-        REQUESTS.labels(variant).inc()
-        ROWS.labels(variant).inc(rows)
-        LATENCY.labels(variant).observe(seconds)
+        requests, rows_counter, latency = self._metrics(variant)
+        requests.inc()
+        rows_counter.inc(rows)
+        latency.observe(seconds)
         with self._lock:
             s = self.variants[variant]
             s.requests += 1

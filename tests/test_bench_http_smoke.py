@@ -28,14 +28,21 @@ def test_bench_http_smoke(tiny_bundle, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["correct"] is True and res["failed"] == 0 and res["wrong"] == 0
-    for endpoint in ("predict", "echo"):
+    for endpoint in ("predict", "predict_one", "echo"):
         fig = res[endpoint]
-        assert fig["n"] == 2 * 25 and 0 < fig["median_ms"] <= fig["p99_ms"]
+        assert fig["n"] == 3 * 20 and 0 < fig["median_ms"] <= fig["p99_ms"]
     assert res["predict_over_echo_median"] == pytest.approx(res["predict"]["median_ms"] / res["echo"]["median_ms"])
+    assert res["one_over_echo_median"] == pytest.approx(res["predict_one"]["median_ms"] / res["echo"]["median_ms"])
     assert res["meets_goal"] == (res["predict_over_echo_median"] <= 1.25)
+    assert res["single_model_variant"] == "merged"  # the tiny bundle has a merged MLP; every answer was checked
+    # the model's own time, from the server's histogram: positive, and less than the whole round trip
+    assert 0 < res["model_in_server_mean_ms"] < res["predict"]["mean_ms"]
+    expected = (res["predict"]["mean_ms"] - res["model_in_server_mean_ms"]) / res["echo"]["mean_ms"]
+    assert res["non_model_over_echo_mean"] == pytest.approx(expected)
     for endpoint in ("predict", "echo"):
         r = res["rps"][endpoint]
         assert r["connections"] == 8 and r["requests"] > 0 and r["rps"] == pytest.approx(r["requests"] / r["seconds"])
+        assert r["errors"] == 0
     assert "predict ÷ echo" in proc.stdout and "8 concurrent connections" in proc.stdout
 
 
