@@ -146,7 +146,7 @@ def run(bundle: str, clients: int = 32, seconds: float = 5.0, rounds: int = 3, s
         wide = (16,) if wide == WIDE else wide  # a tiny extra bundle: the path, not the figure
     X = np.ascontiguousarray(load_digits().X_test, dtype=np.float32)
     plan = [("default", Path(bundle))] + [(f"mlp-{h}", wide_bundle(h, bench_dir)) for h in wide]
-    out = {"clients": clients, "seconds": seconds, "rounds": rounds, "cpu_count": os.cpu_count(),
+    out = {"clients": clients, "seconds_per_run": seconds, "rounds": rounds, "cpu_count": os.cpu_count(),
            "scenarios": [scenario(n, b, X, clients, seconds, rounds) for n, b in plan]}
     d = out["scenarios"][0]
     out |= {"rps_off": d["rps_off"], "rps_on": d["rps_on"], "batching_speedup": d["speedup"],
