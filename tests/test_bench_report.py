@@ -1,0 +1,49 @@
+"""bench/run.py turns raw results into docs/BENCHMARKS.md: every target row says measured, goal and
+whether it is met, judged from the numbers (not copied); the notes quote this run's figures."""
+
+from __future__ import annotations
+
+from bench.run import notes, render, targets
+
+
+def results(speedups=(1.8, 3.2), ratio=2.7, frac=0.8):
+    scen = [{"name": "default", "members": 8, "batch1_ms": 0.2, "rps_off": 1000.0, "rps_on": 1000.0 * speedups[0],
+             "speedup": speedups[0], "mean_batch_rows": 15.5, "tool": "wrk"},
+            {"name": "mlp-4096", "members": 5, "batch1_ms": 30.0, "rps_off": 60.0, "rps_on": 60.0 * speedups[1],
+             "speedup": speedups[1], "mean_batch_rows": 9.0, "tool": "wrk"}]
+    lat = {"median_ms": 0.3, "p99_ms": 0.6, "mean_ms": 0.35, "n": 10}
+    return {
+        "batching": {"clients": 32, "rounds": 3, "seconds_per_run": 5.0, "scenarios": scen},
+        "http": {"predict": {**lat, "median_ms": 0.3 * ratio}, "predict_one": {**lat, "median_ms": 0.5}, "echo": lat,
+                 "predict_over_echo_median": ratio, "one_over_echo_median": 0.5 / 0.3, "non_model_over_echo_mean": 1.5,
+                 "model_in_server_mean_ms": 0.2, "single_model_variant": "merged",
+                 "rps": {"echo": {"rps": 3000.0, "tool": "wrk"}, "predict": {"rps": 1200.0, "tool": "wrk"}}},
+        "scale": {"members": [{"arch": "mlp", "k": 5, "hidden": "[256, 256]", "batch": 256, "ensemble_us": 2000.0,
+                               "one_member_us": 420.0, "ensemble_over_one": 4.76, "gflops": 100.0}],
+                  "fused_b256_fraction_of_peak": frac, "gemm_peak_gflops_1thread": 125.0,
+                  "gemm": {"peak_torch": {"gflops": 125.0}, "peak_onnxruntime": {"gflops": 110.0}}},
+    }
+
+
+def test_each_target_is_judged_from_its_numbers():
+    rows = {label: (value, goal, ok) for label, value, goal, ok in targets(results())}
+    batching = {label: ok for label, (_, _, ok) in rows.items() if label.startswith("throughput with")}
+    assert len(batching) == 2
+    assert [ok for label, ok in sorted(batching.items(), key=lambda kv: "4096" in kv[0])] == [False, True]  # 1.8 < 3 <= 3.2
+    echo = next(v for label, v in rows.items() if "default 8-member ensemble) ÷ echo" in label)
+    assert echo == ("2.70", "≤ 1.25", False)
+    gemm = next(v for label, v in rows.items() if "GEMM peak" in label)
+    assert gemm == ("80%", "≥ 0.85", False)
+    gemm_met = next(ok for label, _, _, ok in targets(results(frac=0.86)) if "GEMM peak" in label)
+    assert gemm_met is True
+    comparisons = [ok for label, (_, goal, ok) in rows.items() if goal == "(for comparison)"]
+    assert comparisons and all(ok is None for ok in comparisons)  # no goal, never "met"
+
+
+def test_notes_and_page_quote_this_runs_figures():
+    text = "\n".join(notes(results()))
+    assert "1.80x" in text and "0.300 ms" in text and "torch 125" in text
+    page = render(results(), ["bench_batching.png"], smoke=False)
+    assert "| 5 MLPs 64-4096-4096-10 (30.00 ms at batch 1) | 30.00 | 60 | 192 | 3.20 | 9.0 |" in page
+    assert "3 alternating rounds of 5.0 s" in page and "![bench_batching.png](bench_batching.png)" in page
+    assert "| /echo (no model) | 0.300 | 0.600 | 3000 (wrk) |" in page
