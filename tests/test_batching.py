@@ -85,3 +85,55 @@ def test_bench_batching_smoke(tiny_bundle, tmp_path):
 
     built = read_bundle(tmp_path / "mlp-16" / "bundle").manifest  # verified: digests and parity as any bundle
     assert len(built.variants["ensemble"].members) == 5
+
+
+class SlowModel(Recorder):
+    """A model whose calls take `seconds` in a worker thread, reporting how many ran at once."""
+
+    inline_ok = staticmethod(lambda rows: False)  # as runtime.Model says for an expensive model
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        import threading
+
+        self.seconds, self.running, self.most = seconds, 0, 0
+        self._lock = threading.Lock()
+
+    def __call__(self, X):
+        import time
+
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        time.sleep(self.seconds)
+        with self._lock:
+            self.running -= 1
+        return super().__call__(X)
+
+
+@pytest.mark.parametrize("instances", [1, 2])
+def test_instances_bound_the_calls_in_flight_and_answers_stay_exact(instances):
+    model = SlowModel(0.02)
+    batcher = AdaptiveBatcher(max_rows=4, instances=instances)
+    rows = [np.full((1, 3), v, dtype=np.float32) for v in range(24)]
+
+    async def main():
+        async def one(X, delay):
+            await asyncio.sleep(delay)  # requests arrive while calls are running
+            return await batcher.run(model, X)
+
+        return await asyncio.gather(*(one(X, 0.004 * i) for i, X in enumerate(rows)))
+
+    res = asyncio.run(main())
+    for X, out in zip(rows, res):
+        np.testing.assert_array_equal(out, reference(X))
+    assert model.most == instances  # never more calls at once than instances, and all of them used
+    assert sum(model.calls) == len(rows) and max(model.calls) <= 4
+    assert batcher.queues[id(model)].running == 0  # every drain task finished
+
+
+def test_batcher_refuses_nonsense_settings():
+    with pytest.raises(ValueError, match="instances >= 1"):
+        AdaptiveBatcher(max_rows=4, instances=0)
+    with pytest.raises(ValueError, match="max_rows >= 1"):
+        AdaptiveBatcher(max_rows=0)

@@ -73,3 +73,30 @@ def test_the_service_config_excludes_the_inference_paths_from_tracing():
     if SETTINGS.tracing:
         pytest.skip("FUSION_TRACING is set in this environment")
     assert FusionService.config["tracing"]["excluded_urls"] == INFERENCE_PATHS
+
+
+@pytest.mark.server
+def test_calls_sent_to_worker_threads_answer_like_the_event_loop(tiny_bundle, digits):
+    """FUSION_INLINE_BUDGET_MS=0: every call is 'expensive' and runs in a worker thread; concurrent
+    answers must still equal onnxruntime run offline on the same rows."""
+    import asyncio
+
+    import httpx
+    import onnxruntime as ort
+
+    from fusion.bundle import read_bundle
+    from tests.server import Server
+
+    X = digits.X_test[:24]
+    b = read_bundle(tiny_bundle)
+    ref = ort.InferenceSession(b.read_verified("ensemble"), providers=["CPUExecutionProvider"])
+    expected = ref.run(None, {b.manifest.input.name: X})[0]
+    with Server(tiny_bundle, env={"FUSION_INLINE_BUDGET_MS": "0"}) as srv:
+        async def go():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=30) as c:
+                return await asyncio.gather(*(c.post("/predict", json={"inputs": [r.tolist()]}) for r in X))
+
+        answers = asyncio.run(go())
+    assert all(r.status_code == 200 for r in answers)
+    got = np.array([r.json()["probabilities"][0] for r in answers], dtype=np.float32)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
