@@ -63,7 +63,9 @@ def single_model_variant(bundle: Path) -> str:
     for name in ("merged", "distilled"):
         if name in manifest["variants"]:
             return name
-    return next(iter(manifest["members"]))
+    if manifest["members"]:
+        return next(iter(manifest["members"]))
+    raise SystemExit(f"{bundle}: no single-model variant (merged, distilled) and no members to compare with")
 
 
 def bench_rows(bundle: Path, n: int = 64) -> np.ndarray:
@@ -154,15 +156,18 @@ def latency(port: int, bodies: list[bytes], sent: list[dict], check: Checker, ro
 
 def model_seconds(port: int, variant: str = "ensemble") -> tuple[float, float]:
     """(sum, count) of the server's model-time histogram for `variant` (fusion_request_latency_seconds)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     conn.request("GET", "/metrics")
     text = conn.getresponse().read().decode()
     conn.close()
     out = {"sum": 0.0, "count": 0.0}
-    for line in text.splitlines():
-        for kind in out:
-            if line.startswith(f'fusion_request_latency_seconds_{kind}{{variant="{variant}"}}'):
-                out[kind] += float(line.rsplit(" ", 1)[1])
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            kind = sample.name.removeprefix("fusion_request_latency_seconds_")
+            if kind in out and sample.name != kind and sample.labels.get("variant") == variant:
+                out[kind] += sample.value
     return out["sum"], out["count"]
 
 

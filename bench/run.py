@@ -82,7 +82,7 @@ def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
     """(target, measured, goal, met) rows from the raw results."""
     rows = []
 
-    def add(label, value, goal_text, ok, fmt="{:.2f}"):
+    def add(label, value, goal_text, ok, fmt="{:.3f}"):  # 3 decimals: 0.551 is not "0.55 ≤ 0.55, no"
         rows.append((label, fmt.format(value) if value is not None else "n/a", goal_text, ok if value is not None else None))
 
     fused = r.get("fused", {})
@@ -96,7 +96,8 @@ def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
         v = x["ensemble_over_one"]
         add(f"fused ensemble ÷ one member, batch {x['batch']} (K = 5 MLPs)", v, "≤ 1.1·K = 5.5", v <= 5.5)
     v = sc.get("fused_b256_fraction_of_peak")
-    add("fused ensemble (5 MLPs) at batch 256, 1 thread, ÷ single-core GEMM peak (1024³ matmul, the faster of "
+    n = sc.get("gemm_peak_n", 1024)
+    add(f"fused ensemble (5 MLPs) at batch 256, 1 thread, ÷ single-core GEMM peak ({n}³ matmul, the faster of "
         "torch and onnxruntime, medians of the same rounds)", v, "≥ 0.85", v is not None and v >= 0.85, "{:.0%}")
     h = r.get("http", {})
     v = h.get("predict_over_echo_median")
@@ -209,14 +210,15 @@ def notes(r: dict) -> list[str]:
             f"({h.get('single_model_variant')}) {h['predict_one']['median_ms']:.3f} ms, of the default ensemble "
             f"{h['predict']['median_ms']:.3f} ms (medians, one keep-alive connection). The ensemble's own time in the "
             f"server was {h['model_in_server_mean_ms']:.3f} ms on average: 8 members, 3 of them CNNs, whose weights "
-            "(2.2 MB) no longer sit in the core's cache when the next request arrives (0.13–0.16 ms in a hot loop). "
+            "(2.2 MB) no longer sit in the core's cache when the next request arrives (0.13–0.16 ms in a hot loop, "
+            "measured separately). "
             "The ratio cannot reach 1.25 while the model alone costs more than a quarter of the floor. "
             "What serving itself adds, the round trip less the model's time, is the third row.",
-            "* **The floor got 3x lower this session, which raised the ratio.** With h11 + asyncio and BentoML's "
-            "OpenTelemetry middleware on every request (no exporter configured), echo answered ~885 req/s at 8 "
-            "connections (wrk) and /predict ~545; with httptools + uvloop and the inference paths kept out of "
-            "tracing (`FUSION_TRACING=1` brings it back) echo answers ~3,000 and /predict ~1,200–1,300 (side-by-side "
-            "runs on 2026-11-26). Every request is faster; the ratio is worse because its denominator shrank most.",
+            "* **The floor got 3x lower, which raised the ratio** (measured separately on 2026-11-26, not by this run). "
+            "With h11 + asyncio and BentoML's OpenTelemetry middleware on every request (no exporter configured), "
+            "echo answered ~885 req/s at 8 connections (wrk) and /predict ~545; keeping the inference paths out of "
+            "tracing gave echo ~2,100 (`FUSION_TRACING=1` brings it back), httptools + uvloop then ~2,800–3,000, "
+            "/predict ~1,200–1,300. Every request is faster; the ratio is worse because its denominator shrank most.",
         ]
     if bt.get("scenarios"):
         d = next((x for x in bt["scenarios"] if x["name"] == "default"), None)
@@ -234,7 +236,7 @@ def notes(r: dict) -> list[str]:
             "The members' GEMMs are 256x64 by 64x256 (K = 64: C is written after only 64 multiply-adds per element), "
             "256x256 by 256x256, and 256x256 by 256x10 (N = 10 fills less than one 16-wide vector tile); on their own, "
             "outside the ensemble (5 per graph, outputs copied out), they measured ~70–80, ~130 and ~50–60 GFLOP/s "
-            "here (2026-11-26). Rewriting the members as batched (K, B, H) matmuls was tried: 0.8–0.9x the latency at "
+            "(measured separately on 2026-11-26, not by this run). Rewriting the members as batched (K, B, H) matmuls was tried: 0.8–0.9x the latency at "
             "batch 1 but 1.1–1.2x at 32 and 256 (likely because onnxruntime pre-packs only 2-D constant weights), so "
             "the graph keeps one Gemm chain per member.")
     out.append("* Ratios within a few per cent of their goal (fused ÷ loop at batch 32) move across the line from "
@@ -274,12 +276,15 @@ def render(r: dict, images: list[str], smoke: bool) -> str:
     if bt.get("scenarios"):
         lines += ["", f"## Adaptive batching: {bt.get('clients', 32)} single-row clients "
                       f"({bt['scenarios'][0].get('tool', '?')}, {bt.get('rounds')} alternating rounds of {bt.get('seconds_per_run')} s)", "",
-                  "| ensemble | batch-1 ms (in-process) | req/s off | req/s on | on ÷ off | rows per call |",
-                  "|---|---|---|---|---|---|"]
+                  "| ensemble | batch-1 ms (in-process) | req/s off | req/s on | on ÷ off | rows per call "
+                  "| p50 / p99 ms off | p50 / p99 ms on |",
+                  "|---|---|---|---|---|---|---|---|"]
         for x in bt["scenarios"]:
             rows = f"{x['mean_batch_rows']:.1f}" if x.get("mean_batch_rows") else "-"
+            lat = (f"{x['p50_ms_off']:.1f} / {x['p99_ms_off']:.1f} | {x['p50_ms_on']:.1f} / {x['p99_ms_on']:.1f}"
+                   if "p50_ms_off" in x else " | ")
             lines.append(f"| {scenario_label(x)} | {x['batch1_ms']:.2f} | {x['rps_off']:.0f} | {x['rps_on']:.0f} | "
-                         f"{x['speedup']:.2f} | {rows} |")
+                         f"{x['speedup']:.2f} | {rows} | {lat} |")
         lines += ["", "Off: cheap calls on the event loop, expensive ones in worker threads (both cores). On: "
                   "`FUSION_BATCH_MAX_ROWS=256`, `FUSION_BATCH_INSTANCES=2`. Rows per call from the server's "
                   "`fusion_batch_rows` histogram."]

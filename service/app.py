@@ -40,6 +40,9 @@ from service.stats import ERRORS
 from service.traffic import Admission, Traffic, install_drain, patch_bentoml_timeout
 
 log = logging.getLogger("fusion.service")
+if logging.getLogger("fusion").level == logging.NOTSET:  # BentoML leaves the root at WARNING: our INFO lines were lost
+    _level = os.environ.get("FUSION_LOG_LEVEL", "INFO").strip().upper()
+    logging.getLogger("fusion").setLevel(_level if _level in logging.getLevelNamesMapping() else "INFO")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -74,7 +77,8 @@ class Settings:
 SETTINGS = Settings.from_env()
 # Paths BentoML's OpenTelemetry middleware skips unless FUSION_TRACING=1: with no exporter configured
 # its spans go nowhere, yet it cost 2-3x our whole echo round trip (docs/BENCHMARKS.md, "HTTP floor").
-INFERENCE_PATHS = ["/predict", "/echo", "/feedback", "/v2/models/[^/]+/infer"]
+# OpenTelemetry matches each with re.search on "scheme://host/path" (no query): anchored, nothing else matches.
+INFERENCE_PATHS = [rf"^[a-z]+://[^/]+{p}$" for p in ("/predict", "/echo", "/feedback", "/v2/models/[^/]+/infer")]
 # our admission limit (per worker) and drain state: service/traffic.py says why not BentoML's max_concurrency
 TRAFFIC = Traffic.from_settings(SETTINGS.max_concurrency, SETTINGS.workers)
 patch_bentoml_timeout()  # BentoML's per-request timer kept every request's context for 30 s (traffic.py)
@@ -443,6 +447,8 @@ class FusionService:
                         if self.settings.batch_max_rows > 0 else None)
         self.engine.start()  # a bundle that fails to load leaves the service up and not ready
         install_drain(TRAFFIC)  # SIGTERM: readiness 503 while in-flight requests finish (service/traffic.py)
+        if not self.settings.tracing:
+            log.info("OpenTelemetry spans are off on the inference paths (set FUSION_TRACING=1 to trace them)")
 
     def __is_ready__(self) -> bool:
         return self.engine.ready and not TRAFFIC.draining

@@ -22,6 +22,8 @@ import numpy as np
 from prometheus_client import Histogram
 from starlette.concurrency import run_in_threadpool
 
+from service.runtime import INLINE_ROWS
+
 BATCH_ROWS = Histogram(
     "fusion_batch_rows", "Rows per model call made by the adaptive batcher, by model", ["model"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
@@ -35,26 +37,33 @@ BATCH_REQUESTS = Histogram(
 @dataclass
 class _Queue:
     pending: list = field(default_factory=list)  # [(X (b, F), future)]
-    running: int = 0  # calls of this model in flight (at most `instances`)
+    running: int = 0  # drain tasks of this model (at most `instances`), each making one call at a time
+    metrics: tuple = ()  # (rows, requests) Prometheus children of this model
 
 
 class AdaptiveBatcher:
-    def __init__(self, max_rows: int = 256, inline_rows: int = 32, instances: int = 1):
+    def __init__(self, max_rows: int = 256, inline_rows: int = INLINE_ROWS, instances: int = 1):
         if max_rows < 1 or instances < 1:
             raise ValueError(f"expected max_rows >= 1 and instances >= 1; got {max_rows}, {instances}")
         self.max_rows, self.inline_rows, self.instances = max_rows, inline_rows, instances
         self.queues: dict[int, _Queue] = {}
         self.calls = 0
         self.requests = 0
+        self._tasks: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
 
     async def run(self, model: Callable[[np.ndarray], np.ndarray], X: np.ndarray) -> np.ndarray:
         """X (b, F) -> model output rows for X (b, C), computed in a shared call."""
-        q = self.queues.setdefault(id(model), _Queue())
+        q = self.queues.get(id(model))
+        if q is None:
+            label = getattr(model, "name", "model")
+            q = self.queues[id(model)] = _Queue(metrics=(BATCH_ROWS.labels(label), BATCH_REQUESTS.labels(label)))
         fut = asyncio.get_running_loop().create_future()
         q.pending.append((X, fut))
         if q.running < self.instances:  # an idle instance starts a call; busy ones pick it up next
             q.running += 1
-            asyncio.create_task(self._drain(q, model))
+            task = asyncio.create_task(self._drain(q, model))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return await fut
 
     def _inline(self, model, rows: int) -> bool:
@@ -62,9 +71,12 @@ class AdaptiveBatcher:
         return rows <= self.inline_rows and (inline_ok is None or inline_ok(rows))
 
     async def _drain(self, q: _Queue, model) -> None:
+        batch: list = []
         try:
             while q.pending:
                 await asyncio.sleep(0)  # one loop turn: requests already received join this call
+                if not q.pending:  # another instance took them during that turn
+                    break
                 batch, rows = [], 0
                 while q.pending and (not batch or rows + len(q.pending[0][0]) <= self.max_rows):
                     X, fut = q.pending.pop(0)
@@ -72,9 +84,8 @@ class AdaptiveBatcher:
                     rows += len(X)
                 self.calls += 1
                 self.requests += len(batch)
-                label = getattr(model, "name", "model")
-                BATCH_ROWS.labels(label).observe(rows)
-                BATCH_REQUESTS.labels(label).observe(len(batch))
+                q.metrics[0].observe(rows)
+                q.metrics[1].observe(len(batch))
                 try:
                     Xb = batch[0][0] if len(batch) == 1 else np.concatenate([x for x, _ in batch])  # (rows, F)
                     out = model(Xb) if self._inline(model, rows) else await run_in_threadpool(model, Xb)
@@ -82,11 +93,18 @@ class AdaptiveBatcher:
                     for _, fut in batch:
                         if not fut.done():
                             fut.set_exception(exc)
+                    batch = []
                     continue
                 start = 0
                 for X, fut in batch:
                     if not fut.done():
                         fut.set_result(out[start : start + len(X)])
                     start += len(X)
+                batch = []
+        except asyncio.CancelledError:  # the loop is shutting down: nobody may wait forever
+            for _, fut in batch:
+                if not fut.done():
+                    fut.cancel()
+            raise
         finally:
             q.running -= 1

@@ -80,12 +80,22 @@ class CallCost:
 
     alpha: float = 0.2
     small_s: float = 0.0  # 0.0 until the first small call (warm-up makes one)
+    small_rows: float = 1.0  # the same running mean of those calls' rows
     calls: int = 0
 
     def observe(self, rows: int, seconds: float) -> None:
         if rows <= INLINE_ROWS:
-            self.small_s = seconds if self.calls == 0 else self.small_s + self.alpha * (seconds - self.small_s)
+            if self.calls == 0:
+                self.small_s, self.small_rows = seconds, float(rows)
+            else:
+                self.small_s += self.alpha * (seconds - self.small_s)
+                self.small_rows += self.alpha * (rows - self.small_rows)
             self.calls += 1
+
+    def expected_s(self, rows: int) -> float:
+        """A call's expected wall time: the running mean, scaled up linearly for calls of more rows
+        than usual (an overestimate where a fixed per-call cost dominates: errs towards a thread)."""
+        return self.small_s * max(1.0, rows / max(self.small_rows, 1.0))
 
 
 @dataclass
@@ -107,7 +117,7 @@ class Model:
 
     def inline_ok(self, rows: int, budget_s: float = INLINE_BUDGET_S) -> bool:
         """Whether a call on `rows` rows is cheap enough to run on the event loop (see CallCost)."""
-        return rows <= INLINE_ROWS and self.cost.small_s <= budget_s
+        return rows <= INLINE_ROWS and self.cost.expected_s(rows) <= budget_s
 
 
 @dataclass

@@ -137,3 +137,19 @@ def test_batcher_refuses_nonsense_settings():
         AdaptiveBatcher(max_rows=4, instances=0)
     with pytest.raises(ValueError, match="max_rows >= 1"):
         AdaptiveBatcher(max_rows=0)
+
+
+def test_simultaneous_arrivals_make_no_empty_calls():
+    """Two instances woken by one burst: the second finds the queue taken and makes no call."""
+    model = Recorder()
+    batcher = AdaptiveBatcher(max_rows=64, instances=2)
+    rows = [np.full((1, 3), v, dtype=np.float32) for v in range(10)]
+
+    async def main():
+        return await asyncio.gather(*(batcher.run(model, X) for X in rows))  # all in one loop turn
+
+    res = asyncio.run(main())
+    for X, out in zip(rows, res):
+        np.testing.assert_array_equal(out, reference(X))
+    assert batcher.calls == len(model.calls) == 1 and model.calls == [10]
+    assert batcher.requests == len(rows) and not batcher._tasks  # finished tasks are let go

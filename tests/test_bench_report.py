@@ -10,7 +10,8 @@ def results(speedups=(1.8, 3.2), ratio=2.7, frac=0.8):
     scen = [{"name": "default", "members": 8, "batch1_ms": 0.2, "rps_off": 1000.0, "rps_on": 1000.0 * speedups[0],
              "speedup": speedups[0], "mean_batch_rows": 15.5, "tool": "wrk"},
             {"name": "mlp-4096", "members": 5, "batch1_ms": 30.0, "rps_off": 60.0, "rps_on": 60.0 * speedups[1],
-             "speedup": speedups[1], "mean_batch_rows": 9.0, "tool": "wrk"}]
+             "speedup": speedups[1], "mean_batch_rows": 9.0, "tool": "wrk",
+             "p50_ms_off": 500.0, "p99_ms_off": 700.0, "p50_ms_on": 90.0, "p99_ms_on": 140.0}]
     lat = {"median_ms": 0.3, "p99_ms": 0.6, "mean_ms": 0.35, "n": 10}
     return {
         "batching": {"clients": 32, "rounds": 3, "seconds_per_run": 5.0, "scenarios": scen},
@@ -31,7 +32,7 @@ def test_each_target_is_judged_from_its_numbers():
     assert len(batching) == 2
     assert [ok for label, ok in sorted(batching.items(), key=lambda kv: "4096" in kv[0])] == [False, True]  # 1.8 < 3 <= 3.2
     echo = next(v for label, v in rows.items() if "default 8-member ensemble) ÷ echo" in label)
-    assert echo == ("2.70", "≤ 1.25", False)
+    assert echo == ("2.700", "≤ 1.25", False)
     gemm = next(v for label, v in rows.items() if "GEMM peak" in label)
     assert gemm == ("80%", "≥ 0.85", False)
     gemm_met = next(ok for label, _, _, ok in targets(results(frac=0.86)) if "GEMM peak" in label)
@@ -44,6 +45,7 @@ def test_notes_and_page_quote_this_runs_figures():
     text = "\n".join(notes(results()))
     assert "1.80x" in text and "0.300 ms" in text and "torch 125" in text
     page = render(results(), ["bench_batching.png"], smoke=False)
-    assert "| 5 MLPs 64-4096-4096-10 (30.00 ms at batch 1) | 30.00 | 60 | 192 | 3.20 | 9.0 |" in page
+    assert ("| 5 MLPs 64-4096-4096-10 (30.00 ms at batch 1) | 30.00 | 60 | 192 | 3.20 | 9.0 "
+            "| 500.0 / 700.0 | 90.0 / 140.0 |") in page
     assert "3 alternating rounds of 5.0 s" in page and "![bench_batching.png](bench_batching.png)" in page
     assert "| /echo (no model) | 0.300 | 0.600 | 3000 (wrk) |" in page

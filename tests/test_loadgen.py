@@ -45,3 +45,15 @@ def test_wrk_refuses_multiline_bodies():
 
     with pytest.raises(ValueError, match="one-line bodies"):
         run_wrk("http://127.0.0.1:1", "/echo", [b'{"a":\n1}'], 1, 1)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("tool", TOOLS)
+def test_request_headers_reach_the_server(tiny_bundle, tool):
+    """A token server: with the Authorization header every request passes, without it every one is 401."""
+    with Server(tiny_bundle, env={"FUSION_INFERENCE_TOKEN": "s3cret"}) as srv:
+        body = [json.dumps({"x": 1}).encode()]
+        ok = run_load(srv.url, "/echo", body, 1, 1, headers={"Authorization": "Bearer s3cret"}, tool=tool)
+        refused = run_load(srv.url, "/echo", body, 1, 1, tool=tool)
+    assert ok["requests"] > 0 and ok["errors"] == 0
+    assert refused["requests"] > 0 and refused["errors"] == refused["requests"]

@@ -14,43 +14,45 @@ from service.runtime import INLINE_ROWS, CallCost, Model
 
 def test_call_cost_is_an_exponentially_weighted_mean_of_small_calls():
     cost, alpha = CallCost(alpha=0.25), 0.25
-    samples = [0.004, 0.001, 0.002, 0.010, 0.003]
-    naive = samples[0]
-    for s in samples[1:]:
-        naive = (1 - alpha) * naive + alpha * s  # the textbook recurrence, seeded with the first sample
-    for s in samples:
-        cost.observe(1, s)
-    assert cost.small_s == pytest.approx(naive) and cost.calls == len(samples)
+    samples = [(1, 0.004), (4, 0.001), (1, 0.002), (8, 0.010), (2, 0.003)]
+    naive_s, naive_rows = samples[0][1], samples[0][0]
+    for rows, s in samples[1:]:  # the textbook recurrence, seeded with the first sample
+        naive_s = (1 - alpha) * naive_s + alpha * s
+        naive_rows = (1 - alpha) * naive_rows + alpha * rows
+    for rows, s in samples:
+        cost.observe(rows, s)
+    assert cost.small_s == pytest.approx(naive_s) and cost.small_rows == pytest.approx(naive_rows)
+    assert cost.calls == len(samples)
     cost.observe(INLINE_ROWS + 1, 9.0)  # large calls do not move the small-call estimate
-    assert cost.small_s == pytest.approx(naive) and cost.calls == len(samples)
+    assert cost.small_s == pytest.approx(naive_s) and cost.calls == len(samples)
+    # a call of more rows than usual is expected to cost proportionally more; fewer, never less
+    assert cost.expected_s(int(naive_rows * 4)) == pytest.approx(naive_s * int(naive_rows * 4) / naive_rows)
+    assert cost.expected_s(1) == pytest.approx(naive_s)
 
 
 class _Sleeper:
-    """A stand-in onnxruntime session whose run takes `seconds` and returns one row per input row."""
+    """A stand-in onnxruntime session whose run takes at least `seconds` and returns one row per input row."""
 
     def __init__(self, seconds: float):
         self.seconds = seconds
 
     def run(self, _outputs, feeds):
         X = next(iter(feeds.values()))
-        time.sleep(self.seconds)
+        if self.seconds:
+            time.sleep(self.seconds)
         return [np.zeros((len(X), 2), dtype=np.float32)]
 
 
-def test_a_model_is_inline_only_while_its_small_calls_are_cheap():
-    m = Model("m", _Sleeper(0.0), "input", "cpu")
-    X = np.zeros((1, 3), dtype=np.float32)
-    m(X)
-    assert m.inline_ok(1, budget_s=0.001)
-    assert not m.inline_ok(INLINE_ROWS + 1, budget_s=0.001)  # many rows: always a thread
-    m.session.seconds = 0.005  # the model became expensive (or the machine slow): after a few calls...
-    for _ in range(20):
-        m(X)
-    assert m.cost.small_s > 0.003 and not m.inline_ok(1, budget_s=0.001)  # ...it leaves the event loop
-    m.session.seconds = 0.0
-    for _ in range(60):
-        m(X)
-    assert m.inline_ok(1, budget_s=0.001)  # and comes back once it is cheap again
+def test_a_model_times_its_calls_and_runs_inline_only_while_cheap():
+    m = Model("m", _Sleeper(0.002), "input", "cpu")
+    m(np.zeros((1, 3), dtype=np.float32))
+    assert m.cost.calls == 1 and m.cost.small_s >= 0.002  # sleep() takes at least that long
+    assert not m.inline_ok(1, budget_s=0.001) and m.inline_ok(1, budget_s=1.0)
+    assert not m.inline_ok(INLINE_ROWS + 1, budget_s=1.0)  # many rows: always a thread
+    for _ in range(60):  # the model became cheap (fixed timings, not the clock)...
+        m.cost.observe(1, 0.0001)
+    assert m.inline_ok(1, budget_s=0.001)  # ...and is back on the event loop
+    assert not m.inline_ok(16, budget_s=0.001)  # but 16 rows at ~0.1 ms a row are expected to take too long
 
 
 def test_settings_keep_tracing_off_the_inference_paths_unless_asked():
@@ -62,7 +64,8 @@ def test_settings_keep_tracing_off_the_inference_paths_unless_asked():
     assert Settings.from_env({}).batch_instances == 2
     # OpenTelemetry's ExcludeList matches with re.search on the URL: every inference route, nothing else
     urls = {"/predict": True, "/echo": True, "/feedback": True, "/v2/models/fusion/infer": True,
-            "/v2/models/fusion": False, "/info": False, "/ab/report": False, "/metrics": False}
+            "/v2/models/fusion": False, "/info": False, "/ab/report": False, "/metrics": False,
+            "/predict/x": False, "/ui/predict": False, "/v2/models/a/b/infer": False}
     for url, excluded in urls.items():
         assert any(re.search(p, "http://h:3000" + url) for p in INFERENCE_PATHS) is excluded, url
 
