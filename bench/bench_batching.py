@@ -32,6 +32,8 @@ import httpx
 import numpy as np
 import orjson
 
+from bench import missing_bundle
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -169,8 +171,7 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json")
     a = p.parse_args(argv)
-    if not (Path(a.bundle) / "manifest.json").exists():
-        print(f"no bundle at {a.bundle}: run `make bundle` first", file=sys.stderr)
+    if missing_bundle(a.bundle):
         return 2
     wide = tuple(int(w) for w in a.wide.split(",") if w.strip())
     res = run(a.bundle, a.clients, a.seconds, a.rounds, smoke=a.smoke, wide=wide, bench_dir=Path(a.bench_dir))

@@ -240,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, help="interleaved rounds at most (default 200; smoke 3)")
     p.add_argument("--budget-s", type=float, default=5.0, help="seconds per (threads, batch) row, after 20 rounds")
     args = p.parse_args(argv)
-    if not (Path(args.bundle) / "manifest.json").is_file():
-        print(f"bench_fused: no bundle at {args.bundle}: run `make bundle` first (or pass --bundle DIR)", file=sys.stderr)
+    from bench import missing_bundle
+
+    if missing_bundle(args.bundle):
         return 2
     try:
         threads = tuple(int(v) for v in args.threads.split(",") if v.strip())

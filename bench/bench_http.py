@@ -255,8 +255,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     bundle = Path(a.bundle)
-    if not (bundle / "manifest.json").exists():
-        print(f"no bundle at {bundle}: run `make bundle` (or `fusion build --out {bundle}`) first", file=sys.stderr)
+    from bench import missing_bundle
+
+    if missing_bundle(bundle):
         return 2
     if a.smoke:
         a.rounds, a.requests, a.seconds = 3, 20, 1.0

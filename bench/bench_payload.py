@@ -20,6 +20,8 @@ import httpx
 import numpy as np
 import orjson
 
+from bench import missing_bundle
+
 
 def binary_request(X: np.ndarray) -> tuple[bytes, dict]:
     head = orjson.dumps({
@@ -80,8 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json")
     a = p.parse_args(argv)
-    if not (Path(a.bundle) / "manifest.json").exists():
-        print(f"no bundle at {a.bundle}: run `make bundle` first", file=sys.stderr)
+    if missing_bundle(a.bundle):
         return 2
     res = run(a.bundle, a.smoke)
     for r in res["rows"]:

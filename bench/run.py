@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import missing_bundle
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # name -> (module, extra args, reproduce command)
@@ -135,6 +137,13 @@ def plots(r: dict, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     made = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        made.append(name)
+
     sc = r.get("scale", {})
     if sc.get("members"):
         fig, ax = plt.subplots(1, 2, figsize=(10, 4))
@@ -147,10 +156,7 @@ def plots(r: dict, out: Path) -> list[str]:
         for a in ax:
             a.legend()
             a.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "bench_scale.png", dpi=110)
-        plt.close(fig)
-        made.append("bench_scale.png")
+        save(fig, "bench_scale.png")
     bt = r.get("batching", {})
     if bt.get("scenarios"):
         fig, ax = plt.subplots(figsize=(7, 3.8))
@@ -164,10 +170,7 @@ def plots(r: dict, out: Path) -> list[str]:
                ylabel="req/s with ÷ without batching",
                title=f"adaptive batching, {bt.get('clients', 32)} single-row clients ({bt['scenarios'][0].get('tool', '?')})")
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "bench_batching.png", dpi=110)
-        plt.close(fig)
-        made.append("bench_batching.png")
+        save(fig, "bench_batching.png")
     pl = r.get("payload", {})
     if pl.get("rows"):
         fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -179,10 +182,7 @@ def plots(r: dict, out: Path) -> list[str]:
         ax.set(ylabel="× in-process inference", yscale="log", title="cost of a served request by payload format")
         ax.axhline(1.5, color="grey", ls="--", lw=1)
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "bench_payload.png", dpi=110)
-        plt.close(fig)
-        made.append("bench_payload.png")
+        save(fig, "bench_payload.png")
     return made
 
 
@@ -318,8 +318,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", help="comma-separated subset of " + ",".join(BENCHES))
     p.add_argument("--out", default="docs", help="where BENCHMARKS.md, benchmarks.json and plots go")
     a = p.parse_args(argv)
-    if not (Path(a.bundle) / "manifest.json").is_file():
-        print(f"no bundle at {a.bundle}: run `make bundle` first", file=sys.stderr)
+    if missing_bundle(a.bundle):
         return 2
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

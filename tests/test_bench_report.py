@@ -49,3 +49,12 @@ def test_notes_and_page_quote_this_runs_figures():
             "| 500.0 / 700.0 | 90.0 / 140.0 |") in page
     assert "3 alternating rounds of 5.0 s" in page and "![bench_batching.png](bench_batching.png)" in page
     assert "| /echo (no model) | 0.300 | 0.600 | 3000 (wrk) |" in page
+
+
+def test_plots_are_written(tmp_path):
+    from bench.run import plots
+
+    made = plots(results(), tmp_path)
+    assert made == ["bench_scale.png", "bench_batching.png"]  # no payload results: no payload plot
+    for name in made:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
