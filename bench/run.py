@@ -213,7 +213,12 @@ def notes(r: dict) -> list[str]:
             "(2.2 MB) no longer sit in the core's cache when the next request arrives (0.13–0.16 ms in a hot loop, "
             "measured separately). "
             "The ratio cannot reach 1.25 while the model alone costs more than a quarter of the floor. "
-            "What serving itself adds, the round trip less the model's time, is the third row.",
+            "What serving itself adds, the round trip less the model's time, is the third row. Even the merged MLP "
+            "takes longer in the server than in a benchmark loop (measured separately on 2026-11-26: 68 µs on average "
+            "under one-connection load against 19 µs back to back; a loop that sleeps 0.3–1 ms between calls, as a "
+            "server idles between requests, takes 31–51 µs): caches and the virtual CPU go cold between requests. "
+            "Cutting the handler short step by step put the rest of the gap over echo (~30 µs before the model call) "
+            "in the model call and the response.",
             "* **The floor got 3x lower, which raised the ratio** (measured separately on 2026-11-26, not by this run). "
             "With h11 + asyncio and BentoML's OpenTelemetry middleware on every request (no exporter configured), "
             "echo answered ~885 req/s at 8 connections (wrk) and /predict ~545; keeping the inference paths out of "
