@@ -156,8 +156,9 @@ async def json_body(request: Request, svc: "FusionService") -> dict:
 async def compute(svc: "FusionService", served, X: np.ndarray, variant: str | None, key: str | None, rid: str):
     """Run the routed variant: coalesced with concurrent requests when batching is on; else on the
     event loop when it is one session and the call is cheap (runtime.Model.inline_ok: few rows, and
-    recent small calls took ≤ FUSION_INLINE_BUDGET_MS), in a worker thread otherwise. members and
-    cascade always run in a thread: they wait on member threads up to the member deadline."""
+    expected from the model's recent calls to take ≤ FUSION_INLINE_BUDGET_MS), in a worker thread
+    otherwise. members and cascade always run in a thread: they wait on member threads up to the
+    member deadline."""
     engine = svc.engine
     served, name = engine.resolve(variant, key, served)  # the version X was checked against
     t0 = time.perf_counter()

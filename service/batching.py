@@ -4,12 +4,13 @@ No timer: a request that finds its model idle runs at the next turn of the event
 latency at low load); the requests that arrive meanwhile, or while a call is running, wait for it
 and then run together as the next call, up to `max_rows` rows. Up to `instances` calls of one
 model run at once (Triton's model instances): while one computes in a worker thread, another can
-start on the requests that arrived meanwhile, so a second core is not left idle. Cheap calls run on the event loop
-(a thread hop costs more than the model); expensive ones (more than `inline_rows` rows, or a model
-whose recent small calls took longer than FUSION_INLINE_BUDGET_MS: runtime.Model.inline_ok) run in
-a worker thread, so that the loop keeps reading requests, which join the next call, while the model
-computes. Each request was validated before it joined, so one bad request can never fail the others
-(BentoML's batching fails the whole batch).
+start on the requests that arrived meanwhile, so a second core is not left idle.
+
+Cheap calls run on the event loop (a thread hop costs more than the model); expensive ones (more
+than `inline_rows` rows, or expected to take longer than FUSION_INLINE_BUDGET_MS from the model's
+recent calls: runtime.Model.inline_ok) run in a worker thread, so that the loop keeps reading
+requests, which join the next call, while the model computes. Each request was validated before it
+joined, so one bad request can never fail the others (BentoML's batching fails the whole batch).
 """
 
 from __future__ import annotations
