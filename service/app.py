@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
@@ -34,7 +33,7 @@ from service import ui  # the A/B dashboard: GET /ui
 from service.auth import Tokens
 from service.batching import AdaptiveBatcher
 from service.engine import MEMBERS, Engine, EngineConfig
-from service.errors import UnsupportedMediaError, error_response, json_response
+from service.errors import UnsupportedMediaError, error_response, json_response, request_id_from
 from service.routing import CASCADE
 from service.stats import ERRORS
 from service.traffic import Admission, Traffic, install_drain, patch_bentoml_timeout
@@ -44,7 +43,6 @@ if logging.getLogger("fusion").level == logging.NOTSET:  # BentoML leaves the ro
     _level = os.environ.get("FUSION_LOG_LEVEL", "INFO").strip().upper()
     logging.getLogger("fusion").setLevel(_level if _level in logging.getLevelNamesMapping() else "INFO")
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 @dataclass(frozen=True)
@@ -85,8 +83,7 @@ patch_bentoml_timeout()  # BentoML's per-request timer kept every request's cont
 
 
 def request_id(request: Request) -> str:
-    given = request.headers.get("x-request-id", "")
-    return given if _REQUEST_ID.match(given) else os.urandom(16).hex()  # 32 hex digits, as uuid4().hex, 5x cheaper
+    return request_id_from(request.headers.get("x-request-id"))
 
 
 async def read_body(request: Request, limit: int) -> bytes:

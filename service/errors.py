@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 
 import orjson
 from starlette.requests import ClientDisconnect
@@ -72,3 +74,12 @@ def error_response(exc: BaseException, request_id: str, headers: dict | None = N
     if status == 503:
         headers.setdefault("Retry-After", "1")
     return json_response({"error": message, "request_id": request_id}, status, headers)
+
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def request_id_from(given: str | None) -> str:
+    """The client's X-Request-ID when it is a safe token (≤ 64 of A-Z a-z 0-9 . _ -), else a new one:
+    32 random hex digits, as uuid4().hex, about 5x cheaper. Every answer, errors included, carries it."""
+    return given if given and _REQUEST_ID.match(given) else os.urandom(16).hex()

@@ -19,19 +19,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import signal
 import threading
 import time
-import uuid
 
-from service.errors import json_response
+from service.errors import json_response, request_id_from
 from service.stats import ERRORS
 
 log = logging.getLogger("fusion.service")
 
 HEALTH_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/livez", "/readyz", "/healthz", "/metrics"})
-_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._-]{1,64}$")
 
 
 class Traffic:
@@ -50,9 +47,9 @@ class Traffic:
 
 def _request_id(scope) -> str:
     for name, value in scope.get("headers", ()):
-        if name == b"x-request-id" and _REQUEST_ID.match(value):
-            return value.decode()
-    return uuid.uuid4().hex
+        if name == b"x-request-id":
+            return request_id_from(value.decode("latin-1"))
+    return request_id_from(None)
 
 
 class Admission:
