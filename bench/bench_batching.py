@@ -32,7 +32,7 @@ import httpx
 import numpy as np
 import orjson
 
-from bench import missing_bundle
+from bench import metric_sums, missing_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -83,13 +83,7 @@ def batch1_ms(bundle: Path, rows: np.ndarray, reps: int = 20) -> float:
 
 def batch_stats(url: str) -> dict:
     """Mean rows per model call, from the batcher's Prometheus histogram (summed over models)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    total = {"fusion_batch_rows_sum": 0.0, "fusion_batch_rows_count": 0.0}
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
-        for sample in family.samples:
-            if sample.name in total:
-                total[sample.name] += sample.value
+    total = metric_sums(httpx.get(url + "/metrics", timeout=10).text, ("fusion_batch_rows_sum", "fusion_batch_rows_count"))
     calls = total["fusion_batch_rows_count"]
     return {"calls": calls, "mean_rows": total["fusion_batch_rows_sum"] / calls if calls else None}
 

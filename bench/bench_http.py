@@ -156,19 +156,15 @@ def latency(port: int, bodies: list[bytes], sent: list[dict], check: Checker, ro
 
 def model_seconds(port: int, variant: str = "ensemble") -> tuple[float, float]:
     """(sum, count) of the server's model-time histogram for `variant` (fusion_request_latency_seconds)."""
-    from prometheus_client.parser import text_string_to_metric_families
+    from bench import metric_sums
 
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     conn.request("GET", "/metrics")
     text = conn.getresponse().read().decode()
     conn.close()
-    out = {"sum": 0.0, "count": 0.0}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            kind = sample.name.removeprefix("fusion_request_latency_seconds_")
-            if kind in out and sample.name != kind and sample.labels.get("variant") == variant:
-                out[kind] += sample.value
-    return out["sum"], out["count"]
+    names = ("fusion_request_latency_seconds_sum", "fusion_request_latency_seconds_count")
+    sums = metric_sums(text, names, variant=variant)
+    return sums[names[0]], sums[names[1]]
 
 
 def run(bundle: Path, *, rounds: int, requests: int, seconds: float, with_batching: bool, token: str = "",
