@@ -3,7 +3,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 3000
-BUNDLE ?= artifacts/bundle
+# the bundle `make serve` serves (and builds when missing): `make serve BUNDLE=dir`, else FUSION_BUNDLE from
+# the environment (the service's documented setting), else artifacts/bundle
+BUNDLE ?= $(or $(FUSION_BUNDLE),artifacts/bundle)
 export BENTOML_DO_NOT_TRACK := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
@@ -32,8 +34,9 @@ $(BUNDLE)/manifest.json: | $(VENV)/.installed
 
 bundle: $(BUNDLE)/manifest.json
 
+# `python -m service.serve` is `python -m bentoml serve` plus one line, once /readyz answers 200, with the URL and a curl
 serve: $(BUNDLE)/manifest.json
-	FUSION_BUNDLE=$(BUNDLE) $(BIN)/python -m bentoml serve service.app:FusionService --host 127.0.0.1 --port $(PORT)
+	FUSION_BUNDLE=$(BUNDLE) $(BIN)/python -m service.serve service.app:FusionService --host 127.0.0.1 --port $(PORT)
 
 # Chromium for the dashboard's browser test (tests/test_ui.py skips, saying why, without it): installed
 # from the distribution's packages when running as root with apt-get; a failure only warns.

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Smoke test of a running fusion-serve: readiness, a prediction, the A/B report and the metrics.
+# Smoke test of a running fusion-serve: readiness, a prediction, the A/B report, the metrics, and
+# that admin refuses a caller without the admin token.
 #
 #   deploy/smoke.sh URL            e.g. http://127.0.0.1:3000, or a Kubernetes Service via port-forward
 #
-# Environment: FUSION_INFERENCE_TOKEN (sent as a bearer token when set), SMOKE_READY_TIMEOUT
+# Environment: FUSION_INFERENCE_TOKEN (sent as a bearer token when set), FUSION_ADMIN_TOKEN (when
+# set, GET /admin/routing must answer 200 with it), SMOKE_READY_TIMEOUT
 # (seconds to wait for /readyz, default 120), SMOKE_EXPECT_DEVICE (e.g. `cuda`: every model in
 # GET /info must run on that device), PYTHON (default python3). Needs curl and python3.
 # Exit status 0 when every check passed, 1 on the first failure.
@@ -106,5 +108,20 @@ else
   # behind a load balancer this replica may not be the one that answered the prediction
   echo "note: GET /metrics: no fusion_requests_total sample on the replica that answered"
   ok "GET /metrics: fusion_* metrics present"
+fi
+# 6. admin is token-only: a caller without the admin token is refused, even from this machine
+# (a port-forward or a proxy connects from loopback; deploy/ sets FUSION_ADMIN_LOOPBACK=0)
+: >"$TMP/body"
+code="$(curl -sS -o "$TMP/body" -w '%{http_code}' --max-time 10 "$URL/admin/routing" 2>"$TMP/curl.err" || true)"
+case "$code" in
+  401 | 403) ok "GET /admin/routing without the admin token: $code" ;;
+  200) fail "GET /admin/routing answered 200 without the admin token: anyone who reaches $URL can reroute or swap (set FUSION_ADMIN_TOKEN and FUSION_ADMIN_LOOPBACK=0, deploy/README.md)" ;;
+  *) fail "GET /admin/routing without the admin token: expected 401 or 403; got $code: $(head -c 300 "$TMP/body")" ;;
+esac
+if [ -n "${FUSION_ADMIN_TOKEN:-}" ]; then
+  code="$(curl -sS -o "$TMP/body" -w '%{http_code}' --max-time 10 -H "Authorization: Bearer ${FUSION_ADMIN_TOKEN}" \
+    "$URL/admin/routing" 2>"$TMP/curl.err" || true)"
+  [ "$code" = 200 ] || fail "GET /admin/routing with FUSION_ADMIN_TOKEN answered $code: $(head -c 300 "$TMP/body")"
+  ok "GET /admin/routing with the admin token 200"
 fi
 echo "smoke test passed: $URL (bundle $VERSION)"

@@ -6,11 +6,11 @@ import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from fusion.bundle import SCHEMA_VERSION, BundleWriter, InputSpec, Manifest, ModelEntry, sha256_file
 from fusion.data import Dataset, load
@@ -18,6 +18,7 @@ from fusion.ensemble import make_combiner
 from fusion.ensemble.calibration import TemperatureScaled, fit_temperature, nll_at_temperature
 from fusion.errors import ConfigError
 from fusion.export import OUTPUT_NAME, FusedEnsemble, Probabilities, count_parameters, export_onnx
+from fusion.progress import progress, stage as timed
 from fusion.recipe import Recipe
 from fusion.zoo import MemberSpec, ZooConfig, load_zoo, train_zoo
 
@@ -88,9 +89,30 @@ def calibrate_members(members: list[Member], data: Dataset) -> list[TemperatureS
     return [TemperatureScaled(m.model, fit_temperature(z, data.y_val)).eval() for m, z in zip(members, logits)]
 
 
+def member_weights(weights: Sequence[float] | Mapping[str, float], names: Sequence[str]) -> list[float] | None:
+    """The combiner's weights in member order (None: equal weights) from the recipe's `[ensemble] weights`:
+    a list, one per member in `names`' order, or {name: weight} with the unnamed members at 1.
+
+    Both errors name the members in order: a positional list is only meaningful against that order."""
+    order = ", ".join(names)
+    if not weights:
+        return None
+    if isinstance(weights, Mapping):
+        unknown = [n for n in weights if n not in names]
+        if unknown:
+            raise ConfigError(f"weights for unknown members {unknown}; expected names among the members: {order}")
+        return [float(weights.get(n, 1.0)) for n in names]
+    if len(weights) != len(names):
+        raise ConfigError(f"expected {len(names)} weights, one per member in this order: {order}; got {len(weights)} "
+                          f"({', '.join(f'{w:g}' if isinstance(w, (int, float)) else repr(w) for w in weights)}); "
+                          f"or name them, e.g. {names[0]}=2 (the others weigh 1)")
+    return list(weights)
+
+
 def build_ensemble(recipe: Recipe, members: list[Member], data: Dataset) -> FusedEnsemble:
     e = recipe.ensemble
-    combiner = make_combiner(e.combiner, len(members), list(e.weights) or None, **e.params)
+    weights = member_weights(e.weights, [m.name for m in members])
+    combiner = make_combiner(e.combiner, len(members), weights, **e.params)
     if combiner.task != data.task:
         raise ConfigError(f"combiner '{e.combiner}' is for {combiner.task}; the data set is {data.task}")
     models: list[nn.Module] = [m.model for m in members]
@@ -135,7 +157,7 @@ def export_ensemble(fused: FusedEnsemble, members: list[Member], stage: Path, da
 
 def export_members(members: list[Member], stage: Path, data: Dataset) -> dict[str, ModelEntry]:
     entries = {}
-    for m in tqdm(members, desc="export members", unit="graph", leave=False):
+    for m in progress(members, desc="export members", unit="graph", leave=False):
         wrapped = Probabilities(m.model, data.task).eval()
         rel = f"members/{m.name}.onnx"
         parity = export_onnx(wrapped, stage / rel, data.X_test, task=data.task)
@@ -157,9 +179,10 @@ def export_distilled(recipe: Recipe, teacher: FusedEnsemble, stage: Path, data: 
     if data.task != "classification":
         log.warning("distillation is implemented for classification; skipped for a %s data set", data.task)
         return {}
-    student, history = distill(teacher, data, cfg)
-    wrapped = Probabilities(student).eval()
-    parity = export_onnx(wrapped, stage / "distilled.onnx", data.X_test)
+    with timed("build: distilled variant exported"):
+        student, history = distill(teacher, data, cfg)
+        wrapped = Probabilities(student).eval()
+        parity = export_onnx(wrapped, stage / "distilled.onnx", data.X_test)
     return {"distilled": ModelEntry(
         file="distilled.onnx", sha256="", kind="distilled", method=method_record(cfg, history),
         metrics=classification_metrics(wrapped, data), n_parameters=count_parameters(student),
@@ -174,9 +197,10 @@ def export_merged(recipe: Recipe, stage: Path, data: Dataset) -> dict[str, Model
     cfg = recipe.merge
     if not cfg.method:
         return {}
-    model, record = merged_model(cfg, recipe.zoo.dir, data)
-    wrapped = Probabilities(model, data.task).eval()
-    parity = export_onnx(wrapped, stage / "merged.onnx", data.X_test, task=data.task)
+    with timed(f"build: merged variant ({cfg.method}) exported"):
+        model, record = merged_model(cfg, recipe.zoo.dir, data)
+        wrapped = Probabilities(model, data.task).eval()
+        parity = export_onnx(wrapped, stage / "merged.onnx", data.X_test, task=data.task)
     spec = json.loads((Path(cfg.zoo or recipe.zoo.dir) / f"{record['members'][0]}.json").read_text())
     return {"merged": ModelEntry(
         file="merged.onnx", sha256="", kind="merged", method=record,
@@ -219,9 +243,10 @@ def quantize_variants(recipe: Recipe, variants: dict[str, ModelEntry], stage: Pa
         if e.kind not in QUANTIZABLE:
             continue
         q_name = f"{name}_int8"
-        check = quantize_variant(
-            stage / e.file, stage / f"{q_name}.onnx", data, max_loss_pp=recipe.build.quantize_max_loss_pp, source=name,
-        )
+        with timed(f"build: {q_name} quantized and checked"):
+            check = quantize_variant(
+                stage / e.file, stage / f"{q_name}.onnx", data, max_loss_pp=recipe.build.quantize_max_loss_pp, source=name,
+            )
         out[name] = replace(e, method={**(e.method or {}), "int8": check.to_dict()})
         if check.accepted:
             out[q_name] = ModelEntry(
@@ -255,11 +280,14 @@ def build_bundle(recipe: Recipe) -> Manifest:
     """
     data = load_data(recipe)
     members = ensure_zoo(recipe, data)
-    fused = build_ensemble(recipe, members, data)
+    with timed(f"build: ensemble of {len(members)} members ({recipe.ensemble.combiner}) combined"):
+        fused = build_ensemble(recipe, members, data)
     with BundleWriter(recipe.build.out) as writer:
         stage = writer.stage
-        variants = {"ensemble": export_ensemble(fused, members, stage, data)}
-        member_entries = export_members(members, stage, data)
+        with timed("build: ensemble exported (one ONNX graph, parity-checked)"):
+            variants = {"ensemble": export_ensemble(fused, members, stage, data)}
+        with timed(f"build: {len(members)} members exported"):
+            member_entries = export_members(members, stage, data)
         # further variants go here, each as a helper that stages its files and returns its entries;
         # quantization and the comparison then cover whatever variants are present
         variants |= export_merged(recipe, stage, data)
@@ -276,5 +304,6 @@ def build_bundle(recipe: Recipe) -> Manifest:
             probe=probe_record(stage, {**variants, **member_entries}, data),
         )
         if recipe.build.compare:
-            manifest = add_comparison(recipe, stage, manifest, data)
+            with timed("build: comparison report written"):
+                manifest = add_comparison(recipe, stage, manifest, data)
         return writer.commit(manifest)

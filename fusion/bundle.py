@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import uuid
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -20,6 +21,10 @@ from fusion.errors import IntegrityError, ManifestError
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 KINDS = ("ensemble", "merged", "distilled", "member", "quantized")
+# A manifest larger than this is refused before it is parsed (the service: FUSION_MAX_MANIFEST_BYTES).
+# A tabular bundle's is tens of kB (8 probe rows and the scaling per feature); very wide inputs need
+# more (8 probe rows of 3x224x224 images are ~10-25 MB of JSON): raise the setting for those.
+MAX_MANIFEST_BYTES = 8 << 20
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -133,8 +138,17 @@ def bundle_version(manifest: "Manifest") -> str:
     """Content address of a bundle: a digest of its canonical manifest (every file digest, the classes,
     the input scaling, combiners, metrics, probe) without `created` and `bundle_version` themselves,
     so equal bundles share a version and bundles that answer differently never do."""
+    return manifest_version(manifest.to_dict())
+
+
+def manifest_version(data: dict) -> str:
+    """`bundle_version` of a manifest given as its JSON object (what `manifest.json` holds).
+
+    The same digest as at build time: JSON renders the dataclass's tuples as lists, and a float
+    written by `json` reads back to the same float, so hashing what was read equals hashing what was
+    written. The service recomputes it on load and refuses a manifest whose recorded version differs."""
     # `comparison` holds latencies measured at build time: a report about the bundle, not part of it
-    data = {k: v for k, v in manifest.to_dict().items() if k not in ("created", "bundle_version", "comparison")}
+    data = {k: v for k, v in data.items() if k not in ("created", "bundle_version", "comparison")}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -199,14 +213,24 @@ class Bundle:
 
     path: Path
     manifest: Manifest
+    manifest_sha256: str = ""  # of the manifest.json bytes that were parsed
+    sizes: dict[str, int] = field(default_factory=dict)  # entry name -> size of the file that was verified
 
     def file(self, name: str) -> Path:
         return self.path / self.manifest.entry(name).file
 
     def read_verified(self, name: str) -> bytes:
-        """The bytes of an entry's file, checked against its sha256 (the bytes that get parsed)."""
+        """The bytes of an entry's file, checked against its sha256 (the bytes that get parsed).
+
+        At most the size verified by `read_bundle` is read: a file swapped for a larger one since then
+        is refused without being read whole."""
         entry = self.manifest.entry(name)
-        data = _safe_path(self.path, entry.file).read_bytes()
+        size = self.sizes.get(name)
+        with _open_regular(_safe_path(self.path, entry.file), entry.file) as fh:
+            data = fh.read() if size is None else fh.read(size + 1)
+        if size is not None and len(data) != size:
+            now = f"{len(data)}" if len(data) < size else f"more than {size}"
+            raise IntegrityError(f"{entry.file}: changed since it was verified ({size} bytes then, {now} now)")
         got = sha256_bytes(data)
         if got != entry.sha256:
             raise IntegrityError(
@@ -228,28 +252,92 @@ def _safe_path(root: Path, rel: str) -> Path:
     return full
 
 
-def read_manifest_json(path: str | Path) -> dict:
-    """The raw JSON object of a bundle directory's `manifest.json` (no file is hashed or parsed here)."""
-    mpath = Path(path) / MANIFEST
+def _open_regular(path: Path, rel: str):
+    """`path` opened for binary reading, refused unless it is a regular file *now*: a FIFO or a device
+    put in its place after `is_file()` was checked would block the open or never reach its end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO does not wait for a writer
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ManifestError(f"{rel}: expected a regular file; got another kind of file (a FIFO or a device?)")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _sha256_regular(path: Path, rel: str, chunk: int = 1 << 20) -> tuple[str, int]:
+    """(sha256, size) of a regular file (see `_open_regular`)."""
+    h, size = hashlib.sha256(), 0
+    with _open_regular(path, rel) as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+            size += len(block)
+    return h.hexdigest(), size
+
+
+def _read_manifest(path: Path, max_bytes: int) -> tuple[dict, str]:
+    """The JSON object of `manifest.json` and the sha256 of its bytes; over `max_bytes` it is refused
+    before parsing (parsing costs ~10x the text in memory, and the text is the bundle author's)."""
+    mpath = path / MANIFEST
     if not mpath.is_file():
         raise ManifestError(f"{path}: no {MANIFEST} (is this a bundle directory? build one with `fusion build`)")
+    with _open_regular(mpath, MANIFEST) as fh:
+        raw = fh.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise ManifestError(
+            f"{mpath}: expected at most {max_bytes} bytes (FUSION_MAX_MANIFEST_BYTES); got more: refused before "
+            f"parsing (a tabular bundle's manifest is tens of kB; raise the limit for a bundle with very wide inputs)"
+        )
     try:
-        data = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ManifestError(f"{mpath}: not valid JSON ({type(exc).__name__}: {exc})") from None
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # JSON or UTF-8 errors, an integer of over 4300 digits; deep nesting
+        raise ManifestError(f"{mpath}: not valid JSON ({type(exc).__name__}: {str(exc):.200})") from None
     if not isinstance(data, dict):
         raise ManifestError(f"{mpath}: expected a JSON object; got {type(data).__name__}")
-    return data
+    return data, sha256_bytes(raw)
 
 
-def read_bundle(path: str | Path) -> Bundle:
-    """Read `manifest.json` and verify every listed file's sha256 before anything else is parsed."""
+def read_manifest_json(path: str | Path, max_bytes: int = MAX_MANIFEST_BYTES) -> dict:
+    """The raw JSON object of a bundle directory's `manifest.json` (no file is hashed or parsed here)."""
+    return _read_manifest(Path(path), max_bytes)[0]
+
+
+def verify_version(data: dict) -> str:
+    """The manifest's `bundle_version`, checked against the digest of its content (`manifest_version`).
+
+    The version names the bundle in every response, in the metrics and in A/B statistics; a manifest
+    edited after the build (or forged) would otherwise serve different answers under an old name."""
+    recorded, expected = data.get("bundle_version"), manifest_version(data)
+    if recorded != expected:
+        raise IntegrityError(
+            f"{MANIFEST}: bundle_version mismatch: the manifest says {str(recorded)[:40]!r}, its content hashes to "
+            f"{expected!r} (edited after the build? a bundle's version is the digest of its manifest)"
+        )
+    return expected
+
+
+def read_bundle(path: str | Path, *, max_manifest_bytes: int = MAX_MANIFEST_BYTES, check_version: bool = False,
+                manifest_sha256: str | None = None) -> Bundle:
+    """Read `manifest.json` and verify every listed file's sha256 before anything else is parsed.
+
+    `check_version` also recomputes the bundle version (the service does); `manifest_sha256` refuses
+    a manifest whose bytes differ from those an earlier check read (the service's second load, after
+    the check in a child process: see service/preflight.py)."""
     path = Path(path)
-    manifest = Manifest.from_dict(read_manifest_json(path))
+    data, digest = _read_manifest(path, max_manifest_bytes)
+    if manifest_sha256 is not None and digest != manifest_sha256:
+        raise IntegrityError(
+            f"{MANIFEST}: changed between the check and the load (sha256 {manifest_sha256[:16]}... then, "
+            f"{digest[:16]}... now); refused: try the load again"
+        )
+    manifest = Manifest.from_dict(data)
+    sizes = {}
     for name, entry in manifest.entries().items():
-        got = sha256_file(_safe_path(path, entry.file))
+        got, sizes[name] = _sha256_regular(_safe_path(path, entry.file), entry.file)
         if got != entry.sha256:
             raise IntegrityError(
                 f"{entry.file}: sha256 mismatch: manifest says {entry.sha256}, file has {got}"
             )
-    return Bundle(path, manifest)
+    if check_version:
+        verify_version(data)
+    return Bundle(path, manifest, digest, sizes)

@@ -18,6 +18,38 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 1,2,1; got '{text}'") from None
 
 
+def _member_weights(text: str) -> list[float] | dict[str, float]:
+    """`--weights`: numbers, one per member in member order (1,1,2), or name=weight pairs (mlp_0=2,cnn_1=3)."""
+    items = [v.strip() for v in text.split(",") if v.strip()]
+    named = ["=" in v for v in items]
+    if any(named) and not all(named):
+        raise argparse.ArgumentTypeError(f"expected numbers (1,1,2) or name=weight pairs (mlp_0=2,cnn_1=3), not a mix; got '{text}'")
+    if not any(named):
+        return _floats(text)
+    out: dict[str, float] = {}
+    for item in items:
+        name, _, value = (part.strip() for part in item.partition("="))
+        try:
+            if not name:
+                raise ValueError
+            w = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated numbers like 1,2,1 or name=weight pairs like mlp_0=2,cnn_1=3; got '{text}'") from None
+        if name in out:
+            raise argparse.ArgumentTypeError(f"expected each member once; got {name} twice in '{text}'")
+        out[name] = w
+    return out
+
+
+WEIGHTS_HELP = (
+    "member weights, by name: mlp_0=2,cnn_1=3 (the other members weigh 1); or one number per member in member "
+    "order: the recipe's [zoo] members when it lists them, else the zoo's checkpoint names sorted (the default "
+    "zoo: cnn_0, cnn_1, cnn_2, mlp_0, mlp_1, mlp_2, mlp_3, mlp_4, so 1,1,1,2,2,2,2,2 doubles the MLPs). "
+    "The manifest's variants.ensemble.members lists that order"
+)
+
+
 def cmd_zoo(args) -> int:
     from fusion.data import load
     from fusion.zoo import TrainConfig, ZooConfig, train_zoo
@@ -31,9 +63,9 @@ def cmd_zoo(args) -> int:
         from fusion.zoo import train_shared_base_zoo
 
         specs = train_shared_base_zoo(data, out, cfg)
-    for s in specs:
+    for s in sorted(specs, key=lambda s: s.name):  # member order: what `fusion build --weights 1,2,...` follows
         print(f"{s.name:12s} {s.arch:4s} seed={s.seed:<5d} val={s.metrics['val_accuracy']:.4f} test={s.metrics['test_accuracy']:.4f}")
-    print(f"wrote {len(specs)} members to {out}")
+    print(f"wrote {len(specs)} checkpoints to {out}, listed by name: the member order of `fusion build --weights 1,2,...`")
     return 0
 
 
@@ -42,13 +74,17 @@ def cmd_build(args) -> int:
     from fusion.recipe import load_recipe, override
 
     recipe = load_recipe(args.recipe)
-    recipe = override(recipe, "ensemble", combiner=args.combiner, weights=tuple(args.weights) if args.weights else None)
+    weights = args.weights if isinstance(args.weights, dict) else tuple(args.weights) if args.weights else None
+    recipe = override(recipe, "ensemble", combiner=args.combiner, weights=weights)
     recipe = override(recipe, "zoo", dir=args.zoo)
     recipe = override(recipe, "build", out=args.out)
     manifest = build_bundle(recipe)
     print(f"bundle {manifest.bundle_version} written to {recipe.build.out}")
     for name, v in manifest.entries().items():
         print(f"  {name:14s} {v.kind:9s} test accuracy {v.metrics.get('test_accuracy', float('nan')):.4f}  {v.file}")
+    ens = manifest.variants["ensemble"]
+    weights = (ens.combiner or {}).get("weights") or [1.0] * len(ens.members)
+    print("  weights by member: " + ", ".join(f"{n}={w:g}" for n, w in zip(ens.members, weights)))
     if manifest.comparison:
         print(f"comparison: {Path(recipe.build.out) / 'comparison.md'} (and .json, .png)")
     return 0
@@ -179,9 +215,9 @@ def parser() -> argparse.ArgumentParser:
     z.set_defaults(func=cmd_zoo)
 
     b = sub.add_parser("build", help="build a verified serving bundle")
-    b.add_argument("--recipe", help="TOML recipe (flags override it)")
+    b.add_argument("--recipe", help="TOML recipe (flags override it); examples/recipe.toml has every key, commented")
     b.add_argument("--combiner", help="hard_vote | soft_vote | logit_mean | geometric_mean | stacking | mean | weighted_mean | median")
-    b.add_argument("--weights", type=_floats, help="member weights, e.g. 1,1,2,1,1")
+    b.add_argument("--weights", type=_member_weights, help=WEIGHTS_HELP)
     b.add_argument("--zoo", help="zoo directory (trained when empty)")
     b.add_argument("--out", help="bundle directory (default artifacts/bundle)")
     b.set_defaults(func=cmd_build)

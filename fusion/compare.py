@@ -408,20 +408,39 @@ def to_markdown(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+PLOT_DPI = 120
+SAME_SPOT_PX = 6.0  # markers closer than this (about a radius, at 100 dpi) cover each other: one label names them all
+
+
 def plot(report: dict, path: str | Path) -> Path:
+    """`plot_figure(report)` saved as a PNG at `path`."""
+    import matplotlib.pyplot as plt
+
+    fig = plot_figure(report)
+    path = Path(path)
+    fig.savefig(path, dpi=PLOT_DPI)
+    plt.close(fig)
+    return path
+
+
+def plot_figure(report: dict):
     """Accuracy against median latency at each measured batch size, one panel each (95 % CI bars
-    for the variants; members as plain points). Models at the same spot share one label."""
+    for the variants; members as plain points). Models whose markers cover each other share one
+    label; labels are placed clear of each other, of the markers and of the error bars
+    (fusion.plot_labels), the latency axis is labelled in plain numbers at 1-2-5 steps, and the
+    legend sits below the panels, off the data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from fusion.plot_labels import freeze_layout, log_ticks, place_labels
+
     bs = report["latency_setup"]["batch_sizes"]
     colors = {"ensemble": "tab:red", "merged": "tab:purple", "distilled": "tab:green",
               "quantized": "tab:olive", "member": "tab:blue"}
-    fig, axes = plt.subplots(1, len(bs), figsize=(6.5 * len(bs), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(bs), figsize=(6.5 * len(bs), 5.0), squeeze=False, layout="constrained", dpi=PLOT_DPI)
     for ax, b in zip(axes[0], bs):
-        labels: dict[tuple[float, float], list[str]] = {}
         for r in report["rows"]:
             x, acc = r["latency_ms"][str(b)]["median_ms"], 100 * r["accuracy"]
             color = colors.get(r["kind"], "tab:gray")
@@ -430,26 +449,32 @@ def plot(report: dict, path: str | Path) -> Path:
             else:
                 lo, hi = (100 * v for v in r["accuracy_ci95"])
                 ax.errorbar(x, acc, yerr=[[acc - lo], [hi - acc]], fmt="o", capsize=3, color=color, markersize=7)
-            labels.setdefault((round(math.log10(x) * 12) / 12, round(acc, 1)), []).append(r["name"])
-        per_height: dict[float, int] = {}  # labels at one accuracy step down, so they do not overlap
-        for (_, height), names in sorted(labels.items()):
-            r = next(r for r in report["rows"] if r["name"] == names[0])
-            k = per_height[height] = per_height.get(height, -1) + 1
-            ax.annotate(", ".join(names), (r["latency_ms"][str(b)]["median_ms"], 100 * r["accuracy"]),
-                        textcoords="offset points", xytext=(6, 3 - 9 * k), fontsize=7)
         ax.set_xscale("log")
+        ax.margins(x=0.2, y=0.06)
+        ax.set_xlim(ax.get_xlim())  # final limits: the ticks and the labels are laid out on them
+        log_ticks(ax, "x")
         ax.set_xlabel(f"median latency at batch {b} (ms; onnxruntime, 1 thread)")
         ax.set_ylabel(f"{report['split']} accuracy % (95% CI for variants)")
         ax.grid(True, which="both", alpha=0.3)
     handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=k) for k, c in colors.items()
                if any(r["kind"] == k for r in report["rows"])]
-    axes[0][0].legend(handles=handles, loc="lower right", fontsize=8)
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
     fig.suptitle(f"accuracy vs latency ({report['n']} {report['split']} rows)")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    freeze_layout(fig)
+    for ax, b in zip(axes[0], bs):
+        spots: list[tuple[float, float, list[str]]] = []  # (x, y, names) per group of covering markers
+        for r in report["rows"]:
+            x, acc = r["latency_ms"][str(b)]["median_ms"], 100 * r["accuracy"]
+            px, py = ax.transData.transform((x, acc))
+            for sx, sy, names in spots:
+                qx, qy = ax.transData.transform((sx, sy))
+                if math.hypot(px - qx, py - qy) <= SAME_SPOT_PX * fig.dpi / 100:
+                    names.append(r["name"])
+                    break
+            else:
+                spots.append((x, acc, [r["name"]]))
+        place_labels(ax, [(x, y, ", ".join(names)) for x, y, names in spots], fontsize=7)
+    return fig
 
 
 def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:

@@ -249,10 +249,23 @@ def task_vector_diagnostics(models: Sequence[StateDict], base: StateDict, *, key
     }
 
 
-def plot_path(results: Mapping | Sequence[Mapping], png_path: str | Path, *, title: str | None = None) -> Path:
-    """Plot loss and accuracy along one or several paths (a result, a list, or a {label: result} dict) to a PNG.
+PATH_DPI = 110
 
-    Uses matplotlib's Agg canvas directly (no pyplot, no global backend change).
+
+def plot_path(results: Mapping | Sequence[Mapping], png_path: str | Path, *, title: str | None = None) -> Path:
+    """Plot loss and accuracy along one or several paths (a result, a list, or a {label: result} dict) to a PNG."""
+    fig = path_figure(results, title=title)
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=PATH_DPI)
+    return png_path
+
+
+def path_figure(results: Mapping | Sequence[Mapping], *, title: str | None = None):
+    """The figure `plot_path` saves: loss (and accuracy) against λ, one line per path.
+
+    Uses matplotlib's Agg canvas directly (no pyplot, no global backend change). One legend for both
+    panels, below them: inside an axes it covered part of a curve wherever it went.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -264,7 +277,7 @@ def plot_path(results: Mapping | Sequence[Mapping], png_path: str | Path, *, tit
     else:
         series = {f"{r.get('path', 'path')} {i}": r for i, r in enumerate(results)}
     has_acc = any(r.get("accuracy") is not None for r in series.values())
-    fig = Figure(figsize=(10 if has_acc else 5.5, 3.8), layout="constrained")
+    fig = Figure(figsize=(10 if has_acc else 5.5, 4.1), layout="constrained", dpi=PATH_DPI)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2 if has_acc else 1, squeeze=False)[0]
     for label, r in series.items():
@@ -274,18 +287,15 @@ def plot_path(results: Mapping | Sequence[Mapping], png_path: str | Path, *, tit
             axes[1].plot(r["lambdas"], r["accuracy"], marker="o", ms=3, label=label)
     variable = next(iter(series.values())).get("variable", "lambda")
     axes[0].set(xlabel="λ" if variable == "lambda" else variable, ylabel=next(iter(series.values())).get("loss_name", "loss"), title="loss")
-    axes[0].legend(fontsize=8)
+    fig.legend(handles=axes[0].get_lines(), loc="outside lower center", ncols=min(len(series), 3), fontsize=8, frameon=False)
     if has_acc:
         axes[1].set(xlabel="λ" if variable == "lambda" else variable, ylabel="accuracy", title="accuracy")
     if title:
         fig.suptitle(title)
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=110)
-    return png_path
+    return fig
 
 
 __all__ = [
     "BARRIER_CONVENTION", "ENTEZARI_CONVENTION", "barriers", "bezier_path", "bezier_state", "combine_states",
-    "evaluate", "interpolation_path", "lerp_state", "plot_path", "task_vector_diagnostics", "train_bezier",
+    "evaluate", "interpolation_path", "lerp_state", "path_figure", "plot_path", "task_vector_diagnostics", "train_bezier",
 ]

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from fusion.data import Dataset
 from fusion.errors import ConfigError
+from fusion.progress import progress as progress_bar
 from fusion.recipe import DistillSection
 from fusion.zoo import build_model, init_scaler, seed_everything
 
@@ -237,7 +237,7 @@ def _distill(
     losses, agreements, kls = [], [], []
     best = (-1.0, float("inf"))  # (agreement, −KL) ordering: higher agreement, then lower KL
     best_state, best_epoch, since_best = copy.deepcopy(student.state_dict()), 0, 0
-    bar = tqdm(range(1, cfg.epochs + 1), desc="distill", unit="epoch", disable=not progress, leave=False)
+    bar = progress_bar(range(1, cfg.epochs + 1), desc="distill", unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         student.train()
         total, seen = 0.0, 0
@@ -274,6 +274,7 @@ def _distill(
         if cfg.patience and since_best >= cfg.patience:
             log.info("distill: no better validation agreement for %d epochs; stopping at epoch %d", cfg.patience, epoch)
             break
+    bar.close()
     student.load_state_dict(best_state)
     student.eval()
     with torch.no_grad():

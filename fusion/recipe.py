@@ -11,7 +11,8 @@
 
     [ensemble]
     combiner = "soft_vote"
-    weights = []                 # empty: equal weights
+    weights = []                 # empty: equal weights; a list: one per member, in member order;
+                                 # a table {mlp_0 = 2, cnn_1 = 3}: by name, the rest 1
     calibration = "none"         # or "temperature": per-member temperature scaling before combining
 
     [distill]                    # the `distilled` variant (see DistillSection)
@@ -52,14 +53,22 @@ CALIBRATIONS = ("none", "temperature")
 @dataclass(frozen=True)
 class EnsembleSection:
     """The fused ensemble. `calibration = "temperature"` divides each member's logits by a temperature
-    fitted on the validation split (Guo et al. 2017) before combining; it is exported inside the graph."""
+    fitted on the validation split (Guo et al. 2017) before combining; it is exported inside the graph.
+
+    `weights`: empty for equal weights; a list with one weight per member in member order ([zoo] members
+    when given, else the zoo's checkpoint names sorted: cnn_0, …, mlp_0, …); or a table {name = weight}
+    in which unnamed members weigh 1. `fusion.build.member_weights` resolves it against the members."""
 
     combiner: str = "soft_vote"
-    weights: tuple[float, ...] = ()
+    weights: tuple[float, ...] | dict[str, float] = ()
     params: dict = field(default_factory=dict)
     calibration: str = "none"  # "none" | "temperature"
 
     def __post_init__(self):
+        if isinstance(self.weights, dict):
+            for name, w in self.weights.items():
+                if isinstance(w, bool) or not isinstance(w, (int, float)):
+                    raise ConfigError(f"recipe: [ensemble].weights expected a number for {name}; got {w!r}")
         if self.calibration not in CALIBRATIONS:
             raise ConfigError(
                 f"recipe: [ensemble].calibration expected one of {list(CALIBRATIONS)}; got {self.calibration!r}"
@@ -159,6 +168,9 @@ class Recipe:
     build: BuildSection = BuildSection()
 
 
+NAMED_WEIGHTS = {("ensemble", "weights")}  # (section, key) that also takes a table {member name = weight}
+
+
 def _section(cls, name: str, raw: dict):
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe: expected [{name}] to be a table; got {type(raw).__name__}")
@@ -169,7 +181,12 @@ def _section(cls, name: str, raw: dict):
     values = {}
     for key, value in raw.items():
         default = getattr(cls(), key)
+        if (name, key) in NAMED_WEIGHTS and isinstance(value, dict):
+            values[key] = dict(value)  # checked by the section itself (numbers); names against the members at build
+            continue
         if isinstance(default, tuple):
+            if (name, key) in NAMED_WEIGHTS and not isinstance(value, list):
+                raise ConfigError(f"recipe: [{name}].{key} expected a list or a table {{name = weight}}; got {value!r}")
             if not isinstance(value, list):
                 raise ConfigError(f"recipe: [{name}].{key} expected a list; got {value!r}")
             value = tuple(value)

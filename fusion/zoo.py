@@ -15,10 +15,10 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from fusion.data import Dataset, Scaling
 from fusion.errors import ConfigError, UnknownNameError
+from fusion.progress import progress
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
 
@@ -164,7 +164,7 @@ def train(
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
     with torch.enable_grad():
-        for _ in tqdm(range(cfg.epochs), desc=desc, unit="epoch", leave=False):
+        for _ in progress(range(cfg.epochs), desc=desc, unit="epoch", leave=False):
             perm = torch.randperm(len(X_t), generator=gen)
             for i in range(0, len(X_t), cfg.batch_size):
                 idx = perm[i : i + cfg.batch_size]
@@ -219,7 +219,7 @@ def train_zoo(data: Dataset, out_dir: str | Path, cfg: ZooConfig = ZooConfig()) 
     if data.image_shape is not None:
         plan += [("cnn", i) for i in range(cfg.n_cnn)]
     specs = []
-    for arch, i in tqdm(plan, desc="zoo", unit="member"):
+    for arch, i in progress(plan, desc="zoo", unit="member"):
         seed = cfg.seed * 1000 + (0 if arch == "mlp" else 100) + i
         args = member_args(arch, data, cfg)
         seed_everything(seed)
@@ -282,7 +282,7 @@ def train_shared_base_zoo(data: Dataset, out_dir: str | Path, cfg: ZooConfig = Z
     save_member(base, base_spec, out_dir)
     specs = []
     ft = replace(cfg.train, epochs=max(1, cfg.train.epochs // 4), lr=cfg.train.lr / 2)
-    for i in tqdm(range(cfg.n_mlp), desc="fine-tune", unit="member"):
+    for i in progress(range(cfg.n_mlp), desc="fine-tune", unit="member"):
         seed = cfg.seed * 1000 + 500 + i
         rng = np.random.default_rng(seed)
         idx = rng.choice(len(data.X_train), size=int(0.7 * len(data.X_train)), replace=False)

@@ -11,6 +11,8 @@ admission control and draining are ours (service/traffic.py).
 from __future__ import annotations
 
 import functools
+import hashlib
+import ipaddress
 import logging
 import os
 import time
@@ -34,9 +36,10 @@ from service.auth import Tokens
 from service.batching import AdaptiveBatcher
 from service.engine import MEMBERS, Engine, EngineConfig
 from service.errors import UnsupportedMediaError, error_response, json_response, request_id_from
+from service.metrics import EndpointLabels, patch_bentoml_metrics
 from service.routing import CASCADE
 from service.stats import ERRORS
-from service.traffic import Admission, Traffic, install_drain, patch_bentoml_timeout
+from service.traffic import Admission, Traffic, install_drain, off_loop, patch_bentoml_timeout
 
 log = logging.getLogger("fusion.service")
 if logging.getLogger("fusion").level == logging.NOTSET:  # BentoML leaves the root at WARNING: our INFO lines were lost
@@ -49,6 +52,8 @@ if logging.getLogger("fusion").level == logging.NOTSET:  # BentoML leaves the ro
 class Settings:
     max_rows: int = 1024
     max_body_bytes: int = 8 << 20
+    max_small_body_bytes: int = 64 << 10  # /feedback and /admin/* bodies: a request id and labels, a path, a policy
+    body_timeout_s: float = 5.0  # the whole body must arrive within this (408 otherwise; service/traffic.py)
     workers: int = 1
     timeout_s: float = 30.0
     max_concurrency: int = 64
@@ -62,6 +67,8 @@ class Settings:
         return cls(
             max_rows=int(env.get("FUSION_MAX_ROWS", cls.max_rows)),
             max_body_bytes=int(env.get("FUSION_MAX_BODY_BYTES", cls.max_body_bytes)),
+            max_small_body_bytes=int(env.get("FUSION_MAX_SMALL_BODY_BYTES", cls.max_small_body_bytes)),
+            body_timeout_s=float(env.get("FUSION_BODY_TIMEOUT_S", cls.body_timeout_s)),
             workers=int(env.get("FUSION_WORKERS", cls.workers)),
             timeout_s=float(env.get("FUSION_TIMEOUT_S", cls.timeout_s)),
             max_concurrency=int(env.get("FUSION_MAX_CONCURRENCY", cls.max_concurrency)),
@@ -78,7 +85,7 @@ SETTINGS = Settings.from_env()
 # OpenTelemetry matches each with re.search on "scheme://host/path" (no query): anchored, nothing else matches.
 INFERENCE_PATHS = [rf"^[a-z]+://[^/]+{p}$" for p in ("/predict", "/echo", "/feedback", "/v2/models/[^/]+/infer")]
 # our admission limit (per worker) and drain state: service/traffic.py says why not BentoML's max_concurrency
-TRAFFIC = Traffic.from_settings(SETTINGS.max_concurrency, SETTINGS.workers)
+TRAFFIC = Traffic.from_settings(SETTINGS.max_concurrency, SETTINGS.workers, SETTINGS.body_timeout_s)
 patch_bentoml_timeout()  # BentoML's per-request timer kept every request's context for 30 s (traffic.py)
 
 
@@ -86,28 +93,61 @@ def request_id(request: Request) -> str:
     return request_id_from(request.headers.get("x-request-id"))
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes `limit` bytes (before it is read in full)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLargeError(f"expected a body of at most {limit} bytes; got {declared} (Content-Length)")
+@functools.lru_cache(maxsize=4096)
+def _client_address(host: str) -> str:
+    """An IPv4 address as is; an IPv6 one by its /64 (one host's usual allocation)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if ip.version == 4:
+        return str(ip)
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+
+
+def client_of(request: Request, svc: "FusionService") -> str:
+    """Who sent a request, for fair eviction of the records awaiting /feedback (service/stats.py): the
+    client's address and, with FUSION_INFERENCE_TOKEN set, which (checked) token it presented, as a
+    digest. Behind a proxy that does not preserve addresses, its clients share one address."""
+    host = _client_address(request.client.host if request.client else "")
+    if svc.tokens.inference:
+        token = (request.headers.get("authorization") or "").partition(" ")[2]
+        return f"{host} {hashlib.sha256(token.encode()).hexdigest()[:12]}"
+    return host
+
+
+async def read_body(request: Request, limit: int, setting: str = "FUSION_MAX_BODY_BYTES") -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` bytes (before it is read in full).
+    The body deadline and the admission slot are taken while it is read (service/traffic.py)."""
+    declared = request.headers.get("content-length")  # the server checked its syntax: digits only
+    if declared is not None and declared.isascii() and declared.isdigit() and len(declared) <= 18 and int(declared) > limit:
+        raise PayloadTooLargeError(f"expected a body of at most {limit} bytes ({setting}); got {declared} (Content-Length)")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLargeError(f"expected a body of at most {limit} bytes; got more")
+            raise PayloadTooLargeError(f"expected a body of at most {limit} bytes ({setting}); got more")
         chunks.append(chunk)
     return b"".join(chunks)
 
 
 def content_type(request: Request) -> str:
-    return request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    """The media type, lower-cased, without parameters; "" when the header is missing."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-def require_json(request: Request) -> None:
+def require_json(request: Request, *, admin: bool = False) -> None:
+    """415 unless the Content-Type says JSON; a missing one is refused too (it used to be read as JSON,
+    which let a browser page post to us with a no-cors `fetch`). Admin endpoints take
+    `application/json` only (parameters such as charset aside): a browser cannot send that
+    cross-origin without a CORS preflight, which we never answer, so a web page cannot drive them."""
     ctype = content_type(request)
-    if ctype != "application/json" and not ctype.endswith("+json"):
-        raise UnsupportedMediaError(f"expected Content-Type application/json; got {ctype}")
+    if ctype == "application/json" or (not admin and ctype.endswith("+json")):
+        return
+    raise UnsupportedMediaError(f"expected Content-Type application/json{'' if admin else ' (or another +json type)'}; "
+                                f"got {ctype or 'none'}")
 
 
 def service() -> "FusionService":
@@ -127,8 +167,8 @@ def endpoint(scope: str | None):
             try:
                 svc = service()
                 if scope:
-                    svc.tokens.check(request.headers.get("authorization"), scope,
-                                     request.client.host if request.client else None)
+                    svc.tokens.check(request.headers.get("authorization"), scope,  # Host, Origin, proxy headers too
+                                     request.client.host if request.client else None, request.headers)
                 response = await fn(request, svc, rid)
                 response.headers.setdefault("X-Request-ID", rid)
                 return response
@@ -142,15 +182,25 @@ def endpoint(scope: str | None):
     return deco
 
 
-async def json_body(request: Request, svc: "FusionService") -> dict:
-    require_json(request)
-    data = payload.parse_json(await read_body(request, svc.settings.max_body_bytes))
+async def json_body(request: Request, svc: "FusionService", *, small: bool = False, admin: bool = False,
+                    max_values: int | None = None) -> dict:
+    """A JSON object body; `small`: capped at FUSION_MAX_SMALL_BODY_BYTES (/feedback, /admin/*);
+    `max_values`: refused (413) before parsing beyond that many values (payload.check_value_count)."""
+    require_json(request, admin=admin)
+    if small:
+        body = await read_body(request, svc.settings.max_small_body_bytes, "FUSION_MAX_SMALL_BODY_BYTES")
+    else:
+        body = await read_body(request, svc.settings.max_body_bytes)
+    if max_values is not None:
+        payload.check_value_count(body, max_values, "as /predict: FUSION_MAX_ROWS rows of the bundle's features")
+    data = await off_loop(len(body), payload.parse_json, body)
     if not isinstance(data, dict):
         raise InputError(f"expected a JSON object; got {type(data).__name__}")
     return data
 
 
-async def compute(svc: "FusionService", served, X: np.ndarray, variant: str | None, key: str | None, rid: str):
+async def compute(svc: "FusionService", served, X: np.ndarray, variant: str | None, key: str | None, rid: str,
+                  request: Request):
     """Run the routed variant: coalesced with concurrent requests when batching is on; else on the
     event loop when it is one session and the call is cheap (runtime.Model.inline_ok: few rows, and
     expected from the model's recent calls to take ≤ FUSION_INLINE_BUDGET_MS), in a worker thread
@@ -166,7 +216,8 @@ async def compute(svc: "FusionService", served, X: np.ndarray, variant: str | No
         out, extra = engine.run(served, name, X)
     else:
         out, extra = await run_in_threadpool(engine.run, served, name, X)
-    return engine.finish(served, name, X, out, extra, time.perf_counter() - t0, rid)
+    return engine.finish(served, name, X, out, extra, time.perf_counter() - t0, rid, client=client_of(request, svc),
+                         client_chose_id=rid == request.headers.get("x-request-id"))
 
 
 # ---- our JSON API ---------------------------------------------------------------------------
@@ -176,25 +227,13 @@ async def compute(svc: "FusionService", served, X: np.ndarray, variant: str | No
 async def predict(request: Request, svc: "FusionService", rid: str) -> Response:
     require_json(request)
     body = await read_body(request, svc.settings.max_body_bytes)
-    data = payload.parse_json(body)
-    if not isinstance(data, dict):
-        raise InputError(f"expected a JSON object like {{\"inputs\": [[...], ...]}}; got {type(data).__name__}")
-    unknown = sorted(set(data) - {"inputs", "variant", "routing_key"})
-    if unknown:
-        raise InputError(f"unexpected fields {unknown}; expected 'inputs' and optionally 'variant', 'routing_key'")
-    if "inputs" not in data:
-        raise InputError("expected a field 'inputs' with a list of rows; got none")
     served = svc.engine.current()
-    X = payload.rows_to_array(data["inputs"], served.loaded.manifest.input.n_features, svc.settings.max_rows)
-    if b"true" in body or b"false" in body:
-        payload.check_value_types(data["inputs"])
-    for name in ("variant", "routing_key"):  # checked before the header fallback: 0, [] or false are not "absent"
-        if data.get(name) is not None and not isinstance(data[name], str):
-            raise InputError(f"expected '{name}' to be a string; got {type(data[name]).__name__}")
-    variant = data.get("variant") or request.headers.get("x-variant") or None
-    key = data.get("routing_key") or request.headers.get("x-routing-key") or None
-    result = await compute(svc, served, X, variant, key, rid)
-    out = {"predictions": result.labels(), "variant": result.variant, "bundle_version": result.version, "request_id": rid}
+    req = await off_loop(len(body), payload.parse_predict, body, served.loaded.manifest.input.n_features, svc.settings.max_rows)
+    variant = req.variant or request.headers.get("x-variant") or None
+    key = req.routing_key or request.headers.get("x-routing-key") or None
+    result = await compute(svc, served, req.X, variant, key, rid, request)
+    out = {"predictions": result.labels(), "variant": result.variant, "bundle_version": result.version, "request_id": rid,
+           "feedback_id": result.extra["feedback_id"]}
     if result.task == "classification":
         out["probabilities"] = result.output
     out.update(result.extra)
@@ -204,21 +243,26 @@ async def predict(request: Request, svc: "FusionService", rid: str) -> Response:
 
 @endpoint("inference")
 async def feedback(request: Request, svc: "FusionService", rid: str) -> Response:
-    data = await json_body(request, svc)
-    target = data.get("request_id")
+    data = await json_body(request, svc, small=True)
+    if ("feedback_id" in data) == ("request_id" in data):
+        raise InputError("expected exactly one of 'feedback_id' or 'request_id' (from the /predict response)")
+    id_field = "feedback_id" if "feedback_id" in data else "request_id"
+    target = data[id_field]
     if not isinstance(target, str):
-        raise InputError(f"expected 'request_id' (a string from a /predict response); got {target!r:.60}")
+        raise InputError(f"expected '{id_field}' (a string from a /predict response); got {target!r:.60}")
     if ("label" in data) == ("labels" in data):
         raise InputError("expected exactly one of 'label' (one row) or 'labels' (a list, one per row)")
     labels = [data["label"]] if "label" in data else data["labels"]
     if not isinstance(labels, list) or not labels or any(isinstance(y, (list, dict)) or y is None for y in labels):
         raise InputError(f"expected 'labels' as a non-empty list of class labels; got {labels!r:.60}")
-    return json_response({**svc.engine.feedback(target, labels), "request_id": rid})
+    scored = svc.engine.feedback(target, labels, client=client_of(request, svc), by_feedback_id=id_field == "feedback_id")
+    return json_response({**scored, "request_id": rid})
 
 
 @endpoint("inference")
 async def ab_report(request: Request, svc: "FusionService", rid: str) -> Response:
-    return json_response({**svc.engine.report(), "request_id": rid})
+    report = await run_in_threadpool(svc.engine.report)  # percentiles and tests: off the event loop
+    return json_response({**report, "request_id": rid})
 
 
 @endpoint("inference")
@@ -246,8 +290,10 @@ async def info(request: Request, svc: "FusionService", rid: str) -> Response:
 
 @endpoint("inference")
 async def echo(request: Request, svc: "FusionService", rid: str) -> Response:
-    """The framework floor for benchmarks: parse and return the JSON body, no model."""
-    return json_response(await json_body(request, svc))
+    """The framework floor for benchmarks: parse and return the JSON body, no model (as many values as /predict takes)."""
+    served = svc.engine.served
+    limit = svc.settings.max_rows * served.loaded.manifest.input.n_features if served else None
+    return json_response(await json_body(request, svc, max_values=limit))
 
 
 # ---- admin -----------------------------------------------------------------------------------
@@ -255,7 +301,7 @@ async def echo(request: Request, svc: "FusionService", rid: str) -> Response:
 
 @endpoint("admin")
 async def admin_bundle(request: Request, svc: "FusionService", rid: str) -> Response:
-    data = await json_body(request, svc)
+    data = await json_body(request, svc, small=True, admin=True)
     path = data.get("path")
     if not isinstance(path, str) or not path:
         raise InputError(f"expected 'path' to a bundle directory on the server; got {path!r:.60}")
@@ -265,8 +311,8 @@ async def admin_bundle(request: Request, svc: "FusionService", rid: str) -> Resp
 
 @endpoint("admin")
 async def admin_routing(request: Request, svc: "FusionService", rid: str) -> Response:
-    if request.method == "POST":
-        svc.engine.set_policy(await json_body(request, svc))
+    if request.method == "POST":  # in a thread: it takes a lock a hot swap also takes (never on the event loop)
+        await run_in_threadpool(svc.engine.set_policy, await json_body(request, svc, small=True, admin=True))
     return json_response({**svc.engine.policy.to_dict(), "request_id": rid})
 
 
@@ -321,15 +367,18 @@ async def v2_infer(request: Request, svc: "FusionService", rid: str) -> Response
     name = request.path_params["name"]
     variant = _oip_variant(svc, name)
     header_len = request.headers.get(oip.HEADER_LENGTH)
+    ctype = content_type(request)  # none at all is JSON here, and only here: Triton's own client sends none (OIP needs none)
     if header_len is None:
-        require_json(request)
-    elif content_type(request) not in ("application/octet-stream", "application/json"):
-        raise UnsupportedMediaError(f"expected Content-Type application/octet-stream (binary tensors); got {content_type(request)}")
+        if ctype:
+            require_json(request)
+    elif ctype not in ("", "application/octet-stream", "application/json"):
+        raise UnsupportedMediaError(f"expected Content-Type application/octet-stream (binary tensors) or application/json; got {ctype}")
     body = await read_body(request, svc.settings.max_body_bytes)
     served = svc.engine.current()
-    req = oip.parse(body, header_len, served.loaded.manifest.input.n_features, svc.settings.max_rows)
-    result = await compute(svc, served, req.X, variant, request.headers.get("x-routing-key"), rid)
-    extra = {"variant": result.variant, "request_id": rid, "bundle_version": result.version}
+    req = await off_loop(len(body), oip.parse, body, header_len, served.loaded.manifest.input.n_features, svc.settings.max_rows)
+    result = await compute(svc, served, req.X, variant, request.headers.get("x-routing-key"), rid, request)
+    extra = {"variant": result.variant, "request_id": rid, "feedback_id": result.extra["feedback_id"],
+             "bundle_version": result.version}
     if "degraded" in result.extra:
         extra["degraded"] = result.extra["degraded"]
     labels = result.labels() if result.task == "classification" else None
@@ -371,12 +420,12 @@ async def ui_comparison_plot(request: Request, svc: "FusionService", rid: str) -
 
 @endpoint(None)
 async def docs_json(request: Request, svc: "FusionService", rid: str) -> Response:
-    """The OpenAPI document of these routes (service/openapi.py); BentoML's own lists none of them."""
+    """The OpenAPI document of these routes (service/openapi.py); BentoML's own lists none of them.
+    Open, and so the same whatever tokens are set: it must not tell anyone which are."""
     served = svc.engine.served
     return json_response(openapi.document(
         n_features=served.loaded.manifest.input.n_features if served else None, max_rows=svc.settings.max_rows,
         max_body_bytes=svc.settings.max_body_bytes, version=served.version if served else None,
-        inference_token=bool(svc.tokens.inference), admin_token=bool(svc.tokens.admin),
     ))
 
 
@@ -424,6 +473,10 @@ routes = Starlette(routes=[
     Route("/docs.json", docs_json, methods=["GET"]),  # ours replaces BentoML's (matched first)
     UnknownPath(),  # last: any other path answers 404 in the one error shape
 ], exception_handlers={HTTPException: http_error}, middleware=[Middleware(Admission, traffic=TRAFFIC)])
+# BentoML's HTTP metrics label a request by its route's template, an unknown path by one value,
+# never by the raw path: each unknown path made ~20 new series (service/metrics.py)
+patch_bentoml_metrics(EndpointLabels([r.path for r in routes.routes if not isinstance(r, UnknownPath)] + list(UnknownPath.BENTOML_PATHS),
+                                     UnknownPath.BENTOML_PREFIXES))
 
 
 @bentoml.service(

@@ -11,11 +11,16 @@ than `inline_rows` rows, or expected to take longer than FUSION_INLINE_BUDGET_MS
 recent calls: runtime.Model.inline_ok) run in a worker thread, so that the loop keeps reading
 requests, which join the next call, while the model computes. Each request was validated before it
 joined, so one bad request can never fail the others (BentoML's batching fails the whole batch).
+
+The per-model state lives as long as the model: a weak reference drops it when the model goes (a
+hot swap lets go of the old version's models once their last request is done), so neither swaps
+nor a recycled `id()` can leave a stale queue behind (issue 13, finding 13).
 """
 
 from __future__ import annotations
 
 import asyncio
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -23,6 +28,7 @@ import numpy as np
 from prometheus_client import Histogram
 from starlette.concurrency import run_in_threadpool
 
+from service.metrics import Bounded
 from service.runtime import INLINE_ROWS
 
 BATCH_ROWS = Histogram(
@@ -33,6 +39,7 @@ BATCH_REQUESTS = Histogram(
     "fusion_batch_requests", "Requests coalesced into one model call by the adaptive batcher, by model", ["model"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
+BATCH_ROWS, BATCH_REQUESTS = Bounded(BATCH_ROWS), Bounded(BATCH_REQUESTS)  # model names are the bundle's; bounded anyway
 
 
 @dataclass
@@ -40,6 +47,7 @@ class _Queue:
     pending: list = field(default_factory=list)  # [(X (b, F), future)]
     running: int = 0  # drain tasks of this model (at most `instances`), each making one call at a time
     metrics: tuple = ()  # (rows, requests) Prometheus children of this model
+    model: object = None  # a weak reference that drops this queue when the model goes (a strong one if it cannot be weak)
 
 
 class AdaptiveBatcher:
@@ -47,7 +55,7 @@ class AdaptiveBatcher:
         if max_rows < 1 or instances < 1:
             raise ValueError(f"expected max_rows >= 1 and instances >= 1; got {max_rows}, {instances}")
         self.max_rows, self.inline_rows, self.instances = max_rows, inline_rows, instances
-        self.queues: dict[int, _Queue] = {}
+        self.queues: dict[int, _Queue] = {}  # id(model) -> its queue, while the model lives
         self.calls = 0
         self.requests = 0
         self._tasks: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
@@ -56,8 +64,7 @@ class AdaptiveBatcher:
         """X (b, F) -> model output rows for X (b, C), computed in a shared call."""
         q = self.queues.get(id(model))
         if q is None:
-            label = getattr(model, "name", "model")
-            q = self.queues[id(model)] = _Queue(metrics=(BATCH_ROWS.labels(label), BATCH_REQUESTS.labels(label)))
+            q = self.queues[id(model)] = self._queue(model)
         fut = asyncio.get_running_loop().create_future()
         q.pending.append((X, fut))
         if q.running < self.instances:  # an idle instance starts a call; busy ones pick it up next
@@ -66,6 +73,21 @@ class AdaptiveBatcher:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return await fut
+
+    def _queue(self, model) -> _Queue:
+        label = getattr(model, "name", "model")
+        q = _Queue(metrics=(BATCH_ROWS.labels(label), BATCH_REQUESTS.labels(label)))
+        key, queues = id(model), self.queues
+
+        def forget(_ref) -> None:  # the model is gone: its id may be reused by the next one
+            if queues.get(key) is q:
+                queues.pop(key, None)
+
+        try:
+            q.model = weakref.ref(model, forget)
+        except TypeError:  # not weak-referenceable (a builtin): keep it, so that its id cannot be reused
+            q.model = model
+        return q
 
     def _inline(self, model, rows: int) -> bool:
         inline_ok = getattr(model, "inline_ok", None)  # runtime.Model knows its cost; a plain callable is cheap

@@ -15,16 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
+from fusion.bundle import MANIFEST
 from fusion.errors import BundleError, ConfigError, FusionError, InputError, UnavailableError, UnknownNameError
-from service import runtime
+from service import preflight, runtime
 from service.members import FailurePolicy, Fault, MembersEnsemble
-from service.routing import CASCADE, RoutingPolicy
-from service.stats import BUNDLE, Stats
+from service.routing import CASCADE, RoutingPolicy, unknown_variant
+from service.runtime import PROBE_ATOL, check_probe  # noqa: F401 - re-exported: the probe lives with the load
+from service.stats import BUNDLE, Stats, check_labels
 
 log = logging.getLogger("fusion.service")
 
 MEMBERS = "members"
-PROBE_ATOL = 1e-4
 
 
 @dataclass
@@ -74,7 +75,7 @@ class EngineConfig:
     failure_policy: str = "strict"
     member_deadline_ms: float = 1000.0
     shadow_queue: int = 64  # shadow runs waiting beyond this are dropped (and counted), never queued forever
-    bundle_root: str = ""  # when set, hot swaps may only load bundles below this directory
+    bundle_root: str = ""  # hot swaps load bundles below this directory only; "" = the served bundle's parent
 
     @classmethod
     def from_env(cls, env=os.environ) -> "EngineConfig":
@@ -85,6 +86,11 @@ class EngineConfig:
             shadow_queue=int(env.get("FUSION_SHADOW_QUEUE", cls.shadow_queue)),
             bundle_root=env.get("FUSION_BUNDLE_ROOT", ""),
         )
+
+    def root(self) -> Path:
+        """The directory hot swaps are confined to, links resolved: FUSION_BUNDLE_ROOT, or by default
+        the directory that holds the served bundle (its versions' siblings), never "anywhere"."""
+        return Path(self.bundle_root or Path(self.bundle).absolute().parent).resolve()
 
 
 class Engine:
@@ -97,7 +103,8 @@ class Engine:
         self.stats = Stats()
         self.served: Served | None = None
         self.error: str | None = None
-        self._swap_lock = threading.Lock()
+        self._swap_lock = threading.Lock()  # held by a swap for its whole load, probe and warm-up
+        self._install_lock = threading.Lock()  # held only to check a policy and install: never waits on a load
         self.shadow_pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shadow")
         self._shadow_pending = 0
         self._shadow_lock = threading.Lock()
@@ -105,9 +112,13 @@ class Engine:
     # ---- loading and hot swap -------------------------------------------------------------
 
     def open(self, path: str | Path) -> Served:
-        """Verify, load, warm up and probe a bundle; nothing is swapped in here."""
+        """Verify, load, warm up and probe a bundle; nothing is swapped in here. The same load runs
+        first in a child process bounded in time and memory (service/preflight.py): a bundle that
+        would hang or exhaust this worker is refused there, and this process then parses exactly
+        the manifest (hence the files) the child checked."""
         try:
-            loaded = runtime.load(path)
+            checked = preflight.check(path)
+            loaded = runtime.load(path, manifest_sha256=checked.manifest_sha256)
             check_probe(loaded)
         except FusionError:
             raise
@@ -146,10 +157,7 @@ class Engine:
         """Load a new bundle version beside the old one, then swap atomically; a failure keeps the old."""
         if "\x00" in path:  # os calls raise ValueError on it: a 500 before this check
             raise InputError("expected a bundle directory path; got one with a NUL character")
-        if self.cfg.bundle_root:
-            root = Path(self.cfg.bundle_root).resolve()
-            if not Path(path).resolve().is_relative_to(root):
-                raise InputError(f"expected a bundle below FUSION_BUNDLE_ROOT; got '{path}'")
+        self.check_swap_path(path)
         with self._swap_lock:  # one swap at a time; requests keep flowing on the current version
             try:
                 served = self.open(path)
@@ -158,16 +166,41 @@ class Engine:
                     raise
                 raise BundleError(f"cannot read a bundle at '{path}': {exc.strerror or type(exc).__name__}") from None
             try:
-                self.policy.check_against(served.names())
+                with self._install_lock:  # the policy cannot change between this check and the install
+                    self.policy.check_against(served.names())
+                    old = self._install(served)
             except ConfigError:
-                served.close()
+                served.close()  # outside the install lock: it may wait for member threads
                 raise
-            old = self._install(served)
         # The old version is not closed here: requests that already took it (members mode runs in worker
         # threads) must finish on it; closing its member pool now failed them with 500. Its sessions and
         # member threads go when the last request lets go of it (an unreferenced ThreadPoolExecutor's
         # idle threads exit).
         return {"bundle_version": served.version, "previous_version": old.version if old else None}
+
+    def check_swap_path(self, path: str) -> None:
+        """400 for a path that names no bundle the server may load: outside the bundle root (links
+        resolved, so a link inside the root that points out is refused too), or no manifest.json there.
+        The caller's mistake, not the server being unavailable: a 503 would make clients retry it.
+        The message names the setting, not the root's path (the log has it)."""
+        root = self.cfg.root()
+        try:
+            target = Path(path).resolve()
+            inside = target.is_relative_to(root)
+        except (OSError, RuntimeError) as exc:  # a link loop, a name too long
+            raise InputError(f"expected a bundle directory path; '{path}' cannot be resolved ({type(exc).__name__})") from None
+        if not inside:
+            log.warning("refused a swap to %s: outside the bundle root %s", target, root)
+            where = "FUSION_BUNDLE_ROOT" if self.cfg.bundle_root else "FUSION_BUNDLE_ROOT, by default the directory holding the served bundle"
+            raise InputError(f"expected a bundle directory below the bundle root ({where}); got '{path}', which is outside it")
+        try:
+            if (target / MANIFEST).is_file():
+                return
+            found = ("no such directory" if not target.exists() else "not a directory" if not target.is_dir()
+                     else f"a directory without {MANIFEST}")
+        except OSError as exc:  # e.g. permission denied
+            found = exc.strerror or type(exc).__name__
+        raise InputError(f"expected a bundle directory (one with {MANIFEST}, built by `fusion build`) at '{path}'; got {found}")
 
     def current(self) -> Served:
         served = self.served
@@ -180,7 +213,10 @@ class Engine:
         return self.served is not None
 
     def set_policy(self, body: dict) -> RoutingPolicy:
-        with self._swap_lock:  # never checked against a bundle that a concurrent swap is replacing
+        """Check and install a routing policy. Takes the install lock only: a swap holds it for its
+        install step, not for its load, so this never waits seconds (issue 13, finding 5: it took the
+        swap lock on the event loop and froze the worker for a whole load and warm-up)."""
+        with self._install_lock:  # never checked against a bundle that a concurrent swap is installing
             policy = RoutingPolicy.from_dict(body, self.policy)
             policy.check_against(self.current().names())
             self.policy = policy  # one reference assignment: atomic for readers
@@ -215,12 +251,32 @@ class Engine:
         return out, {"escalated": escalate.tolist(), "cascade": c.to_dict()}
 
     def resolve(self, variant: str | None, key: str | None, served: Served | None = None) -> tuple[Served, str]:
-        """The bundle version and the variant a request will use (both fixed for the whole request)."""
-        return served or self.current(), self.choose(variant, key)
+        """The bundle version and the variant a request will use (both fixed for the whole request).
+        An explicit variant that cannot answer is refused here, with every name that can."""
+        served = served or self.current()
+        if variant:
+            self.check_variant(served, variant)
+        return served, self.choose(variant, key)
+
+    def check_variant(self, served: Served, name: str) -> None:
+        """Raise UnknownNameError unless `name` answers on `served` under the current policy; the error
+        lists the variants and members, `members` when members mode runs, `cascade` when configured."""
+        cascade = self.policy.cascade is not None
+        valid = served.names() | ({CASCADE} if cascade else set())
+        if name not in valid:
+            unavailable = {} if served.members else {MEMBERS: "an 'ensemble' variant whose members are all in the bundle"}
+            if not cascade:
+                unavailable[CASCADE] = "a cascade configured (FUSION_CASCADE or POST /admin/routing)"
+            raise unknown_variant(name, valid, unavailable)
 
     def finish(self, served: Served, name: str, X: np.ndarray, out: np.ndarray, extra: dict,
-               elapsed: float, request_id: str) -> Result:
-        """Record the answer and start the shadow runs; returns what the client gets."""
+               elapsed: float, request_id: str, *, client: str = "", client_chose_id: bool = False) -> Result:
+        """Record the answer and start the shadow runs; returns what the client gets.
+
+        The record awaiting feedback is keyed by the server: the request id when the server made it,
+        else a fresh id; a client's own X-Request-ID (`client_chose_id`) is only an alias of it, for the
+        same `client` (issue 13, finding 9). The key is `extra["feedback_id"]`.
+        """
         finite = np.isfinite(out).all(axis=tuple(range(1, out.ndim)))  # (B,): never answer 200 with NaN/Inf
         if not finite.all():
             raise InputError(f"rows {np.flatnonzero(~finite)[:5].tolist()}: '{name}' gave non-finite outputs; "
@@ -228,10 +284,12 @@ class Engine:
         manifest = served.loaded.manifest
         result = Result(name, out, served.version, manifest.classes, manifest.task, extra)
         labels = result.labels()
-        self.stats.observe(name, len(X), elapsed, request_id, labels)
+        fid = self.stats.observe(name, len(X), elapsed, None if client_chose_id else request_id, labels, client=client,
+                                 alias=request_id if client_chose_id else None, version=served.version)
+        extra["feedback_id"] = fid
         for shadow in self.policy.shadow:
             if shadow != name:
-                self._submit_shadow(served, shadow, name, X, labels, request_id)
+                self._submit_shadow(served, shadow, name, X, labels, fid)
         return result
 
     def predict(self, X: np.ndarray, *, variant: str | None, key: str | None, request_id: str) -> Result:
@@ -264,18 +322,18 @@ class Engine:
 
         self.shadow_pool.submit(job)
 
-    def feedback(self, request_id: str, labels: list) -> dict:
-        served = self.current()
-        classes = served.loaded.manifest.classes
-        if served.loaded.manifest.task == "classification":
-            bad = [y for y in labels if y not in classes]
-            if bad:
-                raise InputError(f"expected labels among the classes {list(classes)}; got {bad[:5]}")
+    def feedback(self, request_id: str, labels: list, *, client: str = "", by_feedback_id: bool = False) -> dict:
+        """Score a record: `request_id` is its feedback id or (unless `by_feedback_id`) the X-Request-ID
+        `client` sent with it. A label must be one of the classes with its JSON type (stats.check_labels)."""
+        manifest = self.current().loaded.manifest
         try:
-            return self.stats.feedback(request_id, labels)
+            check_labels(labels, manifest.classes, manifest.task)
+            return self.stats.feedback(request_id, labels, client=client, alias=not by_feedback_id)
         except KeyError:
+            field_name = "feedback_id" if by_feedback_id else "request_id"
             raise UnknownNameError(
-                f"unknown request_id '{request_id}' (never served by this worker, already labelled, or expired)"
+                f"expected the feedback_id (or request_id) of a /predict answer of this worker that awaits its "
+                f"label; got {field_name} {request_id!a:.80}: never served here, already labelled, or evicted"
             ) from None
         except ValueError as exc:
             raise InputError(str(exc)) from None
@@ -287,25 +345,3 @@ class Engine:
             "routing": self.policy.to_dict(),
             **self.stats.report(),
         }
-
-
-def check_probe(loaded: runtime.LoadedBundle) -> None:
-    """Re-run the rows the build recorded in the manifest and compare with the recorded outputs.
-
-    The parity/smoke check on the serving path: a bundle whose models do not reproduce their
-    offline outputs in this runtime is refused before it serves a request.
-    """
-    probe = getattr(loaded.manifest, "probe", None)
-    if not probe:
-        return
-    X = np.asarray(probe["inputs"], dtype=np.float32)
-    for name, expected in probe["outputs"].items():
-        if name not in loaded.models:
-            continue
-        got = loaded.models[name](X)
-        expected = np.asarray(expected, dtype=np.float32)
-        if got.shape != expected.shape:
-            raise UnavailableError(f"'{name}' gave outputs of shape {got.shape} on the probe rows; the manifest recorded {expected.shape}")
-        diff = float(np.abs(got - expected).max())
-        if not diff <= PROBE_ATOL:
-            raise UnavailableError(f"'{name}' does not reproduce its recorded outputs: max |Δ| = {diff:.3g} > {PROBE_ATOL}")

@@ -33,14 +33,25 @@ class DeadlineError(UnavailableError):
     """A member or a request that ran past its deadline (504)."""
 
 
+class RequestTimeoutError(InputError):
+    """A request body that did not arrive within the body deadline, FUSION_BODY_TIMEOUT_S (408; the
+    connection is closed, as the rest of the body may still be on its way)."""
+
+
+class OverloadedError(UnavailableError):
+    """Every inference slot of this worker is taken (429 with Retry-After): service/traffic.py."""
+
+
 # Most specific first: the first matching class decides the status.
 STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (PayloadTooLargeError, 413),
     (UnsupportedMediaError, 415),
+    (RequestTimeoutError, 408),
     (UnknownNameError, 404),
     (InputError, 400),
     (ClientDisconnect, 400),  # the client left mid-body: its fault, not a 500 with a traceback in the log
     (DeadlineError, 504),
+    (OverloadedError, 429),
     (BundleError, 503),
     (UnavailableError, 503),
 )
@@ -69,10 +80,13 @@ def error_response(exc: BaseException, request_id: str, headers: dict | None = N
         log.exception("internal error in request %s", request_id, exc_info=exc)
         message = "internal server error; the server log has the details under this request_id"
     else:
-        message = str(exc) or type(exc).__name__
+        # a message may quote client text: never one JSON cannot carry (a lone surrogate would make this a 500)
+        message = (str(exc) or type(exc).__name__).encode("utf-8", "backslashreplace").decode("utf-8")
     headers = {**(headers or {}), "X-Request-ID": request_id}
-    if status == 503:
+    if status in (429, 503):
         headers.setdefault("Retry-After", "1")
+    if status == 408:
+        headers.setdefault("Connection", "close")  # the unread rest of the body must not be taken for a next request
     return json_response({"error": message, "request_id": request_id}, status, headers)
 
 

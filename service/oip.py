@@ -36,63 +36,113 @@ class InferRequest:
 
 
 def parse(body: bytes, header_length: str | None, n_features: int, max_rows: int) -> InferRequest:
+    """An inference request body -> InferRequest. Every field is type-checked: a malformed request is
+    an InputError (400) naming the field, never another exception (a 500)."""
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        n = payload.ascii_int(header_length, "Inference-Header-Content-Length")
+        if n > len(body):
             raise InputError(f"expected Inference-Header-Content-Length <= body size {len(body)}; got '{header_length}'")
-        n = int(header_length)
         head, binary = body[:n], memoryview(body)[n:]
     else:
         head, binary = body, memoryview(b"")
+    payload.check_value_count(head, max_rows * n_features, f"{max_rows} rows (FUSION_MAX_ROWS) of {n_features} features")
     req = payload.parse_json(head)
     if not isinstance(req, dict):
-        raise InputError(f"expected an inference request object; got {type(req).__name__}")
+        raise InputError(f"expected an inference request object; got {_kind(req)}")
     inputs = req.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        got = len(inputs) if isinstance(inputs, list) else type(inputs).__name__
-        raise InputError(f"expected 'inputs' to be a list with one tensor (FP32 [batch, {n_features}]); got {got}")
-    X, used = _tensor(inputs[0], binary, n_features, max_rows)
+        if not isinstance(inputs, list):
+            got = _kind(inputs)
+        else:
+            got = f"a list of {len(inputs)}" if len(inputs) != 1 else f"a list holding {_kind(inputs[0])}"
+        raise InputError(f"expected 'inputs' to be a list with one tensor object (FP32 [batch, {n_features}]); got {got}")
+    maybe_booleans = b"true" in head or b"false" in head  # booleans need a walk of 'data' only if the text has some
+    X, used = _tensor(inputs[0], binary, n_features, max_rows, maybe_booleans)
     if used != len(binary):
         raise InputError(f"expected {used} bytes of binary tensor data after the JSON header; got {len(binary)}")
+    requested = req.get("outputs")
+    if requested is not None and not isinstance(requested, list):
+        raise InputError(f"expected 'outputs' to be a list of {{\"name\": ...}} objects; got {_kind(requested)}")
     outputs = {}
-    for o in req.get("outputs") or []:
+    for k, o in enumerate(requested or []):
         if not isinstance(o, dict) or o.get("name") not in (OUTPUT_PROBS, OUTPUT_LABEL):
             raise InputError(f"expected requested outputs named '{OUTPUT_PROBS}' or '{OUTPUT_LABEL}'; got {o!r:.80}")
-        outputs[o["name"]] = bool((o.get("parameters") or {}).get("binary_data", False))
-    params = req.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise InputError(f"expected 'parameters' to be an object; got {type(params).__name__}")
+        outputs[o["name"]] = _flag(_parameters(o, f"outputs[{k}]"), "binary_data", f"outputs[{k}]")
+    params = _parameters(req, "the request")
     rid = req.get("id")
-    return InferRequest(str(rid) if rid is not None else None, X, outputs, bool(params.get("binary_data_output", False)), params)
+    if rid is not None and not isinstance(rid, str):
+        raise InputError(f"expected 'id' to be a string; got {_kind(rid)}")
+    return InferRequest(rid, X, outputs, _flag(params, "binary_data_output", "the request"), params)
 
 
-def _tensor(t: dict, binary: memoryview, n_features: int, max_rows: int) -> tuple[np.ndarray, int]:
-    shape, dtype = t.get("shape"), t.get("datatype")
-    if dtype not in DTYPES:
-        raise InputError(f"expected datatype one of {sorted(DTYPES)}; got {dtype!r}")
+def _kind(v) -> str:
+    return "null" if v is None else "boolean" if isinstance(v, bool) else type(v).__name__
+
+
+def _parameters(obj: dict, where: str) -> dict:
+    """`obj["parameters"]`: an object, or {} when absent."""
+    params = obj.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise InputError(f"expected 'parameters' of {where} to be an object; got {_kind(params)}")
+    return params
+
+
+def _flag(params: dict, name: str, where: str) -> bool:
+    value = params.get(name, False)
+    if not isinstance(value, bool):
+        raise InputError(f"expected parameter '{name}' of {where} to be true or false; got {_kind(value)}")
+    return value
+
+
+def _tensor(t: dict, binary: memoryview, n_features: int, max_rows: int, maybe_booleans: bool = True) -> tuple[np.ndarray, int]:
+    name, shape, dtype = t.get("name", "input"), t.get("shape"), t.get("datatype")
+    if not isinstance(name, str):
+        raise InputError(f"expected the input tensor's 'name' to be a string; got {_kind(name)}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise InputError(f"expected datatype one of {sorted(DTYPES)}; got {dtype!r:.40}")
     if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise InputError(f"expected shape [batch, {n_features}]; got {shape!r}")
+        raise InputError(f"expected shape [batch, {n_features}]; got {shape!r:.60}")
     if shape[1] != n_features:
         raise InputError(f"expected {n_features} features per row (shape [batch, {n_features}]); got shape {shape}")
     if shape[0] < 1 or shape[0] > max_rows:
         raise InputError(f"expected between 1 and {max_rows} rows; got shape {shape}")
     n = shape[0] * shape[1]
-    size = (t.get("parameters") or {}).get("binary_data_size")
+    size = _parameters(t, f"input '{name}'").get("binary_data_size")
     if size is not None:
         nbytes = n * np.dtype(DTYPES[dtype]).itemsize
-        if size != nbytes or len(binary) < nbytes:
-            raise InputError(f"expected {nbytes} bytes for {dtype} {shape}; got binary_data_size {size} and {len(binary)} bytes")
+        if not isinstance(size, int) or isinstance(size, bool) or size != nbytes or len(binary) < nbytes:
+            raise InputError(f"expected {nbytes} bytes for {dtype} {shape}; got binary_data_size {size!r:.40} and {len(binary)} bytes")
         X = np.frombuffer(binary[:nbytes], dtype=np.dtype(DTYPES[dtype]).newbyteorder("<")).reshape(shape)
-        return payload.finite_float32(X, t.get("name", "input")), nbytes
+        return payload.finite_float32(X, name), nbytes
     data = t.get("data")
     if not isinstance(data, list):
-        raise InputError(f"expected 'data' (a flat or nested list of {n} numbers) or binary data; got {type(data).__name__}")
+        raise InputError(f"expected 'data' (a flat or nested list of {n} numbers) or binary data; got {_kind(data)}")
+    # the length first: numpy never walks more than the shape allows (a 4M-number 'data' for shape [1, 64])
+    flat = len(data) == n and not (data and isinstance(data[0], list))
+    if not flat and not (len(data) == shape[0] and all(type(r) is list and len(r) == shape[1] for r in data)):
+        raise InputError(f"expected {n} numbers in 'data' for shape {shape} (flat, or {shape[0]} lists of {shape[1]}); "
+                         f"got a list of {len(data)}")
+    if maybe_booleans:
+        _refuse_booleans(data, name, dtype)
     try:
         arr = np.asarray(data)
-    except ValueError:
-        raise InputError("expected 'data' as a flat or regularly nested list of numbers; got ragged lists") from None
+    except (ValueError, TypeError):
+        raise InputError(f"expected 'data' as a flat or regularly nested list of {n} numbers; got irregular lists") from None
     if arr.dtype.kind not in "iuf" or arr.size != n:
         raise InputError(f"expected {n} numbers in 'data' for shape {shape}; got {arr.size} values of kind {arr.dtype.kind!r}")
-    return payload.finite_float32(arr.reshape(shape), t.get("name", "input")), 0
+    return payload.finite_float32(arr.reshape(shape), name), 0
+
+
+def _refuse_booleans(data: list, name: str, dtype: str) -> None:
+    """numpy reads `true` as 1: refuse booleans among the numbers of a numeric datatype, as /predict does."""
+    rows = data if data and isinstance(data[0], list) else [data]
+    for i, r in enumerate(rows):
+        if bool in set(map(type, r)):
+            j = next(j for j, v in enumerate(r) if isinstance(v, bool))
+            at = f"[{i}][{j}]" if rows is data else f"[{j}]"
+            raise InputError(f"{name} data{at}: expected a number ({dtype}); got boolean {str(r[j]).lower()}")
 
 
 def response(model: str, version: str, req: InferRequest, probs: np.ndarray, labels: list, extra: dict) -> tuple[bytes, dict]:

@@ -5,9 +5,13 @@ is the Starlette app mounted in app.py. That mount is matched before BentoML add
 route, so app.py's `Route("/docs.json", ...)` replaces it (and the Swagger UI at `/` reads ours).
 
 The document is built per request from the running configuration: the served bundle's feature
-count, the row and body limits, which endpoints need a bearer token. It describes what the code
-does, errors included (every error is `{"error", "request_id"}`), so that schema-based fuzzing
-(tests/reliability/test_schema_fuzz.py) can hold the service to it.
+count, the row and body limits. It describes what the code does, errors included (every error is
+`{"error", "request_id"}`), so that schema-based fuzzing (tests/reliability/test_fuzz.py) can hold
+the service to it.
+
+It is the same whether or not tokens are set (it is served to anonymous clients, who must not learn
+that: issue 13, finding 13): every inference and admin operation declares the bearer scheme and its
+401 (and, for admin, 403) answers; the scheme's description says when a token is actually needed.
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ ERROR = {
 
 _STATUS_TEXT = {
     400: "invalid input: shape, type, value or JSON; or inputs the model cannot answer finitely",
-    401: "missing or wrong bearer token",
-    403: "an inference token on an admin endpoint",
+    401: "missing or wrong bearer token (where the server sets one)",
+    403: "an inference token on an admin endpoint; an admin request from another Origin, or one without a token that "
+         "is not from a direct local client (proxy headers, a non-loopback Host; FUSION_ADMIN_LOOPBACK=0)",
     404: "unknown variant, model, request id or path",
     405: "method not allowed on this path",
+    408: "the body did not arrive within FUSION_BODY_TIMEOUT_S (the connection is closed)",
     413: "body over the limit (refused before it is read in full)",
-    415: "a content type other than JSON",
+    415: "a missing Content-Type or one other than JSON (admin endpoints: application/json only)",
     429: "too many requests in flight on this worker; retry after Retry-After seconds",
     503: "no bundle loaded yet, a member failed (strict policy), or a bundle that cannot be used",
     504: "a member missed its deadline (strict policy)",
@@ -70,9 +76,8 @@ STR = {"type": "string"}
 ANY_OBJECT = {"type": "object"}
 
 
-def document(*, n_features: int | None, max_rows: int, max_body_bytes: int, version: str | None,
-             inference_token: bool, admin_token: bool) -> dict:
-    """The OpenAPI 3.0 document for the current configuration and served bundle."""
+def document(*, n_features: int | None, max_rows: int, max_body_bytes: int, version: str | None) -> dict:
+    """The OpenAPI 3.0 document for the current limits and served bundle (never for the tokens set)."""
     row = {"type": "array", "items": NUMBER, "description": "one row of raw features"}
     if n_features:
         row |= {"minItems": n_features, "maxItems": n_features}
@@ -92,19 +97,23 @@ def document(*, n_features: int | None, max_rows: int, max_body_bytes: int, vers
         "predictions": {"type": "array", "items": LABEL},
         "probabilities": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
         "variant": STR, "bundle_version": STR, "request_id": STR,
+        "feedback_id": {"type": "string", "description": "the server's id of this answer's record: POST /feedback names it"},
         "degraded": {"type": "boolean"},
         "members_answered": {"type": "array", "items": STR},
         "members_failed": {"type": "object", "additionalProperties": STR},
         "escalated": {"type": "array", "items": {"type": "boolean"}},
         "cascade": ANY_OBJECT,
-    }, required=["predictions", "variant", "bundle_version", "request_id"])
+    }, required=["predictions", "variant", "bundle_version", "request_id", "feedback_id"])
     feedback_request = {
         **_object({
-            "request_id": {"type": "string", "description": "from a /predict response"},
+            "feedback_id": {"type": "string", "description": "from a /predict response: the server's id of its record"},
+            "request_id": {"type": "string", "description": "from a /predict response: names the record when the server "
+                           "made it, or the client's own X-Request-ID sent from the same client while unambiguous"},
             "label": LABEL,
             "labels": {"type": "array", "items": LABEL, "minItems": 1},
-        }, required=["request_id"]),
-        "oneOf": [{"required": ["label"]}, {"required": ["labels"]}],
+        }),
+        "allOf": [{"oneOf": [{"required": ["feedback_id"]}, {"required": ["request_id"]}]},
+                  {"oneOf": [{"required": ["label"]}, {"required": ["labels"]}]}],
     }
     routing = _object({
         "weights": {"oneOf": [{"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},
@@ -141,12 +150,11 @@ def document(*, n_features: int | None, max_rows: int, max_body_bytes: int, vers
     infer_binary = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"},
                                                  "description": "binary tensor extension: JSON header + raw tensors"}}
 
-    inference_sec = [{"bearer": []}] if inference_token else []
-    admin_sec = [{"bearer": []}] if admin_token else []
-    inf_auth = (401,) if inference_token else ()
-    adm_auth = ((401, 403) if admin_token else ())
+    # the same whatever tokens are set: an anonymous reader must not learn which are (see the module docstring)
+    inference_sec, admin_sec = [{"bearer": []}], [{"bearer": []}]
+    inf_auth, adm_auth = (401,), (401, 403)
     # every route behind the admission limit can answer 429; health paths are exempt
-    body_errors = (400, 413, 415, 429)
+    body_errors = (400, 408, 413, 415, 429)
 
     def op(summary, responses, *, security, body=None, params=None, tags=("inference",)):
         out = {"summary": summary, "tags": list(tags), "responses": responses, "security": security}
@@ -166,7 +174,7 @@ def document(*, n_features: int | None, max_rows: int, max_body_bytes: int, vers
                     {"name": "X-Routing-Key", "in": "header", "schema": STR, "required": False}],
         )},
         "/feedback": {"post": op(
-            "Label an earlier prediction (by its request_id) for live accuracy",
+            "Label an earlier prediction (by its feedback_id or request_id) for live accuracy",
             {**_ok(ANY_OBJECT), **_errors(*body_errors, *inf_auth, 404, 503)},
             security=inference_sec, body=_json_body(feedback_request),
         )},
@@ -224,6 +232,10 @@ def document(*, n_features: int | None, max_rows: int, max_body_bytes: int, vers
         "paths": paths,
         "components": {
             "schemas": {"Error": ERROR},
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {"bearer": {
+                "type": "http", "scheme": "bearer",
+                "description": ("Needed where the server sets a token: FUSION_INFERENCE_TOKEN for the inference endpoints "
+                                "(the admin token is accepted there too), FUSION_ADMIN_TOKEN for the admin endpoints."),
+            }},
         },
     }

@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from fusion.errors import ConfigError
+from fusion.errors import ConfigError, UnknownNameError
 
 CASCADE = "cascade"
 
@@ -32,6 +33,18 @@ def parse_weights(text: str) -> dict[str, float]:
         except ValueError:
             raise ConfigError(f"routing weights: expected name=number pairs like ensemble=0.5; got '{part}'") from None
     return weights
+
+
+def unknown_variant(name: str, valid: Iterable[str], unavailable: Mapping[str, str] | None = None) -> UnknownNameError:
+    """The error for a request that names a variant it cannot have: it lists every name that works
+    (so a client can correct itself in one step) and, for each special name that does not work here
+    (`members`, `cascade`), what it needs. A special name asked for gets its own reason first."""
+    listed = f"expected one of {sorted(valid)}"
+    unavailable = unavailable or {}
+    if name in unavailable:
+        return UnknownNameError(f"'{name}' needs {unavailable[name]}; {listed}")
+    needs = "".join(f"; '{k}' needs {why}" for k, why in sorted(unavailable.items()))
+    return UnknownNameError(f"unknown variant '{name}'; {listed}{needs}")
 
 
 @dataclass(frozen=True)

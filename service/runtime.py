@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from fusion.bundle import Bundle, Manifest, read_bundle
+from fusion.bundle import MAX_MANIFEST_BYTES, Bundle, Manifest, read_bundle
 from fusion.errors import BundleError, UnavailableError
 from service.onnx_check import check_model
 
@@ -26,6 +26,7 @@ class RuntimeConfig:
     member_threads: int = 1  # per-member sessions never get more: N pools on shared cores blow up p99
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     gpu_ids: tuple[int, ...] = ()
+    max_manifest_bytes: int = MAX_MANIFEST_BYTES  # a larger manifest.json is refused before it is parsed
 
     @classmethod
     def from_env(cls) -> "RuntimeConfig":
@@ -38,6 +39,7 @@ class RuntimeConfig:
             member_threads=int(os.environ.get("FUSION_MEMBER_THREADS", "1")),
             device=os.environ.get("FUSION_DEVICE", "auto"),
             gpu_ids=tuple(int(g) for g in gpus.split(",") if g.strip()),
+            max_manifest_bytes=int(os.environ.get("FUSION_MAX_MANIFEST_BYTES", MAX_MANIFEST_BYTES)),
         )
 
     def use_cuda(self) -> bool:
@@ -62,6 +64,9 @@ def make_session(model: bytes, threads: int, providers: list) -> ort.InferenceSe
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # always parse as ONNX: bytes with "ORTM" at offset 4 would otherwise be read as onnxruntime's own
+    # flatbuffers format, which service/onnx_check.py does not walk (docs/RELIABILITY.md, finding 1)
+    opts.add_session_config_entry("session.load_model_format", "ONNX")
     return ort.InferenceSession(model, opts, providers=providers)
 
 
@@ -149,10 +154,16 @@ class LoadedBundle:
         return self.model(name)(X)
 
 
-def load(path: str | Path, cfg: RuntimeConfig | None = None) -> LoadedBundle:
-    """Verify every digest, open one session per entry, and warm each up with one inference."""
+def load(path: str | Path, cfg: RuntimeConfig | None = None, *, manifest_sha256: str | None = None) -> LoadedBundle:
+    """Verify every digest and the bundle version, open one session per entry, and warm each up.
+
+    Nothing here bounds time or memory: the service runs this first in a child process with limits
+    (service/preflight.py) and then here with `manifest_sha256` set to the digest of the manifest the
+    child checked, so that this process parses exactly the bytes the child did (the manifest fixes
+    every file's digest, and each file is parsed from the bytes its digest was checked on)."""
     cfg = cfg or RuntimeConfig.from_env()
-    bundle = read_bundle(path)
+    bundle = read_bundle(path, max_manifest_bytes=cfg.max_manifest_bytes, check_version=True,
+                         manifest_sha256=manifest_sha256)
     cuda = cfg.use_cuda()
     gpus = cfg.gpu_ids or ((0,) if cuda else ())
     loaded = LoadedBundle(bundle)
@@ -188,3 +199,28 @@ def warm_up(loaded: LoadedBundle) -> None:
             out = model(np.zeros((b, n), dtype=np.float32))
             if out.shape[0] != b or not np.isfinite(out).all():
                 raise UnavailableError(f"warm-up of '{name}' gave {out.shape} / non-finite output")
+
+
+PROBE_ATOL = 1e-4
+
+
+def check_probe(loaded: LoadedBundle) -> None:
+    """Re-run the rows the build recorded in the manifest and compare with the recorded outputs.
+
+    The parity/smoke check on the serving path: a bundle whose models do not reproduce their
+    offline outputs in this runtime is refused before it serves a request.
+    """
+    probe = getattr(loaded.manifest, "probe", None)
+    if not probe:
+        return
+    X = np.asarray(probe["inputs"], dtype=np.float32)
+    for name, expected in probe["outputs"].items():
+        if name not in loaded.models:
+            continue
+        got = loaded.models[name](X)
+        expected = np.asarray(expected, dtype=np.float32)
+        if got.shape != expected.shape:
+            raise UnavailableError(f"'{name}' gave outputs of shape {got.shape} on the probe rows; the manifest recorded {expected.shape}")
+        diff = float(np.abs(got - expected).max())
+        if not diff <= PROBE_ATOL:
+            raise UnavailableError(f"'{name}' does not reproduce its recorded outputs: max |Δ| = {diff:.3g} > {PROBE_ATOL}")

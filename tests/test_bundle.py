@@ -306,7 +306,7 @@ def test_recipe_file_sets_the_combiner_and_flags_override_it(tiny_zoo, tmp_path)
 
 
 @pytest.mark.parametrize("weights, needle", [
-    ("1,2", "expected 4 weights (one per member); got 2"),
+    ("1,2", "expected 4 weights, one per member in this order: cnn_0, mlp_0, mlp_1, mlp_2; got 2"),
     ("1,-1,1,1", "non-negative"),
     ("0,0,0,0", "at least one positive"),
     ("1,nan,1,1", "finite"),
@@ -339,7 +339,9 @@ def test_cli_subprocess_bad_weights(tiny_zoo, tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["fusion build: error: expected 4 weights (one per member); got 3"]
+    assert proc.stderr.strip().splitlines() == [
+        "fusion build: error: expected 4 weights, one per member in this order: cnn_0, mlp_0, mlp_1, mlp_2; got 3 "
+        "(1, 1, 1); or name them, e.g. cnn_0=2 (the others weigh 1)"]
     assert not (tmp_path / "b").exists()
 
 

@@ -38,6 +38,7 @@ pytestmark = pytest.mark.deploy
 DEPLOY = ROOT / "deploy"
 BENTO_PY = DEPLOY / "bento.py"
 TOKEN = "smoke-test-token"
+ADMIN_TOKEN = "smoke-test-admin-token"
 # every network client a build could use points at a closed port: a build that reaches out fails
 _CLOSED = "http://127.0.0.1:9"
 OFFLINE = {**{k: _CLOSED for k in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")},
@@ -312,7 +313,7 @@ def served(context, work):
     before = tree(context)
     env = {**bento_py.container_env(context), "TMPDIR": str(tmpdir), "HOME": str(homedir),
            "PYTHONDONTWRITEBYTECODE": "1", "ORT_DISABLE_TELEMETRY": "1", "FUSION_INFERENCE_TOKEN": TOKEN,
-           "FUSION_WORKERS": "1", "FUSION_INTRA_OP_THREADS": "1"}
+           "FUSION_ADMIN_TOKEN": ADMIN_TOKEN, "FUSION_WORKERS": "1", "FUSION_INTRA_OP_THREADS": "1"}
     server = Server(None, env=env, target=str(context), deadline_s=90)
     assert os.listdir(server.home) == []  # an empty BENTOML_HOME
     with server:
@@ -361,19 +362,23 @@ def test_healthcheck_script(served):
 # ---------------------------------------------------------------------------------- smoke script
 
 
-def smoke(url: str, token: str = "", **env) -> subprocess.CompletedProcess:
-    env = {**{k: v for k, v in os.environ.items() if k != "FUSION_INFERENCE_TOKEN"},
+def smoke(url: str, token: str = "", admin_token: str = "", **env) -> subprocess.CompletedProcess:
+    env = {**{k: v for k, v in os.environ.items() if k not in ("FUSION_INFERENCE_TOKEN", "FUSION_ADMIN_TOKEN")},
            "SMOKE_READY_TIMEOUT": "5", "PYTHON": sys.executable, **env}
     if token:
         env["FUSION_INFERENCE_TOKEN"] = token
+    if admin_token:
+        env["FUSION_ADMIN_TOKEN"] = admin_token
     return subprocess.run(["bash", str(DEPLOY / "smoke.sh"), url], env=env, text=True, capture_output=True, timeout=60)
 
 
 def test_smoke_script_passes_against_the_served_bento(served):
-    proc = smoke(served.url, token=TOKEN, SMOKE_EXPECT_DEVICE="cpu")
+    proc = smoke(served.url, token=TOKEN, admin_token=ADMIN_TOKEN, SMOKE_EXPECT_DEVICE="cpu")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for check in ("GET /readyz 200", "every model on ['cpu']", "POST /predict", "GET /metrics", "smoke test passed"):
-        assert check in proc.stdout
+    for check in ("GET /readyz 200", "every model on ['cpu']", "POST /predict", "GET /metrics",
+                  "GET /admin/routing without the admin token: 401", "GET /admin/routing with the admin token 200",
+                  "smoke test passed"):
+        assert check in proc.stdout, (check, proc.stdout)
     assert "GET /ab/report 200" in proc.stdout or "skip: GET /ab/report answered 404" in proc.stdout
 
 
@@ -384,6 +389,16 @@ def test_smoke_script_fails_when_it_should(served):
     assert on_cpu.returncode == 1 and "expected every model on cuda" in on_cpu.stderr, on_cpu.stderr
     nobody = smoke(served.url.rsplit(":", 1)[0] + ":9", SMOKE_READY_TIMEOUT="1")
     assert nobody.returncode == 1 and "FAIL: GET /readyz" in nobody.stderr
+    wrong_admin = smoke(served.url, token=TOKEN, admin_token="not-the-admin-token")
+    assert wrong_admin.returncode == 1 and "with FUSION_ADMIN_TOKEN answered 401" in wrong_admin.stderr, wrong_admin.stderr
+
+
+def test_smoke_script_fails_when_admin_is_open(tiny_bundle):
+    """A server without an admin token that trusts loopback clients (`make serve`) is not deployable:
+    smoke.sh, run through a port-forward, would reach admin from loopback like anyone forwarded."""
+    with Server(tiny_bundle, env={"FUSION_INFERENCE_TOKEN": TOKEN}) as srv:
+        proc = smoke(srv.url, token=TOKEN)
+    assert proc.returncode == 1 and "answered 200 without the admin token" in proc.stderr, proc.stdout + proc.stderr
 
 
 def test_smoke_script_passes_shellcheck():
@@ -484,6 +499,118 @@ def test_kubernetes_validation_catches_a_typo():
     c["readinesProbe"] = c.pop("readinessProbe")
     with pytest.raises(kubernetes_validate.ValidationError):
         validate(dep)
+
+
+# ------------------------------------------------- admin and shutdown, in every deployment file
+
+# after the drain: uvicorn's own shutdown (in-flight requests finish), the shutdown hooks and the exit
+# of `bentoml serve` (case 7 of docs/RELIABILITY.md: 2.2 s in all on 2 cores); 10 s leaves room
+SHUTDOWN_MARGIN_S = 10
+# every file in deploy/ (and the CPU bentofile) that configures the service's environment; a new
+# one must be added here, and so be checked below
+DEPLOYMENT_FILES = {"base/deployment.yaml", "base/kustomization.yaml", "overlays/gpu/deployment-gpu.yaml",
+                    "docker-compose.yml", "bentocloud.yaml", "bentofile.gpu.yaml", "../bentofile.yaml",
+                    "base/secret-tokens.example.yaml"}
+
+
+def compose_services() -> dict[str, dict]:
+    """The compose services that run fusion-serve (every one but Prometheus), anchors resolved."""
+    services = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+    return {k: v for k, v in services.items() if str(v.get("image", "")).startswith("${FUSION")}
+
+
+def duration_s(text: str) -> float:
+    """A compose duration ("1m30s", "40s") in seconds."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|m|s|us)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, f"expected a duration like 40s or 1m30s; got {text!r}"
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6}[u] for n, u in parts)
+
+
+def deployment_envs() -> dict[str, dict[str, str]]:
+    """The service environment each deployment sets, by where it comes from."""
+    envs = {}
+    for overlay in ("cpu", "gpu"):
+        dep = next(d for d in kustomize(overlay) if d["kind"] == "Deployment")
+        envs[f"kubernetes/{overlay}"] = {e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    for name, svc in compose_services().items():
+        envs[f"compose/{name}"] = {k: str(v) for k, v in svc["environment"].items()}
+    cloud = yaml.safe_load((DEPLOY / "bentocloud.yaml").read_text())
+    envs["bentocloud"] = {e["name"]: e["value"] for e in cloud["envs"]}
+    for svc in cloud["services"].values():
+        envs["bentocloud"].update({e["name"]: e["value"] for e in svc.get("envs", [])})
+    for flavour in ("cpu", "gpu"):
+        envs[f"bentofile/{flavour}"] = {e["name"]: str(e["value"]) for e in bentofile(flavour)["envs"]}
+    return envs
+
+
+def test_every_deployment_file_is_checked():
+    found = {p.relative_to(DEPLOY).as_posix() for p in DEPLOY.rglob("*.y*ml") if "FUSION_" in p.read_text()}
+    found.add("../bentofile.yaml")
+    assert found == DEPLOYMENT_FILES, f"new or removed deployment files: {found ^ DEPLOYMENT_FILES}; check them below"
+
+
+def test_every_deployment_makes_admin_token_only():
+    """Issue 13, finding 4: no deployment trusts loopback clients (a port-forward, a sidecar or a proxy
+    connects from loopback), and the admin token comes from a secret, never from the file itself."""
+    from service.auth import Tokens
+    from service.errors import AuthError
+
+    envs = deployment_envs()
+    assert set(envs) == {"kubernetes/cpu", "kubernetes/gpu", "compose/fusion-serve", "compose/fusion-serve-gpu",
+                         "bentocloud", "bentofile/cpu", "bentofile/gpu"}, set(envs)
+    for where, env in envs.items():
+        tokens = Tokens.from_env(env)  # read as the service reads it
+        assert tokens.admin_loopback is False, f"{where}: expected FUSION_ADMIN_LOOPBACK=0; got {env.get('FUSION_ADMIN_LOOPBACK')!r}"
+        with pytest.raises(AuthError) as e:  # no admin token configured: a loopback client gets nothing
+            Tokens.from_env({**env, "FUSION_ADMIN_TOKEN": ""}).check(None, "admin", "127.0.0.1", {"host": "localhost:3000"})
+        assert e.value.status == 403, where
+        assert env.get("FUSION_ADMIN_TOKEN", "") in ("", "${FUSION_ADMIN_TOKEN:-}"), f"{where}: an admin token in the file"
+    # where each deployment gets the token from
+    for overlay in ("cpu", "gpu"):
+        c = next(d for d in kustomize(overlay) if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+        refs = [r["secretRef"] for r in c["envFrom"] if "secretRef" in r]
+        assert refs == [{"name": "fusion-serve-tokens"}], refs  # not optional: no pod starts without the Secret
+    secret = yaml.safe_load((DEPLOY / "base/secret-tokens.example.yaml").read_text())
+    assert "FUSION_ADMIN_TOKEN" in secret["stringData"]
+    for name, svc in compose_services().items():
+        assert svc["environment"]["FUSION_ADMIN_TOKEN"] == "${FUSION_ADMIN_TOKEN:-}", name  # from the shell / .env
+    assert yaml.safe_load((DEPLOY / "bentocloud.yaml").read_text())["secrets"] == ["fusion-serve-tokens"]
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_kubernetes_grace_period_covers_prestop_and_drain(overlay):
+    """Issue 13, finding 12: preStop + FUSION_DRAIN_MAX_S + the shutdown margin fit in
+    terminationGracePeriodSeconds (before: 5 + 30 > 30, a SIGKILL mid-drain), and the drain may
+    last as long as a request (FUSION_TIMEOUT_S), so a request accepted before SIGTERM can finish."""
+    pod = next(d for d in kustomize(overlay) if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    missing = {"FUSION_DRAIN_MAX_S", "FUSION_TIMEOUT_S"} - set(env)
+    assert not missing, f"expected {sorted(missing)} set in the Deployment, next to the grace period they must fit in"
+    command = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep" and len(command) == 2, command
+    pre_stop, drain_max = float(command[1]), float(env["FUSION_DRAIN_MAX_S"])
+    timeout, drain_min = float(env["FUSION_TIMEOUT_S"]), float(env.get("FUSION_DRAIN_S", 0))
+    grace = pod["terminationGracePeriodSeconds"]
+    assert drain_min <= drain_max and drain_max >= timeout, (drain_min, drain_max, timeout)
+    assert pre_stop + drain_max + SHUTDOWN_MARGIN_S <= grace, (
+        f"preStop {pre_stop} s + FUSION_DRAIN_MAX_S {drain_max} s + {SHUTDOWN_MARGIN_S} s > terminationGracePeriodSeconds {grace}")
+
+
+def test_compose_stop_grace_period_covers_the_drain():
+    for name, svc in compose_services().items():
+        env = svc["environment"]
+        missing = {"FUSION_DRAIN_MAX_S", "FUSION_TIMEOUT_S"} - set(env)
+        assert not missing, f"{name}: expected {sorted(missing)} set, next to stop_grace_period"
+        drain_max, timeout = float(env["FUSION_DRAIN_MAX_S"]), float(env["FUSION_TIMEOUT_S"])
+        grace = duration_s(svc["stop_grace_period"])  # docker sends SIGTERM at once: no preStop
+        assert drain_max >= timeout and drain_max + SHUTDOWN_MARGIN_S <= grace, (name, drain_max, timeout, grace)
+
+
+def test_duration_parser():
+    assert duration_s("40s") == 40 and duration_s("1m30s") == 90 and duration_s("1h") == 3600
+    with pytest.raises(AssertionError):
+        duration_s("40")
 
 
 # ------------------------------------------------------------------------------- compose, cloud

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import os
 import shutil
 import threading
 import time
@@ -16,6 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
+from fusion.bundle import manifest_version
 from tests.server import Server
 from tests.serving_util import Oracle, assert_error_shape, rows_json, wait_for
 
@@ -50,8 +52,11 @@ def X(digits):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle):
-    with Server(tiny_bundle, env={"FUSION_ADMIN_TOKEN": ADMIN}) as srv:
+def server(tiny_bundle, tmp_path_factory):
+    # every bundle of this module lies below pytest's base temp dir; by default swaps could only load
+    # the siblings of tiny_bundle (FUSION_BUNDLE_ROOT defaults to the served bundle's directory)
+    env = {"FUSION_ADMIN_TOKEN": ADMIN, "FUSION_BUNDLE_ROOT": str(tmp_path_factory.getbasetemp())}
+    with Server(tiny_bundle, env=env) as srv:
         yield srv
 
 
@@ -142,9 +147,10 @@ def tampered_copy(src: Path, dst: Path, how: str) -> Path:
     elif how == "manifest":  # the manifest's digest edited
         manifest["variants"]["ensemble"]["sha256"] = "0" * 64
         (dst / "manifest.json").write_text(json.dumps(manifest))
-    elif how == "garbage":  # not ONNX at all, with a digest that matches: onnxruntime must refuse it
+    elif how == "garbage":  # not ONNX at all, with a digest (and so a version) that matches: the ONNX check must refuse it
         target.write_bytes(b"this is not an onnx model" * 10)
         manifest["members"]["mlp_0"]["sha256"] = hashlib.sha256(target.read_bytes()).hexdigest()
+        manifest["bundle_version"] = manifest_version(manifest)
         (dst / "manifest.json").write_text(json.dumps(manifest))
     return dst
 
@@ -175,8 +181,8 @@ def test_hot_swap_under_a_steady_stream(server, admin, tiny_bundle, bundle_v2, o
             body = assert_error_shape(r, 503)
             assert name in body["error"] and why in body["error"].lower().replace(name, ""), body
             refusals.append(body["error"])
-        r = swap(admin, tmp_path / "no-such-bundle")
-        assert "manifest.json" in assert_error_shape(r, 503, echoed_path=str(tmp_path / "no-such-bundle"))["error"]
+        r = swap(admin, tmp_path / "no-such-bundle")  # the caller's mistake: 400, not a 503 clients would retry
+        assert "manifest.json" in assert_error_shape(r, 400, echoed_path=str(tmp_path / "no-such-bundle"))["error"]
         n = stream.count(v2)
         wait_for(lambda: stream.count(v2) >= n + 30, timeout=60, what="traffic after the refusals")
 
@@ -212,7 +218,8 @@ def test_a_swapped_out_version_lets_go_of_its_member_threads(tiny_bundle, bundle
 
     from service.engine import Engine, EngineConfig
 
-    eng = Engine(EngineConfig(bundle=str(tiny_bundle)), env={})
+    root = os.path.commonpath([tiny_bundle, bundle_v2])  # two pytest temp dirs: allow swaps between them
+    eng = Engine(EngineConfig(bundle=str(tiny_bundle), bundle_root=root), env={})
     eng.start()
     assert eng.ready, eng.error
     old = eng.current()

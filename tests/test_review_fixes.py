@@ -21,14 +21,18 @@ def test_members_mode_calibration_equals_softmax_of_scaled_logits():
 
 
 def test_a_reused_request_id_is_never_scored_against_the_wrong_answer():
+    """A client's X-Request-ID is only an alias of a server-keyed record (issue 13, finding 9: reuse used
+    to wipe both records): reused, it names no record, and each stays labelled by its own feedback id."""
     from service.stats import Stats
 
     st = Stats()
-    st.observe("ensemble", 1, 0.001, "same-id", [3])
-    st.observe("merged", 1, 0.001, "same-id", [5])  # another client reuses the id
-    with pytest.raises(KeyError):
-        st.feedback("same-id", [3])
-    assert st.reused_ids == 1 and st.stored_rows == 0
+    first = st.observe("ensemble", 1, 0.001, None, [3], client="c", alias="same-id")
+    second = st.observe("merged", 1, 0.001, None, [5], client="c", alias="same-id")  # the id reused
+    with pytest.raises(ValueError, match="feedback_id"):
+        st.feedback("same-id", [3], client="c")
+    assert st.reused_ids == 1 and st.stored_rows == 2
+    assert st.feedback(first, [3])["variants"] == ["ensemble"] and st.feedback(second, [3])["variants"] == ["merged"]
+    assert st.report()["variants"]["ensemble"]["accuracy"] == 1.0 and st.report()["variants"]["merged"]["accuracy"] == 0.0
 
 
 def test_the_feedback_store_is_bounded_by_rows():

@@ -3,8 +3,18 @@
 The browser tests drive the Debian `chromium` (/usr/bin/chromium) with Python `playwright` (no
 `playwright install`: its own browser download is never used) and skip, saying why, where either is
 missing; `make test` installs Chromium where it can. Every request the page makes must stay on the
-server's origin (the machine has no internet; the page must not need it). The screenshot lands in
-test-artifacts/ui.png.
+server's origin (the machine has no internet; the page must not need it). The dashboard runs the
+README's setup (ensemble / distilled / cascade at 40 / 40 / 20 %, the ensemble as shadow, each of the
+450 test digits sent once and labelled) and no text on it may be cut, at a wide and a narrow window.
+
+The screenshot lands in test-artifacts/ui.png. The README's docs/ui.png is the same screenshot of the
+default bundle:
+
+    FUSION_UI_BUNDLE=artifacts/bundle FUSION_UPDATE_SCREENSHOT=1 \
+        .venv/bin/python -m pytest tests/test_ui.py -k verdict
+
+(FUSION_UI_BUNDLE: serve that bundle instead of the tiny test one; FUSION_UPDATE_SCREENSHOT=1: also
+write docs/ui.png.)
 """
 
 from __future__ import annotations
@@ -27,8 +37,10 @@ CHROMIUM = Path(os.environ.get("FUSION_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
                  "--no-first-run", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = ROOT / "test-artifacts"
+DOCS_SCREENSHOT = ROOT / "docs" / "ui.png"
 TOKEN = "ui-test-token-7f3a"
 ROWS_PER_REQUEST = 4
+WIDE, NARROW = {"width": 1500, "height": 1000}, {"width": 820, "height": 1000}
 
 
 def _browser_missing() -> str | None:
@@ -58,7 +70,12 @@ def _manifest(bundle: Path) -> dict:
 @pytest.fixture(scope="module")
 def compared_bundle(tiny_bundle, digits, tmp_path_factory) -> Path:
     """The tiny bundle with its offline comparison (added here, as `fusion build` does, when the
-    build did not run it)."""
+    build did not run it); FUSION_UI_BUNDLE names another bundle (the README's screenshot)."""
+    if os.environ.get("FUSION_UI_BUNDLE"):
+        chosen = Path(os.environ["FUSION_UI_BUNDLE"]).resolve()
+        assert (chosen / "manifest.json").is_file(), f"FUSION_UI_BUNDLE: expected a bundle directory; got {chosen}"
+        assert _manifest(chosen).get("comparison"), f"FUSION_UI_BUNDLE: expected a bundle with its comparison; {chosen} has none"
+        return chosen
     m = _manifest(tiny_bundle)
     if m.get("comparison") and (tiny_bundle / "comparison.png").is_file():
         return tiny_bundle
@@ -112,7 +129,7 @@ def browser(tmp_path):
     with sync_playwright() as p:
         ctx = p.chromium.launch_persistent_context(
             str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1500, "height": 1000},
+            viewport=WIDE,
         )
         ctx.route("**/*", guard)
         try:
@@ -141,17 +158,18 @@ def _assert_local_only(urls: list[str], srv: Server) -> None:
 # ---- traffic ------------------------------------------------------------------------------------
 
 
-def _send_traffic(client: httpx.Client, digits, n: int) -> tuple[dict[str, int], list[tuple[str, list[int]]]]:
-    """n keyed requests of ROWS_PER_REQUEST test rows; returns requests per variant and (request_id, labels)."""
+def _send_traffic(client: httpx.Client, digits, n: int,
+                  rows: int = ROWS_PER_REQUEST) -> tuple[dict[str, int], list[tuple[str, list[int]]]]:
+    """n keyed requests of `rows` test rows; returns requests per variant and (request_id, labels)."""
     counts: dict[str, int] = {}
     sent = []
     for i in range(n):
-        lo = (i * ROWS_PER_REQUEST) % (len(digits.X_test) - ROWS_PER_REQUEST)
-        r = client.post("/predict", json={"inputs": digits.X_test[lo:lo + ROWS_PER_REQUEST].tolist(), "routing_key": f"user-{i}"})
+        lo = (i * rows) % (len(digits.X_test) - rows + 1)
+        r = client.post("/predict", json={"inputs": digits.X_test[lo:lo + rows].tolist(), "routing_key": f"user-{i}"})
         assert r.status_code == 200, r.text
         body = r.json()
         counts[body["variant"]] = counts.get(body["variant"], 0) + 1
-        sent.append((body["request_id"], [int(y) for y in digits.y_test[lo:lo + ROWS_PER_REQUEST]]))
+        sent.append((body["request_id"], [int(y) for y in digits.y_test[lo:lo + rows]]))
     return counts, sent
 
 
@@ -170,6 +188,43 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
 
 
+# Elements whose text the page cuts: overflow hidden/clip or an active ellipsis with content wider
+# (or taller) than the box, and anything wider than the summary card it sits in. Read from the DOM.
+CUT_TEXT_JS = """() => {
+  const name = (e) => e.tagName.toLowerCase() + (e.id ? "#" + e.id : "") + (e.dataset.variant ? `[data-variant=${e.dataset.variant}]` : "")
+    + (e.className && typeof e.className === "string" ? "." + e.className.trim().split(/\\s+/).join(".") : "");
+  const out = [];
+  for (const e of document.querySelectorAll("body *")) {
+    if (e.closest("svg") || !e.getClientRects().length) continue;
+    const cs = getComputedStyle(e);
+    const wide = e.scrollWidth > e.clientWidth + 1, tall = e.scrollHeight > e.clientHeight + 1;
+    const clips = (v) => v === "hidden" || v === "clip";
+    if ((clips(cs.overflowX) && wide) || (clips(cs.overflowY) && tall) || (cs.textOverflow === "ellipsis" && wide))
+      out.push(`${name(e)}: content ${e.scrollWidth}x${e.scrollHeight} px in a ${e.clientWidth}x${e.clientHeight} px box: "${e.textContent.trim().slice(0, 80)}"`);
+  }
+  for (const card of document.querySelectorAll(".card")) {
+    const box = card.getBoundingClientRect();
+    for (const e of card.querySelectorAll("*")) {
+      const r = e.getBoundingClientRect();
+      if (r.width && (r.left < box.left - 1 || r.right > box.right + 1))
+        out.push(`${name(e)} spills out of its card: [${r.left}, ${r.right}] outside [${box.left}, ${box.right}]`);
+    }
+  }
+  return out;
+}"""
+
+
+def _assert_texts_whole(page, expected: dict[str, str]) -> None:
+    """Nothing on the page is cut, and each selector's text is there in full."""
+    cut = page.evaluate(CUT_TEXT_JS)
+    assert cut == [], "text cut on the dashboard:\n" + "\n".join(cut)
+    for selector, text in expected.items():
+        got = page.locator(selector).text_content()
+        assert text in got, f"{selector}: expected the whole text {text!r}; got {got!r}"
+        fits = page.eval_on_selector(selector, "e => e.scrollWidth <= e.clientWidth && e.scrollHeight <= e.clientHeight")
+        assert fits, f"{selector} does not fit its box"
+
+
 # ---- the dashboard ------------------------------------------------------------------------------
 
 
@@ -182,12 +237,16 @@ def test_dashboard_with_token_shows_variants_and_verdict(browser, compared_bundl
 
     ctx, requested = browser
     manifest = _manifest(compared_bundle)
-    other = next((v for v in ("distilled", "merged") if v in manifest["variants"]), "mlp_0")
-    env = {"FUSION_AB_WEIGHTS": f"ensemble=0.5,{other}=0.5", "FUSION_SHADOW": "ensemble", "FUSION_INFERENCE_TOKEN": TOKEN}
+    cheap = "distilled" if "distilled" in manifest["variants"] else "mlp_0"
+    weights = {"ensemble": 0.4, cheap: 0.4, "cascade": 0.2}  # the README's setup
+    env = {"FUSION_AB_WEIGHTS": ",".join(f"{k}={v}" for k, v in weights.items()), "FUSION_SHADOW": "ensemble",
+           "FUSION_CASCADE": f"{cheap}:0.9", "FUSION_INFERENCE_TOKEN": TOKEN}
+    others = [cheap, "cascade"]
     with Server(compared_bundle, env=env) as srv, httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
-        counts, sent = _send_traffic(c, digits, N_REQUESTS)
-        assert set(counts) == {"ensemble", other}, counts
-        _wait_shadows(c, other)
+        counts, sent = _send_traffic(c, digits, len(digits.X_test), rows=1)  # each test digit once
+        assert set(counts) == set(weights), counts
+        for name in others:
+            _wait_shadows(c, name)
 
         # the page itself is open; the plot behind it needs the token like every data endpoint
         page_resp = httpx.get(srv.url + "/ui")
@@ -210,14 +269,16 @@ def test_dashboard_with_token_shows_variants_and_verdict(browser, compared_bundl
         for name, n in counts.items():
             row = page.locator(f'#variants tr[data-variant="{name}"]')
             expect(row.locator('[data-col="requests"]')).to_have_text(str(n), timeout=10_000)
-            expect(row.locator('[data-col="weight"]')).to_have_text("50.0 %")
+            expect(row.locator('[data-col="weight"]')).to_have_text(_pct(weights[name]))
             expect(row.locator('[data-col="p50"]')).not_to_have_text("—")
             expect(row.locator('[data-col="accuracy"]')).to_have_text("—")
             expect(page.locator(f'#weights-bar [data-variant="{name}"]')).to_have_count(1)
+            expect(page.locator(f'#weights-key [data-variant="{name}"]')).to_have_text(f"{name} {100 * weights[name]:.0f} %")
             expect(page.locator(f'#latency-chart rect[data-variant="{name}"]')).to_have_count(3)
         report = c.get("/ab/report").json()
-        expect(page.locator(f'#variants tr[data-variant="{other}"] [data-col="agreement"]')).to_contain_text(
-            _pct(report["variants"][other]["agreement_with_ensemble"]))
+        for name in others:
+            expect(page.locator(f'#variants tr[data-variant="{name}"] [data-col="agreement"]')).to_contain_text(
+                _pct(report["variants"][name]["agreement_with_ensemble"]))
 
         # the offline table: the figures `fusion report` prints, and the plot
         table = read_comparison(manifest["comparison"]).table
@@ -226,25 +287,37 @@ def test_dashboard_with_token_shows_variants_and_verdict(browser, compared_bundl
         expect(page.locator("#comparison-plot")).to_be_visible(timeout=10_000)
         assert page.eval_on_selector("#comparison-plot", "img => img.naturalWidth") > 100
 
-        # labels arrive: accuracy and the verdict follow
+        # labels arrive: accuracy and the verdicts follow
         for rid, labels in sent:
             r = c.post("/feedback", json={"request_id": rid, "labels": labels})
             assert r.status_code == 200, r.text
         report = c.get("/ab/report").json()
-        verdict = report["variants"][other]["vs_ensemble"]["verdict"]
-        assert not verdict.startswith("collecting"), verdict
+        verdicts = {name: report["variants"][name]["vs_ensemble"]["verdict"] for name in others}
+        assert not any(v.startswith("collecting") for v in verdicts.values()), verdicts
         for name in counts:
             acc = report["variants"][name]["accuracy"]
             expect(page.locator(f'#variants tr[data-variant="{name}"] [data-col="accuracy"]')).to_contain_text(
                 _pct(acc), timeout=10_000)
             expect(page.locator(f'#accuracy-chart circle[data-variant="{name}"]')).to_have_count(1)
-        expect(page.locator(f'#variants tr[data-variant="{other}"] [data-col="verdict"]')).to_contain_text(verdict)
-        expect(page.locator(f'#verdicts [data-variant="{other}"]')).to_contain_text(verdict)
-        expect(page.locator(f'#agreement-chart path[data-variant="{other}"]')).to_have_count(1)
+        for name, verdict in verdicts.items():
+            expect(page.locator(f'#variants tr[data-variant="{name}"] [data-col="verdict"]')).to_contain_text(verdict)
+            expect(page.locator(f'#verdicts [data-variant="{name}"]')).to_contain_text(verdict)
+            expect(page.locator(f'#agreement-chart path[data-variant="{name}"]')).to_have_count(1)
+
+        # no text cut: the verdicts (with their p-values) and the weights' names and shares, in full,
+        # in a wide window and a narrow one
+        page.wait_for_timeout(300)  # let the last poll's charts settle
+        whole = {f'#verdicts [data-variant="{n}"]': f"{n}: {v}" for n, v in verdicts.items()}
+        whole |= {f'#weights-key [data-variant="{n}"]': f"{n} {100 * w:.0f} %" for n, w in weights.items()}
+        for size in (NARROW, WIDE):
+            page.set_viewport_size(size)
+            page.wait_for_timeout(100)
+            _assert_texts_whole(page, whole)
 
         ARTIFACTS.mkdir(exist_ok=True)
-        page.wait_for_timeout(300)  # let the last poll's charts settle
         page.screenshot(path=str(ARTIFACTS / "ui.png"), full_page=True)
+        if os.environ.get("FUSION_UPDATE_SCREENSHOT") == "1":
+            shutil.copyfile(ARTIFACTS / "ui.png", DOCS_SCREENSHOT)
 
         assert errors == [], errors
         urls = requested()

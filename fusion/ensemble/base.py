@@ -33,7 +33,8 @@ def check_weights(weights: Sequence[float] | None, n_members: int) -> np.ndarray
     try:
         w = np.asarray(list(weights), dtype=np.float64)
     except (TypeError, ValueError):
-        raise ConfigError(f"expected {n_members} numeric weights; got {list(weights)!r}") from None
+        got = [w.tolist() if hasattr(w, "tolist") else w for w in weights]  # plain values, not np.str_('a') (issue 21)
+        raise ConfigError(f"expected {n_members} numeric weights; got {got!r}") from None
     if w.ndim != 1 or len(w) != n_members:
         raise ConfigError(f"expected {n_members} weights (one per member); got {len(w)}")
     if not np.isfinite(w).all():

@@ -25,6 +25,7 @@ from fusion.merge.registry import (
     TensorwiseMethod,
     finite_check,
     literal_check,
+    plain,
     range_check,
     register_merge,
 )
@@ -70,7 +71,7 @@ def _score(score: Callable[[dict[str, Tensor]], float], state: Mapping[str, Tens
     try:
         value = float(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"greedy_soup: expected score(state_dict) to return a number for {what}; got {value!r}") from None
+        raise ConfigError(f"greedy_soup: expected score(state_dict) to return a number for {what}; got {plain(value)!r:.80}") from None
     if not math.isfinite(value):
         raise ConfigError(f"greedy_soup: expected a finite score for {what}; got {value}")
     return value

@@ -120,18 +120,28 @@ def check_counts(method: MergeMethod, n_models: int, has_base: bool) -> None:
         raise ConfigError(f"merge method '{method.name}' expected no base model; got one (use task_arithmetic, ties, dare_* …)")
 
 
+def plain(value: Any) -> Any:
+    """numpy/torch scalars and arrays as the Python values they hold, for error messages: `nan`, `0.5`,
+    `[1.0, 2.0]` rather than `np.float64(nan)` or `tensor([1., 2.])` (issue 21)."""
+    if hasattr(value, "tolist") and hasattr(value, "dtype"):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    return value
+
+
 def check_weights(weights: Any, n_models: int, method: MergeMethod | None = None) -> tuple[float, ...]:
     """One finite, non-negative weight per model, not all zero; None gives equal weights (1.0 each)."""
     if weights is None:
         return (1.0,) * n_models
     if method is not None and not method.uses_weights:
-        raise ConfigError(f"merge method '{method.name}' expected no weights; got {weights!r}")
+        raise ConfigError(f"merge method '{method.name}' expected no weights; got {plain(weights)!r}")
     if isinstance(weights, (str, bytes, Mapping)) or not hasattr(weights, "__len__"):
-        raise ConfigError(f"expected a sequence of {n_models} weights, one per model; got {weights!r}")
+        raise ConfigError(f"expected a sequence of {n_models} weights, one per model; got {plain(weights)!r}")
     try:
         ws = tuple(float(w) for w in (weights.tolist() if hasattr(weights, "tolist") else weights))
     except (TypeError, ValueError):
-        raise ConfigError(f"expected {n_models} numeric weights; got {weights!r}") from None
+        raise ConfigError(f"expected {n_models} numeric weights; got {plain(weights)!r}") from None
     if len(ws) != n_models:
         raise ConfigError(f"expected {n_models} weights, one per model; got {len(ws)}")
     for i, w in enumerate(ws):
@@ -206,7 +216,7 @@ def merge(
 
 def literal_check(name: str, param: str, value: Any, options: tuple) -> None:
     if value not in options:
-        raise ConfigError(f"merge method '{name}': expected {param} in {list(options)}; got {value!r}")
+        raise ConfigError(f"merge method '{name}': expected {param} in {list(options)}; got {plain(value)!r}")
 
 
 def range_check(name: str, param: str, value: Any, lo: float, hi: float, *, lo_open: bool = False) -> None:
@@ -214,12 +224,12 @@ def range_check(name: str, param: str, value: Any, lo: float, hi: float, *, lo_o
     ok = ok and (value > lo if lo_open else value >= lo) and value <= hi
     if not ok:
         bracket = "(" if lo_open else "["
-        raise ConfigError(f"merge method '{name}': expected {param} in {bracket}{lo}, {hi}]; got {value!r}")
+        raise ConfigError(f"merge method '{name}': expected {param} in {bracket}{lo}, {hi}]; got {plain(value)!r}")
 
 
 def finite_check(name: str, param: str, value: Any) -> None:
     if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
-        raise ConfigError(f"merge method '{name}': expected a finite number for {param}; got {value!r}")
+        raise ConfigError(f"merge method '{name}': expected a finite number for {param}; got {plain(value)!r}")
 
 
 Scope = Literal["tensor", "global"]

@@ -155,6 +155,12 @@ function renderReport(report) {
 
   $("bundle-version").textContent = report.bundle_version || "none loaded";
   $("uptime").textContent = duration(report.uptime_s);
+  // the figures count every bundle version this worker served since it started (report.covers)
+  const covers = report.covers || {};
+  const counted = Object.keys(covers.bundle_versions || {});
+  $("covers").hidden = !counted.some((v) => v !== report.bundle_version);
+  $("covers").textContent = `· figures include versions ${counted.join(", ")}`;
+  $("covers").title = covers.scope || "";
   let requests = 0;
   for (const v of Object.values(variants)) requests += v.requests || 0;
   $("total-requests").textContent = String(requests);
@@ -171,14 +177,20 @@ function renderReport(report) {
     ? `${cascade.cheap} answers, below ${cascade.threshold} → ${cascade.fallback || "ensemble"} · ${c.escalated || 0} of ${(c.answered || 0) + (c.escalated || 0)} rows escalated`
     : "no cascade configured (FUSION_CASCADE)";
 
-  // weights bar
+  // weights bar: coloured segments only; their names and shares go in the key below it, where a
+  // small share's label has room (inside a 20 % segment "cascade 20 %" was cut to "cascade 2…")
   const bar = $("weights-bar");
+  const key = $("weights-key");
   bar.replaceChildren();
+  key.replaceChildren();
   for (const [name, w] of Object.entries(weights)) {
-    const seg = el("div", { "data-variant": name, title: `${name}: ${pct(w)}`, text: `${name} ${pct(w, 0)}` });
+    const seg = el("div", { "data-variant": name, title: `${name}: ${pct(w)}` });
     seg.style.flex = String(w);
     seg.style.background = colorOf(name);
     bar.append(seg);
+    const item = el("span", { "data-variant": name }, el("span", { class: "swatch" }), `${name} ${pct(w, 0)}`);
+    item.firstChild.style.background = colorOf(name);
+    key.append(item);
   }
   $("routing-detail").textContent = "shadow: " + (shadow.length ? shadow.join(", ") : "none");
 
@@ -316,7 +328,7 @@ function latencyChart(names, variants) {
 function accuracyChart(names, variants) {
   const svg = $("accuracy-chart");
   const data = names.map((n) => [n, variants[n]]).filter(([, v]) => isNum(v.accuracy));
-  if (!data.length) return emptyChart(svg, "no labels yet: POST /feedback {request_id, label}");
+  if (!data.length) return emptyChart(svg, "no labels yet: POST /feedback {feedback_id, label}");
   svg.replaceChildren();
   const { w, h, top, right } = CHART;
   const left = 90, bottom = 28;
@@ -554,7 +566,7 @@ function init() {
   });
   showToken();
   emptyChart($("latency-chart"), "no latency samples yet");
-  emptyChart($("accuracy-chart"), "no labels yet: POST /feedback {request_id, label}");
+  emptyChart($("accuracy-chart"), "no labels yet: POST /feedback {feedback_id, label}");
   emptyChart($("agreement-chart"), "no shadow pairs yet: FUSION_SHADOW=ensemble");
   poll();
 }

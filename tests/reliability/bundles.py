@@ -7,8 +7,10 @@ Building one takes well under a second, so the suite does not depend on training
 service sees the same kind of bundle `fusion build` writes (single-file ONNX, opset 17, digests).
 
 Hostile bundles (external data, custom ops, a pickle where a model should be) are derived from a
-good one by `rewrite`, which re-digests the manifest: the attacker controls the whole directory,
-so the digest check alone cannot be what stops them.
+good one by `rewrite`, which re-digests the manifest and recomputes its version: the attacker
+controls the whole directory, so the digest check alone cannot be what stops them. `load_bombs`
+adds the ones that attack the load itself: a model that never finishes, one that needs more memory
+than the machine has, a manifest too large to parse safely, a manifest whose version lies.
 """
 
 from __future__ import annotations
@@ -111,8 +113,9 @@ def rewrite(src: str | Path, out: str | Path, files: dict[str, bytes] | None = N
             point: dict[str, str] | None = None, extra: dict[str, bytes] | None = None) -> Path:
     """Copy bundle `src` to `out`, replace file contents (`files`: relative path -> bytes), point
     manifest entries at other files (`point`: entry name -> relative path), add `extra` files, and
-    re-digest every entry so the manifest is self-consistent (as an attacker would make it)."""
-    from fusion.bundle import sha256_file
+    re-digest every entry and recompute the bundle version so the manifest is self-consistent (as an
+    attacker would make it)."""
+    from fusion.bundle import manifest_version, sha256_file
 
     src, out = Path(src), Path(out)
     if out.exists():
@@ -129,6 +132,7 @@ def rewrite(src: str | Path, out: str | Path, files: dict[str, bytes] | None = N
             p = out / e["file"]
             if p.is_file():
                 e["sha256"] = sha256_file(p)
+    data["bundle_version"] = manifest_version(data)  # the content address of what the manifest now says
     (out / MANIFEST).write_text(json.dumps(data, indent=2))
     return out
 
@@ -263,4 +267,94 @@ def hostile_bundles(good: str | Path, where: str | Path, canary: str | Path) -> 
 
     out["manifest_path_traversal"] = (rewrite(good, where / "traversal", point={"ensemble": "../v2/ensemble.onnx"}),
                                       "../v2/ensemble.onnx")
+    return out
+
+
+# ---- hostile at load time: models that hang or exhaust memory, manifests that are too big or lie ----
+
+
+def _probabilities_head(x: str, prefix: str = "h_"):
+    """Nodes and weights turning a (batch, N_FEATURES) tensor `x` into (batch, N_CLASSES) probabilities."""
+    from onnx import helper, numpy_helper
+
+    w = np.full((N_FEATURES, N_CLASSES), 0.01, np.float32)
+    inits = [numpy_helper.from_array(w, f"{prefix}W"), numpy_helper.from_array(np.zeros(N_CLASSES, np.float32), f"{prefix}b")]
+    nodes = [helper.make_node("Gemm", [x, f"{prefix}W", f"{prefix}b"], [f"{prefix}logits"]),
+             helper.make_node("Softmax", [f"{prefix}logits"], ["probabilities"], axis=-1)]
+    return nodes, inits
+
+
+def loop_model(trip_count: int = 2**62) -> bytes:
+    """A valid classifier whose input first goes through a `Loop` of `trip_count` iterations with an
+    identity body: a few hundred bytes that take forever to run once `trip_count` is huge (2^62
+    iterations at ~1 µs each are ~146 000 years). With a small trip count it answers normally."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Identity", ["x_in"], ["x_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x_in", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("x_out", TensorProto.FLOAT, None)],
+    )
+    inits = [numpy_helper.from_array(np.array(trip_count, np.int64), "trips"), numpy_helper.from_array(np.array(True), "keep_going")]
+    head, head_inits = _probabilities_head("looped")
+    nodes = [helper.make_node("Loop", ["trips", "keep_going", "input"], ["looped"], body=body), *head]
+    return _model(nodes, inits + head_inits)
+
+
+def expand_model(shape: tuple[int, ...]) -> bytes:
+    """A valid classifier that also materialises a float32 tensor of `shape` (Expand of a scalar: a
+    few hundred bytes of file, `4 * prod(shape)` bytes of memory at load or warm-up), reduced to a
+    scalar 0 that is added to the logits, so the big tensor is needed for the output."""
+    from onnx import helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+             numpy_helper.from_array(np.array(shape, np.int64), "big_shape")]
+    head, head_inits = _probabilities_head("shifted")
+    nodes = [helper.make_node("Expand", ["zero", "big_shape"], ["big"]),
+             helper.make_node("ReduceMax", ["big"], ["big_max"], keepdims=0),
+             helper.make_node("Add", ["input", "big_max"], ["shifted"]), *head]
+    return _model(nodes, inits + head_inits)
+
+
+def edit_manifest(bundle: str | Path, edit, *, reversion: bool = True) -> Path:
+    """Apply `edit(data)` to a bundle's manifest in place; `reversion` recomputes `bundle_version`
+    (a self-consistent manifest, as an attacker or a careless tool would write it)."""
+    from fusion.bundle import manifest_version
+
+    path = Path(bundle) / MANIFEST
+    data = json.loads(path.read_text())
+    edit(data)
+    if reversion:
+        data["bundle_version"] = manifest_version(data)
+    path.write_text(json.dumps(data, indent=2))
+    return Path(bundle)
+
+
+def load_bombs(good: str | Path, where: str | Path, *, over_limit_mb: int) -> dict[str, tuple[Path, str]]:
+    """Bundles derived from `good` that must be refused at load time without hanging or killing the
+    process that loads them: name -> (bundle directory, text the refusal must contain). Every file
+    digest is valid; `over_limit_mb` sizes the Expand that must exceed the load memory limit."""
+    from fusion.bundle import MAX_MANIFEST_BYTES
+
+    where = Path(where)
+    out: dict[str, tuple[Path, str]] = {}
+    out["loop_2_62"] = (rewrite(good, where / "loop", {"members/mlp_0.onnx": loop_model()}), "FUSION_LOAD_TIMEOUT_S")
+    # the issue's 256 GB Expand ([2^16, 2^16, 16] float32), and one just over the memory limit, which a
+    # machine with that much free memory would really allocate without the limit
+    out["expand_256gb"] = (rewrite(good, where / "expand_256gb", {"ensemble.onnx": expand_model((2**16, 2**16, 16))}),
+                           "FUSION_LOAD_MAX_MEMORY_MB")
+    n = (over_limit_mb << 20) // 4 + (256 << 20)  # float32s: the limit plus 1 GiB
+    out["expand_over_limit"] = (rewrite(good, where / "expand_over_limit", {"members/mlp_1.onnx": expand_model((n // 1024, 1024))}),
+                                "FUSION_LOAD_MAX_MEMORY_MB")
+    big = rewrite(good, where / "manifest_too_large")
+    edit_manifest(big, lambda d: d["dataset"].update(notes="x" * MAX_MANIFEST_BYTES))
+    out["manifest_too_large"] = (big, "FUSION_MAX_MANIFEST_BYTES")
+    forged = rewrite(good, where / "version_forged")
+    edit_manifest(forged, lambda d: d.update(bundle_version="0123456789ab"), reversion=False)  # digests still valid
+    out["version_forged"] = (forged, "bundle_version")
+    relabelled = rewrite(good, where / "content_edited")  # answers differently under the old version's name
+    edit_manifest(relabelled, lambda d: d.update(classes=list(reversed(d["classes"]))), reversion=False)
+    out["content_edited"] = (relabelled, "bundle_version")
     return out

@@ -174,8 +174,9 @@ class Load:
 
 class SlowRequest:
     """An HTTP/1.1 request sent by hand: headers and part of the body now, the rest when `finish()` is
-    called. The server has accepted it (and admitted it past any limit) once the headers are in;
-    `local_port` identifies its connection in the server's socket table."""
+    called. The server has accepted it once the headers are in, but admits it to an inference slot
+    only once the body is complete, and answers 408 if that takes longer than FUSION_BODY_TIMEOUT_S
+    (service/traffic.py); `local_port` identifies its connection in the server's socket table."""
 
     def __init__(self, port: int, path: str, body: bytes, headers: dict | None = None, first: int = 5):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)

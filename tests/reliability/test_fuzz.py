@@ -7,6 +7,12 @@
     oversized batches, NaN/Inf, huge numbers: 4xx, never 5xx, never a 200 with a non-finite value;
     valid inputs equal the offline prediction of the served bundle.
 
+Both also send what JSON encoders are reluctant to write (issue 13, finding 10): non-ASCII text and
+lone surrogates in every string (routing keys, variants, feedback ids, OIP ids, names and
+parameters, object keys), as `\\uXXXX` escapes and as the raw bytes Python's "surrogatepass" makes
+of them (not UTF-8), and malformed `Inference-Header-Content-Length` values (non-ASCII digits,
+thousands of zeros, signs, spaces, numbers beyond the body). Bodies go out as raw bytes.
+
 Both are derandomized (the same examples every run) and bounded by example counts.
 """
 
@@ -69,8 +75,13 @@ def test_11_schemathesis_against_our_openapi(main_server, auth, v1):
             seen = []
 
             @settings(max_examples=EXAMPLES, **FUZZ)
-            @given(case=op.as_strategy(generation_mode=mode, path_parameters=path_parameters))
-            def run(case):
+            @given(case=op.as_strategy(generation_mode=mode, path_parameters=path_parameters),
+                   wild=st.lists(wild_text, min_size=1, max_size=3), inject=st.integers(0, 2), raw=st.booleans())
+            def run(case, wild, inject, raw):
+                if inject == 0 and isinstance(case.body, (dict, list)):
+                    # schemathesis' strings are valid UTF-8; a third of the bodies also carry surrogates
+                    # and other odd text, sent as bytes (its JSON encoder would refuse surrogates)
+                    case.body = raw_json(with_wild_strings(case.body, wild), raw)
                 try:
                     response = case.call(base_url=main_server.url, headers=headers, timeout=30)
                 except Exception as exc:  # noqa: BLE001 - a dropped connection is a failure too
@@ -99,6 +110,41 @@ def test_11_schemathesis_against_our_openapi(main_server, auth, v1):
            seconds=round(time.monotonic() - t0, 1), statuses=statuses, failures=len(failures), statuses_by_operation=per_op)
     assert not failures, "\n\n".join(dict.fromkeys(failures))
     assert not any(s >= 500 for s in statuses), statuses
+
+
+# ---- strings JSON encoders are reluctant to write (finding 10) -----------------------------------
+
+# any code point, lone surrogates (category Cs) included; hypothesis leaves those out by default
+wild_char = st.one_of(st.characters(), st.characters(categories=["Cs"]), st.sampled_from("\u00b2\u0663\ufeff\u202e\x00\"\\"))
+wild_text = st.lists(wild_char, min_size=1, max_size=10).map("".join)  # st.text() would drop the surrogates
+
+
+def with_wild_strings(doc, wild: list[str]):
+    """`doc` with its string values and object keys replaced, in turn, by the `wild` strings; a
+    document without strings gains a key."""
+    it = iter(wild * 64)
+
+    def walk(v):
+        if isinstance(v, str):
+            return next(it)
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        if isinstance(v, dict):
+            return {(next(it) if i == 0 else k): walk(x) for i, (k, x) in enumerate(v.items())}
+        return v
+
+    out = walk(doc)
+    if isinstance(out, dict) and not out:
+        out[wild[0]] = wild[-1]
+    return out
+
+
+def raw_json(doc, raw_utf8: bool) -> bytes:
+    """JSON bytes: surrogates as \\uXXXX escapes (the stdlib's ensure_ascii), or written as raw bytes
+    with 'surrogatepass' (ill-formed UTF-8 a careless client would send)."""
+    if raw_utf8:
+        return json.dumps(doc, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    return json.dumps(doc).encode()
 
 
 # ---- case 12: hypothesis on the inputs -------------------------------------------------------
@@ -272,3 +318,133 @@ def test_12_oip_tensors_wrong_shapes_and_dtypes(client):
     record("12_input_fuzz", examples_by_kind=TALLY,
            requests_sent=sum(sum(v.values()) for v in TALLY.values()),
            server_errors=sum(n for v in TALLY.values() for s, n in v.items() if s >= 500))
+
+
+def well_formed_unicode(body: bytes) -> bool:
+    """Whether the body is UTF-8 and no string in it (keys included) holds a lone surrogate."""
+    try:
+        doc = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return False
+
+    def ok(v) -> bool:
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+            return True
+        if isinstance(v, list):
+            return all(map(ok, v))
+        if isinstance(v, dict):
+            return all(ok(k) and ok(x) for k, x in v.items())
+        return True
+
+    return ok(doc)
+
+
+def _contract(r: httpx.Response, what) -> None:
+    """Never 5xx; an error is 4xx in the one shape, as JSON the server could write."""
+    assert r.status_code < 500, (what, r.status_code, r.text[:300])
+    if r.status_code >= 400:
+        assert r.headers["content-type"].startswith("application/json"), (what, r.headers)
+        assert set(r.json()) == {"error", "request_id"}, (what, r.text[:300])
+
+
+@st.composite
+def odd_string_requests(draw) -> tuple[str, str, bytes, dict]:
+    """(kind, path, body, extra headers) with non-ASCII or surrogate text in a string the server reads."""
+    text = draw(wild_text)
+    raw = draw(st.booleans())
+    row = [1.0] * N
+    kind = draw(st.sampled_from(["routing_key", "variant", "field_name", "feedback_id", "feedback_label",
+                                 "oip_id", "oip_name", "oip_datatype", "oip_parameters", "oip_output", "echo",
+                                 "variant_header", "routing_header"]))
+    headers, path = {}, "/predict"
+    if kind in ("routing_key", "variant"):
+        doc = {"inputs": [row], kind: text}
+    elif kind == "field_name":
+        doc = {"inputs": [row], text: 1}
+    elif kind in ("variant_header", "routing_header"):
+        doc = {"inputs": [row]}
+        # header values travel as bytes: UTF-8 (surrogatepass) or latin-1, kept to what HTTP allows in a
+        # value (no control bytes: uvicorn refuses those itself, with a plain-text 400, before any route)
+        value = text.encode("utf-8", "surrogatepass") if raw else text.encode("latin-1", "replace")
+        value = bytes(b for b in value if b >= 0x20 and b != 0x7F).strip() or b"x"
+        headers["X-Variant" if kind == "variant_header" else "X-Routing-Key"] = value
+    elif kind == "feedback_id":
+        path, doc = "/feedback", {"request_id": text, "label": 1}
+    elif kind == "feedback_label":
+        path, doc = "/feedback", {"request_id": "0" * 32, "labels": [text]}
+    elif kind == "echo":
+        path, doc = "/echo", {text: [text, {text: text}]}
+    else:
+        path = "/v2/models/fusion/infer"
+        tensor = {"name": "input", "shape": [1, N], "datatype": "FP32", "data": row}
+        doc = {"inputs": [tensor]}
+        if kind == "oip_id":
+            doc["id"] = text
+        elif kind == "oip_name":
+            tensor["name"] = text
+        elif kind == "oip_datatype":
+            tensor["datatype"] = text
+        elif kind == "oip_parameters":
+            doc["parameters"] = {text: text}
+        else:
+            doc["outputs"] = [{"name": text, "parameters": {"binary_data": False}}]
+    return kind, path, raw_json(doc, raw), headers
+
+
+def test_12_non_ascii_and_surrogate_strings_never_5xx(client):
+    @settings(max_examples=200, **FUZZ)
+    @given(case=odd_string_requests())
+    @example(case=("routing_key", "/predict", b'{"inputs": [[' + b",".join([b"1"] * N) + b']], "routing_key": "\\ud800"}', {}))
+    @example(case=("variant", "/predict", b'{"inputs": [[' + b",".join([b"1"] * N) + b']], "variant": "\\udfff"}', {}))
+    @example(case=("feedback_id", "/feedback", b'{"request_id": "\\ud800", "label": 1}', {}))
+    @example(case=("echo", "/echo", b'{"a": "\xed\xa0\x80"}', {}))
+    def run(case):
+        kind, path, body, headers = case
+        r = client.post(path, content=body, headers=headers)
+        tally(f"strings_{kind}", r.status_code)
+        _contract(r, (kind, body[:120], headers))
+        if not well_formed_unicode(body):  # a lone surrogate or bytes that are not UTF-8: refused as a whole
+            assert r.status_code == 400, (kind, body[:120], r.status_code, r.text[:300])
+        if kind == "echo" and r.status_code == 200:
+            assert r.json() == json.loads(body), (body[:200], r.text[:200])
+
+    run()
+
+
+HEAD = json.dumps({"inputs": [{"name": "input", "shape": [1, N], "datatype": "FP32", "data": [1.0] * N}]}).encode()
+odd_lengths = st.one_of(
+    st.sampled_from(["\u00b2", "\u0663", "0" * 5000, "9" * 5000, "-1", "+1", " 1", "1 ", "1_0", "1e3", "0x10", "", "12.0"]),
+    st.text(alphabet=st.sampled_from("0123456789\u00b2\u00b3\u00b9\u0660\uff11 -+._e"), max_size=30),
+    st.integers(-10, 10**30).map(str),
+    st.just(str(len(HEAD))),
+)
+
+
+def test_12_malformed_oip_header_lengths_are_400(client):
+    @settings(max_examples=120, **FUZZ)
+    @given(value=odd_lengths, encoding=st.sampled_from(["utf-8", "latin-1"]))
+    @example(value="\u00b2", encoding="latin-1")
+    @example(value="0" * 5000, encoding="utf-8")
+    def run(value, encoding):
+        header = value.encode(encoding, "replace").strip()  # HTTP strips the spaces around a value anyway
+        r = client.post("/v2/models/fusion/infer", content=HEAD,
+                        headers={"Inference-Header-Content-Length": header, "Content-Type": "application/json"})
+        tally("oip_header_length", r.status_code)
+        _contract(r, (value[:40], encoding))
+        text = header.decode("latin-1")  # what the server sees
+        digits = text.isascii() and text.isdigit() and len(text) <= 18
+        if digits and int(text) == len(HEAD):
+            assert r.status_code == 200, r.text[:300]
+        elif text == "":
+            assert r.status_code in (200, 400), r.text[:300]  # an empty value may be dropped on the way
+        elif digits:
+            assert r.status_code == 400, (text, r.text[:300])  # a well-formed length that splits the body wrongly
+        else:
+            assert r.status_code == 400 and "Inference-Header-Content-Length" in r.json()["error"], (text[:40], r.text[:300])
+
+    run()
+    record("12_strings_and_headers", examples_by_kind={k: v for k, v in TALLY.items() if k.startswith(("strings_", "oip_header"))})

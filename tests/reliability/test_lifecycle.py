@@ -32,7 +32,7 @@ GRACE_S = 20.0
 def test_07_sigterm_drains_in_flight_requests(v1):
     X = bundles.digits_like(8, seed=7)
     body = json.dumps({"inputs": X[:2].tolist()}).encode()
-    srv = Server(v1, env=env_threads()).start()
+    srv = Server(v1, env={**env_threads(), "FUSION_BODY_TIMEOUT_S": "30"}).start()  # held bodies wait for the signal
     calls, stop = [], threading.Event()  # (started, ended, status or exception name)
 
     def stream():
@@ -95,7 +95,7 @@ def test_08_worker_killed_mid_request(v1):
     small = {"inputs": X[:2].tolist()}
     body = json.dumps(small).encode()
     fresh = {"Connection": "close"}  # a new connection per request: the kernel spreads them over the workers
-    with Server(v1, env={**env_threads(), "FUSION_WORKERS": "2"}) as srv:
+    with Server(v1, env={**env_threads(), "FUSION_WORKERS": "2", "FUSION_BODY_TIMEOUT_S": "60"}) as srv:  # held across the kill
         pid = srv.proc.pid
         assert wait_until(lambda: len(workers(pid)) == 2, 30)
         warm = Load(srv.url, lambda i: {"path": "/predict", "json": small}, concurrency=4, duration_s=30,

@@ -1,9 +1,11 @@
 """Case 2: a burst of 3x the concurrency limit. The excess is refused at once with 429 (+ Retry-After,
 in the one error shape), nothing else fails, health endpoints stay 200, and the service recovers.
 
-To make "the limit is full" certain rather than a matter of timing, `LIMIT` slow requests hold every
-slot (their bodies arrive late) while the burst is sent; a second, natural burst of large requests
-checks that nothing but 200 and 429 ever comes back.
+To make "the limit is full" certain rather than a matter of timing, `LIMIT` requests hold every
+slot while the burst is sent: members-mode requests whose member `mlp_0` hangs for HOLD_S (the
+test-only FUSION_FAULT). A slow *body* no longer holds a slot (a request is admitted once its body is
+complete: issue 13, finding 3, tests/reliability/test_request_bodies.py). A second, natural burst of
+large requests checks that nothing but 200 and 429 ever comes back.
 """
 
 from __future__ import annotations
@@ -22,15 +24,19 @@ from tests.server import Server
 
 pytestmark = pytest.mark.server
 
-LIMIT = 4
-TIMEOUT_S = 3
+LIMIT = 2  # members mode runs at most 2 requests at once (2x members threads): one per held slot
+TIMEOUT_S = 4
+HOLD_S = 2.5  # a held request's hang: below TIMEOUT_S, so that it answers 200
 BURST = 3 * LIMIT
 HEALTH = ("/livez", "/readyz", "/healthz", "/metrics", "/v2/health/live", "/v2/health/ready")
 
 
 @pytest.fixture(scope="module")
 def server(v1):
-    with Server(v1, env={**env_threads(), "FUSION_MAX_CONCURRENCY": str(LIMIT), "FUSION_TIMEOUT_S": str(TIMEOUT_S)}) as srv:
+    env = {**env_threads(), "FUSION_MAX_CONCURRENCY": str(LIMIT), "FUSION_TIMEOUT_S": str(TIMEOUT_S),
+           "FUSION_FAULT": f"mlp_0=hang:{HOLD_S}", "FUSION_MEMBER_DEADLINE_MS": "30000",
+           "FUSION_BODY_TIMEOUT_S": str(3 * TIMEOUT_S)}  # 02b's slow body meets the request timeout first
+    with Server(v1, env=env) as srv:
         yield srv
 
 
@@ -52,10 +58,9 @@ def burst(url: str, n: int, body: dict) -> list[tuple[int, float, httpx.Response
 def test_02_overload_refused_fast_health_stays_up(server):
     X = bundles.digits_like(256, seed=2)
     small = {"inputs": X[:2].tolist()}
-    body = json.dumps(small).encode()
-
-    holders = [SlowRequest(server.port, "/predict", body) for _ in range(LIMIT)]
-    time.sleep(0.5)  # their headers are in: every slot is taken until their bodies complete
+    held = json.dumps({**small, "variant": "members"}).encode()
+    holders = [SlowRequest(server.port, "/predict", held, first=len(held)) for _ in range(LIMIT)]
+    time.sleep(0.5)  # their bodies are in: every slot is taken until mlp_0's hang ends
     held_since = time.monotonic()
     refused = burst(server.url, BURST, small)
     health = {p: httpx.get(server.url + p, timeout=5).status_code for p in HEALTH}
@@ -103,8 +108,9 @@ def test_02_overload_refused_fast_health_stays_up(server):
 
 
 def test_02_request_past_the_timeout_is_504_in_the_error_shape(server):
-    """A request with no response after FUSION_TIMEOUT_S (here: its body never completes) gets 504
-    in the one error shape, frees its slot, and the server keeps answering."""
+    """A request with no response after FUSION_TIMEOUT_S (here: its body never completes, and this
+    server's FUSION_BODY_TIMEOUT_S is longer) gets 504 in the one error shape, and the server keeps
+    answering."""
     body = json.dumps({"inputs": bundles.digits_like(1).tolist()}).encode()
     held = SlowRequest(server.port, "/predict", body, headers={"X-Request-ID": "slow-1"})
     time.sleep(TIMEOUT_S + 1.0)
