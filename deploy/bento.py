@@ -40,8 +40,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENTOFILES = {"cpu": "bentofile.yaml", "gpu": "deploy/bentofile.gpu.yaml"}
 # staged besides the bentofile and the bundle; the bentofiles' `include:` lists select from these
-SOURCES = ("service", "fusion/__init__.py", "fusion/errors.py", "fusion/bundle.py",
-           "deploy/healthcheck.py", "deploy/Dockerfile.template")
+SOURCES = ("service", "fusion/__init__.py", "fusion/errors.py", "fusion/bundle.py", "fusion/stats.py",
+           "deploy/healthcheck.py", "deploy/Dockerfile.template",
+           "deploy/requirements.lock.txt", "deploy/requirements.gpu.lock.txt")  # the bentofiles' requirements_txt
 BUNDLE_DEST = "artifacts/bundle"  # where the bentofiles expect the bundle, relative to the context
 STAGE_MARKER = ".fusion-bento-stage"
 

@@ -50,6 +50,41 @@ WEIGHTS_HELP = (
 )
 
 
+def merge_method_names() -> list[str]:
+    """The merge registry's names, in registration order (`fusion merge --method`)."""
+    from fusion.merge import names
+
+    return names()
+
+
+def combiner_names() -> list[str]:
+    """The combiner registry's names, in registration order (`fusion build --combiner`)."""
+    from fusion.ensemble import COMBINERS
+
+    return list(COMBINERS)
+
+
+class _RegistryNames(argparse.Action):
+    """Stores a name whose help lists a registry's names, read only when help is printed: the registries
+    import torch, and building the parser must not. The choices are not enforced here: an unknown name
+    reaches the library, whose one-line error lists the valid names (exit 2, like every other error)."""
+
+    def __init__(self, option_strings, dest, names, **kwargs):
+        self.names = names
+        super().__init__(option_strings, dest, **kwargs)
+
+    @property
+    def help(self) -> str:
+        return " | ".join(self.names())
+
+    @help.setter
+    def help(self, value) -> None:  # argparse assigns help=None; the names are the help
+        pass
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+
+
 def cmd_zoo(args) -> int:
     from fusion.data import load
     from fusion.zoo import TrainConfig, ZooConfig, train_zoo
@@ -216,7 +251,7 @@ def parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="build a verified serving bundle")
     b.add_argument("--recipe", help="TOML recipe (flags override it); examples/recipe.toml has every key, commented")
-    b.add_argument("--combiner", help="hard_vote | soft_vote | logit_mean | geometric_mean | stacking | mean | weighted_mean | median")
+    b.add_argument("--combiner", action=_RegistryNames, names=combiner_names)
     b.add_argument("--weights", type=_member_weights, help=WEIGHTS_HELP)
     b.add_argument("--zoo", help="zoo directory (trained when empty)")
     b.add_argument("--out", help="bundle directory (default artifacts/bundle)")
@@ -254,7 +289,7 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_report)
 
     m = sub.add_parser("merge", help="merge safetensors checkpoints into one (mergekit method names)")
-    m.add_argument("--method", required=True, help="linear | uniform_soup | greedy_soup | task_arithmetic | ties | dare_linear | dare_ties | slerp | breadcrumbs | model_stock | fisher | regmean")
+    m.add_argument("--method", required=True, action=_RegistryNames, names=merge_method_names)
     m.add_argument("--models", nargs="+", required=True, metavar="CKPT.safetensors")
     m.add_argument("--base", help="the shared base checkpoint, for task-vector methods")
     m.add_argument("--weights", type=_floats, help="one weight per model, e.g. 1,1,2")

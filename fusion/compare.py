@@ -36,9 +36,9 @@ import numpy as np
 from fusion.bundle import Manifest, ModelEntry, read_bundle
 from fusion.data import Dataset
 from fusion.errors import ConfigError
+from fusion.stats import Z95, mcnemar_exact, wilson_interval  # noqa: F401 (shared with service/stats.py)
 
 PROB_EPS = 1e-12
-Z95 = 1.959963984540054  # Φ⁻¹(0.975)
 REPORT_FILES = ("comparison.md", "comparison.json", "comparison.png")
 
 
@@ -54,17 +54,7 @@ class CompareConfig:
 
 
 # --- statistics (pure numpy; tested against scipy and hand computations) ------------------------
-
-
-def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for k successes in n trials (95 % for the default z)."""
-    if n <= 0:
-        raise ConfigError(f"expected n > 0 trials; got {n}")
-    p = k / n
-    denom = 1.0 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, center - half), min(1.0, center + half)
+# wilson_interval and mcnemar_exact come from fusion/stats.py, shared with the service (issue 14).
 
 
 def negative_log_likelihood(probs: np.ndarray, y: np.ndarray, eps: float = PROB_EPS) -> float:
@@ -87,14 +77,12 @@ def expected_calibration_error(probs: np.ndarray, y: np.ndarray, n_bins: int = 1
     return float(ece)
 
 
-def mcnemar_exact(correct_model: np.ndarray, correct_ref: np.ndarray) -> dict:
-    """Exact McNemar test: b = model right & reference wrong, c = the opposite; two-sided binomial p on b of b + c."""
-    from scipy.stats import binomtest
-
+def mcnemar_pairs(correct_model: np.ndarray, correct_ref: np.ndarray) -> dict:
+    """Exact McNemar test on paired correctness: b = model right & reference wrong, c = the opposite;
+    the two-sided binomial p on b of b + c is fusion.stats.mcnemar_exact(b, c), the service's own."""
     a, r = np.asarray(correct_model, bool), np.asarray(correct_ref, bool)
     b, c = int((a & ~r).sum()), int((~a & r).sum())
-    p = 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5, alternative="two-sided").pvalue)
-    return {"b": b, "c": c, "p_value": p}
+    return {"b": b, "c": c, "p_value": mcnemar_exact(b, c)}
 
 
 # --- FLOPs from the ONNX graph -------------------------------------------------------------------
@@ -331,7 +319,7 @@ def compare_models(root: str | Path, manifest: Manifest, data: Dataset, cfg: Com
             "accuracy": k / len(y), "accuracy_ci95": [lo, hi],
             "nll": negative_log_likelihood(p, y), "ece": expected_calibration_error(p, y, cfg.n_bins),
             "agreement": float((p.argmax(-1) == ref_pred).mean()),
-            "mcnemar": None if e.kind == "ensemble" else mcnemar_exact(correct, ref_correct),
+            "mcnemar": None if e.kind == "ensemble" else mcnemar_pairs(correct, ref_correct),
             "n_parameters": e.n_parameters, "flops_per_sample": flops[name], "size_bytes": sizes[name],
             "latency_ms": latency[name], "latency_vs_reference_b1": b1 / ref_b1,
         })

@@ -1,19 +1,27 @@
 """One exception tree for fusion-serve; the service maps it to HTTP in one place (service/errors.py).
 
     FusionError
-    ├── InputError (ValueError)          bad user input: shapes, dtypes, values        -> 400
-    │   ├── DataFormatError              a malformed data file (names the file)        -> 400
-    │   ├── ConfigError                  a bad recipe, weight vector or option         -> 400
-    │   └── UnknownNameError (KeyError)  an unknown registry name (lists valid ones)   -> 404
-    ├── PayloadTooLargeError             a request body or batch over the limit         -> 413
-    ├── BundleError (OSError)            a bundle that cannot be used                  -> 503
-    │   ├── IntegrityError               a file whose sha256 differs from the manifest
-    │   └── ManifestError                a manifest that is missing or malformed
-    ├── ExportError (RuntimeError)       an ONNX export that failed its parity gate
-    └── UnavailableError (RuntimeError)  the service is not ready / a member failed     -> 503
+    ├── InputError (ValueError)                        bad user input: shapes, dtypes, values         -> 400
+    │   ├── DataFormatError                            a malformed data file (names the file)         -> 400
+    │   ├── ConfigError                                a bad recipe, weight vector or option          -> 400
+    │   ├── UnknownNameError (KeyError)                an unknown registry name (lists valid ones)    -> 404
+    │   ├── PayloadTooLargeError                       a request body or batch over the limit         -> 413
+    │   ├── UnsupportedMediaError [service.errors]     a body of a content type not accepted          -> 415
+    │   └── RequestTimeoutError [service.errors]       a body that did not arrive in time             -> 408
+    ├── AuthError [service.errors]                     a missing or wrong token; a token's scope      -> 401/403
+    ├── BundleError (OSError)                          a bundle that cannot be used                   -> 503
+    │   ├── IntegrityError                             a file whose sha256 differs from the manifest  -> 503
+    │   ├── ManifestError                              a manifest that is missing or malformed        -> 503
+    │   └── UnsafeModelError [service.onnx_check]      an ONNX file the service will not load         -> 503
+    ├── ExportError (RuntimeError)                     an ONNX export that failed its parity gate (offline only)
+    └── UnavailableError (RuntimeError)                the service is not ready / a member failed     -> 503
+        ├── DeadlineError [service.errors]             a member or request past its deadline          -> 504
+        └── OverloadedError [service.errors]           every inference slot of the worker is taken    -> 429
 
-Every class also inherits the matching builtin so callers can catch either. This module must stay
-free of torch: the service imports it.
+A class without [module] lives here. (builtins) are the builtins a class also inherits directly, so
+callers can catch either; -> is the HTTP status `service.errors.status_for` gives it (anything not
+drawn is a 500). tests/test_error_tree.py checks this drawing against the classes (`__subclasses__()`):
+draw a new error class here. This module must stay free of torch: the service imports it.
 """
 
 from __future__ import annotations

@@ -17,9 +17,6 @@ from fusion.data import Dataset
 from fusion.errors import ConfigError
 from fusion.zoo import MemberSpec, build_model, evaluate, save_member
 
-DATA_METHODS = ("greedy_soup", "fisher", "regmean")  # need a model and data, not only weights
-
-
 def read_state(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -102,11 +99,10 @@ def merge_checkpoints(
     Streams tensor by tensor (peak memory about one model) when the method allows it and no
     BatchNorm statistics need recomputing; otherwise merges in memory.
     """
-    from fusion.merge import MERGE_METHODS, merge, merge_files, streamable_methods
+    from fusion.merge import get_merge, merge, merge_files, streamable_methods
 
     params = dict(params or {})
-    if method not in MERGE_METHODS:
-        raise ConfigError(f"unknown merge method '{method}'; expected one of {sorted(MERGE_METHODS)}")
+    needs_data = get_merge(method).needs_data  # an unknown name: UnknownNameError listing the registry's names
     if len(paths) < 1:
         raise ConfigError("expected at least one --models checkpoint; got none")
     spec = read_spec(paths[0], arch)
@@ -114,7 +110,6 @@ def merge_checkpoints(
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out expected a .safetensors path; got '{out}'")
     out.parent.mkdir(parents=True, exist_ok=True)
-    needs_data = method in DATA_METHODS
     if needs_data and data is None:
         raise ConfigError(f"merge method '{method}' needs data (--data digits or a file)")
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module_for(spec).modules())
@@ -207,7 +202,7 @@ def merged_model(merge_cfg, zoo_dir: str | Path, data: Dataset) -> tuple[nn.Modu
     """Build the `merged` variant from the recipe's [merge] section: load members (+ base), align them
     to the first member when asked, merge, recompute BN statistics. Returns the model and its record."""
     from fusion.align import align_to_reference, spec_for
-    from fusion.merge import merge
+    from fusion.merge import get_merge, merge
 
     zoo = Path(merge_cfg.zoo or zoo_dir)
     if merge_cfg.members:
@@ -237,7 +232,7 @@ def merged_model(merge_cfg, zoo_dir: str | Path, data: Dataset) -> tuple[nn.Modu
         states = [states[0], *res.state_dicts]
         alignment = {"method": merge_cfg.align, "reference": paths[0].stem}
     params = dict(merge_cfg.params)
-    extra = data_inputs(merge_cfg.method, states, spec, data) if merge_cfg.method in DATA_METHODS else {}
+    extra = data_inputs(merge_cfg.method, states, spec, data) if get_merge(merge_cfg.method).needs_data else {}
     merged = merge(merge_cfg.method, states, base=base, weights=list(merge_cfg.weights) or None, **params, **extra)
     model = finish_state(module_for(spec, merged), data)
     record = {"name": merge_cfg.method, "params": params, "members": [p.stem for p in paths],

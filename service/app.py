@@ -83,7 +83,8 @@ SETTINGS = Settings.from_env()
 # Paths BentoML's OpenTelemetry middleware skips unless FUSION_TRACING=1: with no exporter configured
 # its spans go nowhere, yet it cost 2-3x our whole echo round trip (docs/BENCHMARKS.md, "HTTP floor").
 # OpenTelemetry matches each with re.search on "scheme://host/path" (no query): anchored, nothing else matches.
-INFERENCE_PATHS = [rf"^[a-z]+://[^/]+{p}$" for p in ("/predict", "/echo", "/feedback", "/v2/models/[^/]+/infer")]
+INFERENCE_PATHS = [rf"^[a-z]+://[^/]+{p}$" for p in ("/predict", "/echo", "/feedback", "/v2/models/[^/]+/infer",
+                                                     "/v2/models/[^/]+/versions/[^/]+/infer")]
 # our admission limit (per worker) and drain state: service/traffic.py says why not BentoML's max_concurrency
 TRAFFIC = Traffic.from_settings(SETTINGS.max_concurrency, SETTINGS.workers, SETTINGS.body_timeout_s)
 patch_bentoml_timeout()  # BentoML's per-request timer kept every request's context for 30 s (traffic.py)
@@ -339,33 +340,40 @@ async def v2_ready(request: Request, svc: "FusionService", rid: str) -> Response
     return json_response({"ready": ready}, 200 if ready else 503)
 
 
-def _oip_variant(svc: "FusionService", name: str) -> str | None:
-    """The variant for an OIP model name: None routes by the A/B policy."""
-    if name == ROUTED_MODEL:
-        return None
-    if name not in svc.engine.current().names() and name != CASCADE:
-        raise UnknownNameError(f"unknown model '{name}'; expected '{ROUTED_MODEL}' or one of {sorted(svc.engine.current().names())}")
-    return name
+def _oip_model(svc: "FusionService", request: Request):
+    """(the served bundle version, the variant) for the path's OIP model; variant None routes by the
+    A/B policy. The version is read once: the whole request uses it. A versioned path
+    (`/v2/models/{name}/versions/{version}/...`) must name that version, a model's only one (its
+    metadata lists `[bundle_version]`); any other is a 404 that says which version is served."""
+    served, name = svc.engine.current(), request.path_params["name"]
+    if name != ROUTED_MODEL and name not in served.names() and name != CASCADE:
+        raise UnknownNameError(f"unknown model '{name}'; expected '{ROUTED_MODEL}' or one of {sorted(served.names())}")
+    version = request.path_params.get("version")
+    if version is not None and version != served.version:
+        raise UnknownNameError(f"model '{name}' has no version '{version:.80}'; expected '{served.version}' "
+                               f"(the served bundle version, a model's only version)")
+    return served, None if name == ROUTED_MODEL else name
 
 
 @endpoint("inference")
 async def v2_model(request: Request, svc: "FusionService", rid: str) -> Response:
-    name = request.path_params["name"]
-    _oip_variant(svc, name)
-    m = svc.engine.current().loaded.manifest
-    return json_response(oip.metadata(name, m.bundle_version, m.input.n_features, m.classes if m.task == "classification" else ()))
+    """Also `/v2/models/{name}/versions/{version}` (as v2_model_ready and v2_infer): the version is checked by _oip_model."""
+    served, _ = _oip_model(svc, request)
+    m = served.loaded.manifest
+    return json_response(oip.metadata(request.path_params["name"], served.version, m.input.n_features,
+                                      m.classes if m.task == "classification" else ()))
 
 
 @endpoint("inference")
 async def v2_model_ready(request: Request, svc: "FusionService", rid: str) -> Response:
-    _oip_variant(svc, request.path_params["name"])
+    _oip_model(svc, request)
     return json_response({"name": request.path_params["name"], "ready": True})
 
 
 @endpoint("inference")
 async def v2_infer(request: Request, svc: "FusionService", rid: str) -> Response:
     name = request.path_params["name"]
-    variant = _oip_variant(svc, name)
+    served, variant = _oip_model(svc, request)  # the version the body is checked against and run on
     header_len = request.headers.get(oip.HEADER_LENGTH)
     ctype = content_type(request)  # none at all is JSON here, and only here: Triton's own client sends none (OIP needs none)
     if header_len is None:
@@ -374,7 +382,6 @@ async def v2_infer(request: Request, svc: "FusionService", rid: str) -> Response
     elif ctype not in ("", "application/octet-stream", "application/json"):
         raise UnsupportedMediaError(f"expected Content-Type application/octet-stream (binary tensors) or application/json; got {ctype}")
     body = await read_body(request, svc.settings.max_body_bytes)
-    served = svc.engine.current()
     req = await off_loop(len(body), oip.parse, body, header_len, served.loaded.manifest.input.n_features, svc.settings.max_rows)
     result = await compute(svc, served, req.X, variant, request.headers.get("x-routing-key"), rid, request)
     extra = {"variant": result.variant, "request_id": rid, "feedback_id": result.extra["feedback_id"],
@@ -468,6 +475,10 @@ routes = Starlette(routes=[
     Route("/v2/models/{name}", v2_model, methods=["GET"]),
     Route("/v2/models/{name}/ready", v2_model_ready, methods=["GET"]),
     Route("/v2/models/{name}/infer", v2_infer, methods=["POST"]),
+    # the same handlers for one version: the served bundle's (tritonclient's model_version=)
+    Route("/v2/models/{name}/versions/{version}", v2_model, methods=["GET"]),
+    Route("/v2/models/{name}/versions/{version}/ready", v2_model_ready, methods=["GET"]),
+    Route("/v2/models/{name}/versions/{version}/infer", v2_infer, methods=["POST"]),
     *[Route(path, ui_file, methods=["GET"]) for path in ui.FILES],  # /ui, /ui/app.js, /ui/style.css
     Route("/ui/comparison.png", ui_comparison_plot, methods=["GET"]),
     Route("/docs.json", docs_json, methods=["GET"]),  # ours replaces BentoML's (matched first)

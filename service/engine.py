@@ -8,6 +8,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -89,8 +90,17 @@ class EngineConfig:
 
     def root(self) -> Path:
         """The directory hot swaps are confined to, links resolved: FUSION_BUNDLE_ROOT, or by default
-        the directory that holds the served bundle (its versions' siblings), never "anywhere"."""
-        return Path(self.bundle_root or Path(self.bundle).absolute().parent).resolve()
+        the directory that holds the served bundle (its versions' siblings), never "anywhere". A
+        world-writable parent (a bundle served from /tmp) is no confinement: then only the bundle's
+        own directory, until FUSION_BUNDLE_ROOT says otherwise."""
+        if self.bundle_root:
+            return Path(self.bundle_root).resolve()
+        parent = Path(self.bundle).absolute().parent.resolve()
+        try:
+            shared = parent.stat().st_mode & stat.S_IWOTH
+        except OSError:  # no such directory yet: nothing can be swapped in from it either
+            shared = False
+        return Path(self.bundle).resolve() if shared else parent
 
 
 class Engine:
@@ -157,10 +167,10 @@ class Engine:
         """Load a new bundle version beside the old one, then swap atomically; a failure keeps the old."""
         if "\x00" in path:  # os calls raise ValueError on it: a 500 before this check
             raise InputError("expected a bundle directory path; got one with a NUL character")
-        self.check_swap_path(path)
+        target = self.check_swap_path(path)  # resolved: the directory loaded is the one checked, not a link re-read later
         with self._swap_lock:  # one swap at a time; requests keep flowing on the current version
             try:
-                served = self.open(path)
+                served = self.open(target)
             except OSError as exc:  # not a BundleError: e.g. a name too long, a permission denied
                 if isinstance(exc, BundleError):
                     raise
@@ -178,8 +188,8 @@ class Engine:
         # idle threads exit).
         return {"bundle_version": served.version, "previous_version": old.version if old else None}
 
-    def check_swap_path(self, path: str) -> None:
-        """400 for a path that names no bundle the server may load: outside the bundle root (links
+    def check_swap_path(self, path: str) -> Path:
+        """The resolved bundle directory `path` names; 400 for a path that names no bundle the server may load: outside the bundle root (links
         resolved, so a link inside the root that points out is refused too), or no manifest.json there.
         The caller's mistake, not the server being unavailable: a 503 would make clients retry it.
         The message names the setting, not the root's path (the log has it)."""
@@ -195,7 +205,7 @@ class Engine:
             raise InputError(f"expected a bundle directory below the bundle root ({where}); got '{path}', which is outside it")
         try:
             if (target / MANIFEST).is_file():
-                return
+                return target
             found = ("no such directory" if not target.exists() else "not a directory" if not target.is_dir()
                      else f"a directory without {MANIFEST}")
         except OSError as exc:  # e.g. permission denied

@@ -1,4 +1,8 @@
-"""The one place where domain errors become HTTP responses: status code + one `{"error": ...}` object."""
+"""The one place where domain errors become HTTP responses: status code + one `{"error": ...}` object.
+
+The service's own error classes (below, and UnsafeModelError in onnx_check.py) are drawn with the
+rest of the tree, and the status each gets here, in fusion/errors.py's docstring; a test checks it.
+"""
 
 from __future__ import annotations
 

@@ -147,6 +147,8 @@ def document(*, n_features: int | None, max_rows: int, max_body_bytes: int, vers
     }, required=["model_name", "outputs"])
     name_param = [{"name": "name", "in": "path", "required": True, "schema": STR,
                    "description": "'fusion' (routed by the A/B policy), a variant, a member, 'members' or 'cascade'"}]
+    version_params = [*name_param, {"name": "version", "in": "path", "required": True, "schema": STR,
+                                     "description": "the served bundle_version (a model's only version); any other: 404"}]
     infer_binary = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"},
                                                  "description": "binary tensor extension: JSON header + raw tensors"}}
 
@@ -221,6 +223,11 @@ def document(*, n_features: int | None, max_rows: int, max_body_bytes: int, vers
             security=inference_sec, params=name_param, body=_json_body(infer_request), tags=("oip",),
         )},
     }
+    for path, methods in list(paths.items()):  # the same operations pinned to one version (tritonclient's model_version=)
+        if path.startswith("/v2/models/{name}"):
+            versioned = path.replace("/v2/models/{name}", "/v2/models/{name}/versions/{version}", 1)
+            paths[versioned] = {method: {**o, "summary": o["summary"] + ", for the served version", "parameters": version_params}
+                                for method, o in methods.items()}
     return {
         "openapi": "3.0.3",
         "info": {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ class RuntimeConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     gpu_ids: tuple[int, ...] = ()
     max_manifest_bytes: int = MAX_MANIFEST_BYTES  # a larger manifest.json is refused before it is parsed
+    run_timeout_s: float = 30.0  # one onnxruntime run past this is stopped (RunDeadline); <= 0: never
 
     @classmethod
     def from_env(cls) -> "RuntimeConfig":
@@ -40,6 +42,8 @@ class RuntimeConfig:
             device=os.environ.get("FUSION_DEVICE", "auto"),
             gpu_ids=tuple(int(g) for g in gpus.split(",") if g.strip()),
             max_manifest_bytes=int(os.environ.get("FUSION_MAX_MANIFEST_BYTES", MAX_MANIFEST_BYTES)),
+            # a run the client stopped waiting for (FUSION_TIMEOUT_S -> 504) is not worth finishing
+            run_timeout_s=float(os.environ.get("FUSION_RUN_TIMEOUT_S", os.environ.get("FUSION_TIMEOUT_S", "30"))),
         )
 
     def use_cuda(self) -> bool:
@@ -103,6 +107,66 @@ class CallCost:
         return self.small_s * max(1.0, rows / max(self.small_rows, 1.0))
 
 
+class RunDeadline:
+    """Stops onnxruntime runs that take longer than `limit_s`: each run gets its own `RunOptions`, and
+    one watchdog thread per process sets `terminate` on those past their deadline (onnxruntime then
+    ends the run between kernels, Loop iterations included, with an error).
+
+    The check before loading (service/preflight.py) bounds what a bundle does on zeros and on its probe
+    rows; a graph whose work depends on the input's values (a Loop whose trip count is computed from
+    the input, say) would otherwise hang a worker thread, or the event loop itself, on one crafted
+    request. Costs ~3 µs per run; the watchdog wakes every `limit_s / 4` (at most 0.5 s) while runs
+    are in flight, so a run is stopped within that much of its deadline.
+    """
+
+    def __init__(self, limit_s: float):
+        self.limit_s = limit_s
+        self.poll_s = min(0.5, limit_s / 4) if limit_s > 0 else 0.0
+        self._active: dict[int, tuple[float, ort.RunOptions]] = {}  # id -> (deadline, its options)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def run(self, session: ort.InferenceSession, feeds: dict, what: str) -> list:
+        if self.limit_s <= 0:
+            return session.run(None, feeds)
+        options = ort.RunOptions()
+        options.log_severity_level = 4  # a stopped run is reported here, not also as an ERROR line per run
+        key = id(options)
+        with self._lock:
+            self._active[key] = (time.monotonic() + self.limit_s, options)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="run-deadline", daemon=True)
+                self._thread.start()
+        try:
+            return session.run(None, feeds, options)
+        except Exception:
+            if options.terminate:
+                from service.errors import DeadlineError  # lazy: the preflight child imports no web stack
+
+                raise DeadlineError(f"'{what}' ran past {self.limit_s:g} s (FUSION_RUN_TIMEOUT_S) and was stopped; "
+                                    "expected a model whose run time does not depend on the input's values") from None
+            raise
+        finally:
+            with self._lock:
+                self._active.pop(key, None)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self.poll_s)
+            now = time.monotonic()
+            with self._lock:
+                late = [k for k, (deadline, _) in self._active.items() if deadline <= now]
+                for k in late:
+                    self._active.pop(k)[1].terminate = True
+
+
+_DEADLINES: dict[float, RunDeadline] = {}  # one watchdog per limit (in practice one per process)
+
+
+def run_deadline(limit_s: float) -> RunDeadline:
+    return _DEADLINES.setdefault(limit_s, RunDeadline(limit_s))
+
+
 @dataclass
 class Model:
     """One servable ONNX model: a variant or a member."""
@@ -112,11 +176,12 @@ class Model:
     input_name: str
     device: str
     cost: CallCost = field(default_factory=CallCost)
+    deadline: RunDeadline = field(default_factory=lambda: run_deadline(0.0))
 
     def __call__(self, X: np.ndarray) -> np.ndarray:
         # X: (B, F) float32 C-contiguous -> (B, C) float32
         t0 = time.perf_counter()
-        out = self.session.run(None, {self.input_name: X})[0]
+        out = self.deadline.run(self.session, {self.input_name: X}, self.name)[0]
         self.cost.observe(len(X), time.perf_counter() - t0)
         return out
 
@@ -183,7 +248,7 @@ def load(path: str | Path, cfg: RuntimeConfig | None = None, *, manifest_sha256:
         device = f"cuda:{device_id}" if "CUDAExecutionProvider" in sess.get_providers() else "cpu"
         if cfg.device == "cuda" and device == "cpu":  # onnxruntime falls back to CPU silently (no GPU, no CUDA libs)
             raise UnavailableError(f"FUSION_DEVICE=cuda but '{name}' got only {sess.get_providers()}")
-        loaded.models[name] = Model(name, sess, sess.get_inputs()[0].name, device)
+        loaded.models[name] = Model(name, sess, sess.get_inputs()[0].name, device, deadline=run_deadline(cfg.run_timeout_s))
     warm_up(loaded)
     return loaded
 

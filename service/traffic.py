@@ -114,34 +114,51 @@ class Admission:
                 response = json_response({"error": str(t.overloaded()), "request_id": rid}, 429,
                                          {"Retry-After": "1", "X-Request-ID": rid})
                 return await response(scope, receive, send)
-            t.inflight += 1
-            try:
-                await self.app(scope, receive, send)
-            finally:
-                t.inflight -= 1
-                t.admitted -= 1
-            return
-        body = _BodyReceive(receive, t)
+            slot = _Slot(t, send, admitted=True)
+        else:
+            slot = _Slot(t, send, admitted=False)
+            receive = _BodyReceive(receive, t, slot)
         t.inflight += 1
         try:
-            await self.app(scope, body, send)
+            await self.app(scope, receive, slot.send)
         finally:
             t.inflight -= 1
-            if body.admitted:
-                t.admitted -= 1
+            slot.release()
+
+
+class _Slot:
+    """A request's inference slot: taken when its body is complete (`_BodyReceive`), given back as soon
+    as its response starts (the work is done then) or when the request ends, whichever comes first.
+    A client that does not read its answer stalls only its own `send` (uvicorn waits for the socket to
+    drain), never a slot: 64 such clients used to hold every slot like 64 slow bodies did."""
+
+    __slots__ = ("traffic", "_send", "admitted")
+
+    def __init__(self, traffic: Traffic, send, admitted: bool):
+        self.traffic, self._send, self.admitted = traffic, send, admitted
+
+    def release(self) -> None:
+        if self.admitted:
+            self.admitted = False
+            self.traffic.admitted -= 1
+
+    async def send(self, message) -> None:
+        if message["type"] == "http.response.start":
+            self.release()
+        await self._send(message)
 
 
 class _BodyReceive:
     """A request's `receive` while its body arrives: the body deadline on every wait, then the slot
     when the last chunk is in. After that, a plain pass-through (disconnect notices have no deadline)."""
 
-    __slots__ = ("receive", "traffic", "deadline", "received", "done", "admitted")
+    __slots__ = ("receive", "traffic", "slot", "deadline", "received", "done")
 
-    def __init__(self, receive, traffic: Traffic):
-        self.receive, self.traffic = receive, traffic
+    def __init__(self, receive, traffic: Traffic, slot: _Slot):
+        self.receive, self.traffic, self.slot = receive, traffic, slot
         timeout = traffic.body_timeout_s
         self.deadline = asyncio.get_running_loop().time() + timeout if timeout > 0 else None
-        self.received, self.done, self.admitted = 0, False, False
+        self.received, self.done = 0, False
 
     async def __call__(self):
         if self.done:
@@ -163,7 +180,7 @@ class _BodyReceive:
         if message["type"] == "http.request":  # the body is complete: now it needs a slot
             if not self.traffic.admit():
                 raise self.traffic.overloaded()
-            self.admitted = True
+            self.slot.admitted = True
         return message
 
 

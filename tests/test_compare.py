@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fusion.compare import (
-    CompareConfig, compare_bundle, count_flops, expected_calibration_error, mcnemar_exact,
+    CompareConfig, compare_bundle, count_flops, expected_calibration_error, mcnemar_pairs,
     negative_log_likelihood, to_markdown, wilson_interval,
 )
 
@@ -48,12 +48,12 @@ def test_mcnemar_on_a_hand_made_table():
     # 2x2 table: both right 10, model right / ensemble wrong b = 1, model wrong / ensemble right c = 6, both wrong 3
     model = np.array([1] * 10 + [1] * 1 + [0] * 6 + [0] * 3, bool)
     ref = np.array([1] * 10 + [0] * 1 + [1] * 6 + [0] * 3, bool)
-    res = mcnemar_exact(model, ref)
+    res = mcnemar_pairs(model, ref)
     assert (res["b"], res["c"]) == (1, 6)
     # exact two-sided: 2 · P(X ≤ 1), X ~ Bin(7, 1/2) = 2 · (1 + 7) / 128
     assert res["p_value"] == pytest.approx(16 / 128, rel=1e-12)
-    assert mcnemar_exact(model, model)["p_value"] == 1.0  # no discordant pairs
-    b5c5 = mcnemar_exact(np.array([1] * 5 + [0] * 5, bool), np.array([0] * 5 + [1] * 5, bool))
+    assert mcnemar_pairs(model, model)["p_value"] == 1.0  # no discordant pairs
+    b5c5 = mcnemar_pairs(np.array([1] * 5 + [0] * 5, bool), np.array([0] * 5 + [1] * 5, bool))
     assert b5c5["p_value"] == pytest.approx(1.0)
 
 

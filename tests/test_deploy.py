@@ -9,6 +9,8 @@
 * Kustomize renders both overlays, and every manifest validates against the Kubernetes API schemas
   (kubernetes-validate, strict); the compose file against the compose-spec schema; the BentoCloud
   config against BentoML's own deployment schema.
+* Issue 14: the lock files (every pin, hashes, closed under dependencies), the KServe InferenceService,
+  the ServiceMonitor component and the Grafana dashboard (every query against the metrics registry).
 """
 
 from __future__ import annotations
@@ -78,6 +80,34 @@ def pins(lines) -> dict[str, str]:
     return out
 
 
+# the direct requirements of each image; deploy/lock.sh resolves them into the bentofiles' lock files
+REQUIREMENTS_IN = {"cpu": "deploy/requirements.in", "gpu": "deploy/requirements.gpu.in"}
+
+
+def direct_pins(flavour: str) -> dict[str, str]:
+    return pins((ROOT / REQUIREMENTS_IN[flavour]).read_text().splitlines())
+
+
+def locked(text: str) -> dict[str, tuple[str, list[str]]]:
+    """A `--generate-hashes` requirements file -> {name: (version, [sha256, ...])}; bare lines too."""
+    out: dict[str, tuple[str, list[str]]] = {}
+    for line in text.replace("\\\n", " ").splitlines():
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        req, *options = line.split()
+        name, sep, version = req.partition("==")
+        assert sep and version, f"expected an exact pin name==version; got {line!r}"
+        hashes = [o.removeprefix("--hash=sha256:") for o in options]
+        assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes), f"expected only --hash=sha256:<hex> options; got {line!r}"
+        name = re.sub(r"[-_.]+", "-", name).lower()
+        if name in out:  # `bentoml build` appends bentoml==<its version> after the lock's hashed bentoml
+            assert out[name][0] == version and not (out[name][1] and hashes), f"{name} pinned twice: {line!r}"
+            hashes = out[name][1] or hashes
+        out[name] = (version, hashes)
+    return out
+
+
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -136,7 +166,7 @@ def test_bento_builds_offline_with_the_bundle(cpu_bento, tiny_bundle):
     assert {"service/app.py", "service/runtime.py", "fusion/bundle.py", "fusion/errors.py", "fusion/__init__.py",
             "deploy/healthcheck.py"} <= src
     assert not [p for p in src if p.startswith("fusion/") and p.count("/") == 1
-                and p not in ("fusion/__init__.py", "fusion/errors.py", "fusion/bundle.py")]
+                and p not in ("fusion/__init__.py", "fusion/errors.py", "fusion/bundle.py", "fusion/stats.py")]
     assert not list((bento / "src").rglob("__pycache__"))
     # the whole service package, static files included (the dashboard)
     package = {p.relative_to(ROOT).as_posix() for p in (ROOT / "service").rglob("*")
@@ -148,13 +178,17 @@ def test_bento_builds_offline_with_the_bundle(cpu_bento, tiny_bundle):
 
 def test_bento_pins_every_runtime_package(cpu_bento):
     _, bento = cpu_bento
-    req = pins((bento / "env/python/requirements.txt").read_text().splitlines())
-    wanted = pins(bentofile("cpu")["python"]["packages"])
-    assert req == {**wanted, "bentoml": md.version("bentoml")}
+    req = locked((bento / "env/python/requirements.txt").read_text())
+    lock = locked((ROOT / bentofile("cpu")["python"]["requirements_txt"]).read_text())
+    assert req == lock  # the lock, and bentoml==<the building version> (appended by bentoml build) is in it
+    # the image installs the lock alone: every package and its hashes from the file, nothing resolved
+    assert "PIP_ARGS=(--no-deps)" in (bento / "env/python/install.sh").read_text()
+    assert lock["bentoml"][0] == md.version("bentoml")
+    assert {n: v for n, (v, _) in lock.items() if n in direct_pins("cpu")} == direct_pins("cpu")
     assert "torch" not in req
-    # the pins are the versions these tests run with
-    for name, version in req.items():
-        assert md.version(name) == version, f"{name}: pinned {version}, tests run {md.version(name)}"
+    # every package of the image at the version these tests run with
+    for name, (version, _) in req.items():
+        assert md.version(name) == version, f"{name}: locked {version}, tests run {md.version(name)}"
 
 
 def third_party_imports(paths) -> set[str]:
@@ -178,7 +212,7 @@ def test_every_import_of_the_packaged_code_is_pinned(cpu_bento):
     modules = third_party_imports((bento / "src").rglob("*.py"))
     dists = md.packages_distributions()
     for flavour in ("cpu", "gpu"):
-        pinned = set(pins(bentofile(flavour)["python"]["packages"])) | {"bentoml"}
+        pinned = set(direct_pins(flavour)) | {"bentoml"}
         for module in modules:
             names = {re.sub(r"[-_.]+", "-", d).lower() for d in dists.get(module, [module])}
             if flavour == "gpu" and "onnxruntime" in names:
@@ -191,15 +225,19 @@ def test_bentofiles_stay_in_step():
     assert cpu["service"] == gpu["service"]
     assert cpu["include"] == gpu["include"] and cpu["exclude"] == gpu["exclude"]
     assert {e["name"] for e in cpu["envs"]} == {e["name"] for e in gpu["envs"]}
-    cpu_pins, gpu_pins = pins(cpu["python"]["packages"]), pins(gpu["python"]["packages"])
+    cpu_pins, gpu_pins = direct_pins("cpu"), direct_pins("gpu")
     assert cpu_pins.pop("onnxruntime") and gpu_pins.pop("onnxruntime-gpu")
     assert cpu_pins == gpu_pins
-    assert cpu["python"]["lock_packages"] is False and gpu["python"]["lock_packages"] is False
+    for flavour, options in (("cpu", cpu["python"]), ("gpu", gpu["python"])):
+        # the committed lock, installed as it is: no resolution at build time, no package it lacks
+        assert options == {"lock_packages": False, "pip_args": "--no-deps",
+                           "requirements_txt": REQUIREMENTS_IN[flavour].replace(".in", ".lock.txt")}, options
 
 
 def test_gpu_flavour(gpu_bento):
     _, bento = gpu_bento
-    req = pins((bento / "env/python/requirements.txt").read_text().splitlines())
+    req = locked((bento / "env/python/requirements.txt").read_text())
+    assert req == locked((ROOT / bentofile("gpu")["python"]["requirements_txt"]).read_text())
     assert "onnxruntime-gpu" in req and "onnxruntime" not in req and "torch" not in req
     dockerfile = (bento / "env/docker/Dockerfile").read_text()
     assert re.search(r"^FROM nvidia/cuda:13\.\S+-cudnn-runtime-ubuntu24\.04 ", dockerfile, re.M)
@@ -510,7 +548,7 @@ SHUTDOWN_MARGIN_S = 10
 # one must be added here, and so be checked below
 DEPLOYMENT_FILES = {"base/deployment.yaml", "base/kustomization.yaml", "overlays/gpu/deployment-gpu.yaml",
                     "docker-compose.yml", "bentocloud.yaml", "bentofile.gpu.yaml", "../bentofile.yaml",
-                    "base/secret-tokens.example.yaml"}
+                    "base/secret-tokens.example.yaml", "kserve/inferenceservice.yaml"}
 
 
 def compose_services() -> dict[str, dict]:
@@ -540,6 +578,7 @@ def deployment_envs() -> dict[str, dict[str, str]]:
         envs["bentocloud"].update({e["name"]: e["value"] for e in svc.get("envs", [])})
     for flavour in ("cpu", "gpu"):
         envs[f"bentofile/{flavour}"] = {e["name"]: str(e["value"]) for e in bentofile(flavour)["envs"]}
+    envs["kserve"] = {e["name"]: e["value"] for e in kserve_container()["env"]}
     return envs
 
 
@@ -557,7 +596,7 @@ def test_every_deployment_makes_admin_token_only():
 
     envs = deployment_envs()
     assert set(envs) == {"kubernetes/cpu", "kubernetes/gpu", "compose/fusion-serve", "compose/fusion-serve-gpu",
-                         "bentocloud", "bentofile/cpu", "bentofile/gpu"}, set(envs)
+                         "bentocloud", "bentofile/cpu", "bentofile/gpu", "kserve"}, set(envs)
     for where, env in envs.items():
         tokens = Tokens.from_env(env)  # read as the service reads it
         assert tokens.admin_loopback is False, f"{where}: expected FUSION_ADMIN_LOOPBACK=0; got {env.get('FUSION_ADMIN_LOOPBACK')!r}"
@@ -701,3 +740,380 @@ def test_readme_promql_parses():
     for query in queries:
         promql_parser.parse(query)  # raises ValueError on a syntax error
         assert set(re.findall(r"\bfusion_[a-z_]+", query)) <= known, query
+
+
+# ----------------------------------------------------- KServe, ServiceMonitor, Grafana (issue 14)
+
+KSERVE = DEPLOY / "kserve" / "inferenceservice.yaml"
+MONITORING = DEPLOY / "components" / "monitoring"
+DASHBOARD = DEPLOY / "monitoring" / "grafana-dashboard.json"
+# the fields of a KServe v1beta1 PredictorSpec we use beyond the inlined PodSpec (ComponentExtensionSpec);
+# the PodSpec part is validated by kubernetes-validate as a Pod
+ISVC_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "serving.kserve.io/v1beta1"},
+        "kind": {"const": "InferenceService"},
+        "metadata": {"type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string", "pattern": "^[a-z]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+            "annotations": {"type": "object", "additionalProperties": {"type": "string"}}}},
+        "spec": {"type": "object", "required": ["predictor"], "additionalProperties": False, "properties": {
+            "predictor": {"type": "object", "required": ["containers"], "properties": {
+                "minReplicas": {"type": "integer", "minimum": 0},
+                "maxReplicas": {"type": "integer", "minimum": 1},
+                "scaleMetric": {"enum": ["cpu", "memory", "concurrency", "rps"]},
+                "scaleTarget": {"type": "integer", "minimum": 1},
+                "containers": {"type": "array", "minItems": 1}}}}},
+    },
+}
+# the Prometheus Operator ServiceMonitor fields we use (monitoring.coreos.com/v1)
+SERVICEMONITOR_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "ServiceMonitor"},
+        "metadata": {"type": "object", "required": ["name"]},
+        "spec": {"type": "object", "required": ["selector", "endpoints"], "additionalProperties": False, "properties": {
+            "selector": {"type": "object", "additionalProperties": False, "properties": {
+                "matchLabels": {"type": "object", "minProperties": 1, "additionalProperties": {"type": "string"}}}},
+            "endpoints": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["port", "path"], "additionalProperties": False, "properties": {
+                    "port": {"type": "string"}, "path": {"type": "string", "pattern": "^/"},
+                    "scheme": {"enum": ["http", "https"]},
+                    "interval": {"type": "string", "pattern": r"^(\d+(ms|s|m|h))+$"},
+                    "scrapeTimeout": {"type": "string", "pattern": r"^(\d+(ms|s|m|h))+$"},
+                    "relabelings": {"type": "array", "items": {
+                        "type": "object", "additionalProperties": False, "properties": {
+                            "sourceLabels": {"type": "array", "items": {"type": "string", "pattern": "^[a-zA-Z_][a-zA-Z0-9_]*$"}},
+                            "targetLabel": {"type": "string"}, "regex": {"type": "string"},
+                            "replacement": {"type": "string"},
+                            "action": {"enum": ["replace", "keep", "drop", "labelmap", "labeldrop", "labelkeep"]}}}}}}}}},
+    },
+}
+
+
+def check_schema(doc: dict, schema: dict) -> None:
+    import jsonschema
+
+    jsonschema.validate(doc, schema)  # raises ValidationError naming the path and what was expected
+
+
+def inference_service() -> dict:
+    return yaml.safe_load(KSERVE.read_text())
+
+
+def kserve_container() -> dict:
+    (c,) = inference_service()["spec"]["predictor"]["containers"]
+    return c
+
+
+def test_inference_service_validates():
+    isvc = inference_service()
+    check_schema(isvc, ISVC_SCHEMA)
+    predictor = isvc["spec"]["predictor"]
+    # the inlined PodSpec, strictly, against the Kubernetes API schemas: a Pod made of its fields
+    extension = set(ISVC_SCHEMA["properties"]["spec"]["properties"]["predictor"]["properties"]) - {"containers"}
+    pod_spec = {k: v for k, v in predictor.items() if k not in extension}
+    validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "fusion-serve"}, "spec": pod_spec})
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    assert 1 <= predictor["minReplicas"] <= predictor["maxReplicas"]
+
+
+def test_inference_service_matches_the_deployment():
+    """The custom container runs as the Deployment's: port 3000, probes on /readyz and /livez, the
+    same env (the ConfigMap's A/B settings inlined), the tokens from the same Secret, the same
+    security and shutdown budget."""
+    dep = next(d for d in kustomize("cpu") if d["kind"] == "Deployment")
+    pod, isvc = dep["spec"]["template"]["spec"], inference_service()
+    (want,) = pod["containers"]
+    predictor, c = isvc["spec"]["predictor"], kserve_container()
+    assert c["name"] == "kserve-container"  # KServe finds the model server by this name
+    assert c["image"] == want["image"]
+    assert [(p["containerPort"], p["protocol"]) for p in c["ports"]] == [(3000, "TCP")]  # KServe routes to the one port
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {**want[probe]["httpGet"], "port": 3000}, probe
+        assert {k: v for k, v in c[probe].items() if k != "httpGet"} == {k: v for k, v in want[probe].items() if k != "httpGet"}
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    cm = next(d for d in kustomize("cpu") if d["kind"] == "ConfigMap")
+    want_env = {**{e["name"]: e["value"] for e in want["env"]}, **cm["data"]}
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env == want_env, f"env differs from the Deployment's: {set(env.items()) ^ set(want_env.items())}"
+    assert env["FUSION_ADMIN_LOOPBACK"] == "0"
+    assert c["envFrom"] == [r for r in want["envFrom"] if "secretRef" in r] == [{"secretRef": {"name": "fusion-serve-tokens"}}]
+    for key in ("resources", "lifecycle", "securityContext", "volumeMounts"):
+        assert c[key] == want[key], key
+    for key in ("securityContext", "volumes", "terminationGracePeriodSeconds", "automountServiceAccountToken"):
+        assert predictor[key] == pod[key], key
+    assert isvc["metadata"]["annotations"]["prometheus.io/port"] == "3000"
+
+
+def test_inference_service_check_has_teeth():
+    import jsonschema
+    import kubernetes_validate
+
+    isvc = inference_service()
+    isvc["spec"]["predictor"]["minReplica"] = isvc["spec"]["predictor"].pop("minReplicas")  # a typo KServe ignores
+    extension = set(ISVC_SCHEMA["properties"]["spec"]["properties"]["predictor"]["properties"]) - {"containers"}
+    pod_spec = {k: v for k, v in isvc["spec"]["predictor"].items() if k not in extension}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": pod_spec})
+    isvc = inference_service()
+    isvc["spec"]["predictor"]["scaleMetric"] = "latency"
+    with pytest.raises(jsonschema.ValidationError):
+        check_schema(isvc, ISVC_SCHEMA)
+
+
+def kustomize_with_monitoring(tmp_path: Path, *overlays: str) -> list[dict]:
+    """Render the overlays with the monitoring component added, as an overlay of one's own would."""
+    rel = Path(os.path.relpath(DEPLOY, tmp_path))  # kustomize refuses absolute paths
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [str(rel / "overlays" / o) for o in overlays],
+        "components": [str(rel / "components" / "monitoring")]}))
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        pytest.skip("kubectl is not installed: it renders Kustomize offline (`kubectl kustomize`)")
+    proc = subprocess.run([kubectl, "kustomize", str(tmp_path)], text=True, capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def test_service_monitor_component(tmp_path):
+    """One ServiceMonitor scrapes /metrics of every pod behind both flavours' Services, once each;
+    the base and the overlays stay free of the CRD (test_kustomize_manifests_validate lists their kinds)."""
+    assert not any("ServiceMonitor" in p.read_text() for p in (DEPLOY / "base").rglob("*.yaml"))
+    assert not any("ServiceMonitor" in p.read_text() for p in (DEPLOY / "overlays").rglob("*.yaml"))
+    docs = kustomize_with_monitoring(tmp_path, "cpu", "gpu")
+    (sm,) = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    check_schema(sm, SERVICEMONITOR_SCHEMA)
+    for doc in docs:
+        if doc["kind"] != "ServiceMonitor":
+            validate(doc)
+    services = [d for d in docs if d["kind"] == "Service"]
+    assert len(services) == 2
+    selector = sm["spec"]["selector"]["matchLabels"]
+    (endpoint,) = sm["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics" and endpoint["scheme"] == "http"
+    assert duration_s(endpoint["scrapeTimeout"]) <= duration_s(endpoint["interval"])
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    for svc in services:
+        assert selector.items() <= svc["metadata"]["labels"].items(), svc["metadata"]["name"]
+        (port,) = [p for p in svc["spec"]["ports"] if p["name"] == endpoint["port"]]
+        # the Service's named target port is the pod's 3000, where /metrics is served
+        (c,) = deployments[svc["metadata"]["name"]]["spec"]["template"]["spec"]["containers"]
+        assert {p["name"]: p["containerPort"] for p in c["ports"]}[port["targetPort"]] == 3000
+    # the `flavour` label the queries use, from the pod label as Prometheus names it
+    (relabel,) = endpoint["relabelings"]
+    pod_labels = {k for d in deployments.values() for k in d["spec"]["template"]["metadata"]["labels"]}
+    assert relabel["targetLabel"] == "flavour" and relabel["action"] == "replace"
+    sanitized = {"__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", k) for k in pod_labels}
+    assert set(relabel["sourceLabels"]) <= sanitized, relabel
+
+
+def test_service_monitor_check_has_teeth(tmp_path):
+    import jsonschema
+
+    sm = yaml.safe_load((MONITORING / "servicemonitor.yaml").read_text())
+    check_schema(sm, SERVICEMONITOR_SCHEMA)
+    sm["spec"]["endpoints"][0]["targetPort"] = sm["spec"]["endpoints"][0].pop("port")  # not the Service's name
+    with pytest.raises(jsonschema.ValidationError):
+        check_schema(sm, SERVICEMONITOR_SCHEMA)
+
+
+# Grafana's variables, replaced by values of the same syntax before the queries are parsed
+GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "6h", "$namespace": ".*", "$flavour": ".*"}
+# labels the scrape adds (deploy/README.md section 4, the ServiceMonitor) and the histograms' `le`
+SCRAPE_LABELS = {"namespace", "pod", "instance", "job", "flavour", "service", "container", "endpoint"}
+
+
+def service_metric_labels() -> dict[str, set[str]]:
+    """Series name -> the label names it carries, from the registry's collectors themselves."""
+    from prometheus_client import REGISTRY
+
+    series = service_metric_series()  # the names /metrics prints (and imports what registers them)
+    collectors = REGISTRY._names_to_collectors  # every series name -> its metric
+    return {name: set(collectors[name]._labelnames) | ({"le"} if name.endswith("_bucket") else set())
+            for name in series}
+
+
+def promql_problems(query: str, known: dict[str, set[str]]) -> list[str]:
+    """Parse a dashboard query and list what is wrong: unknown metric names, label names a metric
+    does not carry (in matchers and in `by (...)`), Grafana variables left over."""
+    import promql_parser
+
+    for var, value in GRAFANA_VARIABLES.items():
+        query = query.replace(var, value)
+    if "$" in query:
+        return [f"an unknown Grafana variable in {query!r}"]
+    problems: list[str] = []
+
+    def walk(node) -> set[str]:  # returns the label names the node's series can carry
+        kind = type(node).__name__
+        if kind == "VectorSelector":
+            if node.name not in known:
+                problems.append(f"unknown metric {node.name!r}")
+                return set()
+            labels = known[node.name] | SCRAPE_LABELS
+            for m in node.matchers.matchers:
+                if m.name not in labels:
+                    problems.append(f"{node.name} has no label {m.name!r}")
+            return labels
+        if kind == "MatrixSelector":
+            return walk(node.vector_selector)
+        if kind == "AggregateExpr":
+            labels = walk(node.expr)
+            if node.param is not None:
+                walk(node.param)
+            if node.modifier is not None:
+                missing = set(node.modifier.labels) - labels
+                if missing:
+                    problems.append(f"by/without {sorted(missing)}: not labels of {sorted(labels)}")
+                return set(node.modifier.labels) if str(node.modifier).startswith("by") else labels
+            return set()
+        if kind == "Call":
+            out = set()
+            for arg in node.args:
+                out |= walk(arg)
+            return out
+        if kind == "BinaryExpr":
+            return walk(node.lhs) | walk(node.rhs)
+        if kind in ("ParenExpr", "UnaryExpr", "SubqueryExpr"):
+            return walk(node.expr)
+        return set()  # literals
+
+    try:
+        walk(promql_parser.parse(query))
+    except ValueError as e:
+        return [f"does not parse: {e}"]
+    return problems
+
+
+def dashboard_targets(dashboard: dict) -> list[tuple[str, dict]]:
+    return [(p["title"], t) for p in dashboard["panels"] if p["type"] != "row" for t in p["targets"]]
+
+
+def test_grafana_dashboard_shape():
+    dash = json.loads(DASHBOARD.read_text())
+    assert isinstance(dash["uid"], str) and re.fullmatch(r"[a-zA-Z0-9_-]{1,40}", dash["uid"]), dash["uid"]
+    assert dash["title"] and isinstance(dash["schemaVersion"], int) and dash["schemaVersion"] >= 36
+    assert "id" not in dash or dash["id"] is None  # importable into any Grafana
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    grid = set()
+    for p in dash["panels"]:
+        pos = p["gridPos"]
+        assert {"h", "w", "x", "y"} <= set(pos) and 0 <= pos["x"] and pos["x"] + pos["w"] <= 24, (p["title"], pos)
+        cells = {(x, y) for x in range(pos["x"], pos["x"] + pos["w"]) for y in range(pos["y"], pos["y"] + pos["h"])}
+        assert not cells & grid, f"panel {p['title']!r} overlaps another"
+        grid |= cells
+        if p["type"] == "row":
+            continue
+        assert p["type"] in {"timeseries", "stat", "table", "gauge", "bargauge"} and p["title"], p
+        assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, p["title"]
+        refs = [t["refId"] for t in p["targets"]]
+        assert refs and len(refs) == len(set(refs)), p["title"]
+        assert all(t["expr"].strip() for t in p["targets"]), p["title"]
+
+
+def test_grafana_dashboard_queries_use_real_metrics():
+    """Every query parses and names only metrics and labels our registry has; the dashboard covers
+    what operators look at (traffic, p50/p99 per variant, errors, agreement, accuracy, shadow
+    failures, degraded answers, the cascade, the served bundle)."""
+    pytest.importorskip("promql_parser", reason="promql-parser (dev dependency) is not installed")
+    known = service_metric_labels()
+    assert {"fusion_requests_total", "fusion_request_latency_seconds_bucket", "fusion_bundle_info"} <= set(known)
+    assert known["fusion_agreement_total"] == {"variant", "agree"}
+    dash = json.loads(DASHBOARD.read_text())
+    targets = dashboard_targets(dash)
+    for title, target in targets:
+        problems = promql_problems(target["expr"], known)
+        assert not problems, f"panel {title!r}, query {target['expr']!r}: {problems}"
+    used = {m for _, t in targets for m in re.findall(r"\bfusion_[a-z_]+", t["expr"])}
+    wanted = {"fusion_requests_total", "fusion_request_latency_seconds_bucket", "fusion_errors_total",
+              "fusion_agreement_total", "fusion_feedback_total", "fusion_shadow_failures_total",
+              "fusion_degraded_total", "fusion_cascade_rows_total", "fusion_bundle_info"}
+    assert wanted <= used, f"not on the dashboard: {sorted(wanted - used)}"
+    exprs = [re.sub(r"\s+", "", t["expr"]) for _, t in targets]
+    for q in ("0.5", "0.99"):
+        assert any(e.startswith(f"histogram_quantile({q},sumby(variant,le)(rate(fusion_request_latency_seconds_bucket")
+                   for e in exprs), f"no p{q} latency per variant"
+    # per variant where it matters: by (variant), never a sum over the variants
+    for metric in ("fusion_requests_total", "fusion_agreement_total", "fusion_feedback_total"):
+        assert any(f"sumby(variant)(" in e and metric in e for e in exprs), metric
+
+
+def test_promql_checker_has_teeth():
+    pytest.importorskip("promql_parser", reason="promql-parser (dev dependency) is not installed")
+    known = service_metric_labels()
+    good = 'sum by (variant) (rate(fusion_requests_total{flavour=~"$flavour"}[$__rate_interval]))'
+    assert promql_problems(good, known) == []
+    assert promql_problems(good.replace("fusion_requests_total", "fusion_request_total"), known)  # no `s`
+    assert promql_problems(good.replace("by (variant)", "by (model)"), known)  # a label it lacks
+    assert promql_problems(good.replace("flavour=~", "status=~"), known)
+    assert promql_problems(good.replace("$flavour", "$region"), known)  # an undefined variable
+    assert promql_problems(good.replace("[$__rate_interval]", "[$__rate_interval"), known)  # syntax
+    # Prometheus names counters with `_total`: the bare name is not a series
+    assert promql_problems("rate(fusion_errors[5m])", known)
+
+
+# ------------------------------------------------------------------ lock files with hashes (issue 14)
+
+
+@pytest.mark.parametrize("flavour", ["cpu", "gpu"])
+def test_lock_covers_every_pin_with_hashes(flavour):
+    """Every direct pin is in the flavour's lock at its version, and every locked package carries the
+    sha256 of its files: the image installs nothing unchecked."""
+    text = (ROOT / bentofile(flavour)["python"]["requirements_txt"]).read_text()
+    lock = locked(text)
+    for name, version in direct_pins(flavour).items():
+        assert name in lock, f"{flavour}: {name}=={version} is pinned but not in the lock (run deploy/lock.sh)"
+        assert lock[name][0] == version, f"{flavour}: {name} pinned {version}, locked {lock[name][0]} (run deploy/lock.sh)"
+    for name, (version, hashes) in lock.items():
+        assert hashes, f"{flavour}: {name}=={version} has no --hash in the lock"
+    # every requirement line of the file is a hashed pin: no option line (-e, -r, --index-url) sneaks in
+    starts = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith(("#", "--hash="))]
+    assert len(starts) == len(lock), [ln for ln in starts if "==" not in ln]
+    assert all(ln.rstrip().endswith("\\") for ln in starts), "expected a --hash after every requirement"
+    assert "torch" not in lock
+
+
+def test_cpu_lock_is_closed_under_dependencies():
+    """`--no-deps` installs the lock alone, so it must hold every dependency of every package in it
+    (for CPython 3.11 on Linux x86_64, the image's platform), read from the installed metadata."""
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+
+    env = {**default_environment(), "python_version": "3.11", "python_full_version": "3.11", "sys_platform": "linux",
+           "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix", "implementation_name": "cpython"}
+    lock = locked((ROOT / bentofile("cpu")["python"]["requirements_txt"]).read_text())
+    norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()  # noqa: E731
+    wanted: dict[str, set[str]] = {n: set() for n in direct_pins("cpu")}  # name -> extras asked for
+    todo, seen, missing = list(wanted), set(), []
+    while todo:
+        name = todo.pop()
+        extras = wanted[name]
+        if (name, frozenset(extras)) in seen:
+            continue
+        seen.add((name, frozenset(extras)))
+        for raw in md.distribution(name).requires or []:
+            req = Requirement(raw)
+            if req.marker and not any(req.marker.evaluate({**env, "extra": e}) for e in (extras or {""})):
+                continue
+            dep = norm(req.name)
+            if dep not in lock:
+                missing.append(f"{dep} (needed by {name})")
+                continue
+            assert lock[dep][0] in req.specifier, f"{dep}=={lock[dep][0]} does not satisfy {name}'s {raw!r}"
+            if dep not in wanted or not req.extras <= wanted[dep]:
+                wanted[dep] = wanted.get(dep, set()) | set(req.extras)
+                todo.append(dep)
+    assert not missing, f"not in the lock: {sorted(set(missing))} (run deploy/lock.sh)"
+    unused = set(lock) - set(wanted)
+    assert not unused, f"locked but needed by nothing: {sorted(unused)}"

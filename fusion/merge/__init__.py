@@ -5,7 +5,9 @@
     merge_files("linear", ["a.safetensors", "b.safetensors"], "out.safetensors")
 
 Methods: linear, uniform_soup, greedy_soup, task_arithmetic, ties, dare_linear, dare_ties, slerp,
-breadcrumbs, model_stock, fisher, regmean (`method_params(name)` lists each one's parameters).
+breadcrumbs, model_stock, fisher, regmean (`names()`; `method_params(name)` lists each one's parameters,
+`data_methods()` those that need data). task_arithmetic, ties, dare_* and breadcrumbs are one class,
+`GeneralizedTaskArithmetic`, registered under five names (mergekit's design).
 """
 
 from fusion.merge.registry import (
@@ -14,20 +16,24 @@ from fusion.merge.registry import (
     StateDict,
     TensorwiseMethod,
     check_weights,
+    data_methods,
     get_merge,
     make_method,
     merge,
     method_params,
+    names,
     register_merge,
 )
 from fusion.merge import methods as _methods  # noqa: F401  (registers the methods)
 from fusion.merge.methods import GreedySoupResult, TiesGlobalStats, greedy_soup
+from fusion.merge.generalized import GeneralizedTaskArithmetic, register_task_arithmetic
 from fusion.merge.estimates import diagonal_fisher, has_batchnorm, regmean_grams, reset_bn
 from fusion.merge.streaming import merge_files, streamable_methods
 
 __all__ = [
-    "MERGE_METHODS", "MergeMethod", "StateDict", "TensorwiseMethod", "check_weights", "get_merge",
-    "make_method", "merge", "method_params", "register_merge", "GreedySoupResult", "TiesGlobalStats",
+    "MERGE_METHODS", "MergeMethod", "StateDict", "TensorwiseMethod", "check_weights", "data_methods", "get_merge",
+    "make_method", "merge", "method_params", "names", "register_merge", "GeneralizedTaskArithmetic",
+    "register_task_arithmetic", "GreedySoupResult", "TiesGlobalStats",
     "greedy_soup", "diagonal_fisher", "has_batchnorm", "regmean_grams", "reset_bn", "merge_files",
     "streamable_methods",
 ]

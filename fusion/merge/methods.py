@@ -1,5 +1,9 @@
 """The registered merge methods: thin frozen configs over `fusion.merge.kernels`.
 
+The task-arithmetic family (task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs) is one class,
+`fusion.merge.generalized.GeneralizedTaskArithmetic`, registered under five names with their options;
+the classes here only declare each name's parameters.
+
 θ are parameters, τ_i = θ_i − θ_base task vectors, w_i the per-model weights (default 1), λ `scaling`.
 Where mergekit and the original code / FusionBench disagree, both are available behind an option
 and the default is named in the docstring (see /work/shared/NOTES-algorithms.md).
@@ -7,7 +11,6 @@ and the default is named in the docstring (see /work/shared/NOTES-algorithms.md)
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping, Sequence
@@ -17,24 +20,22 @@ from torch import Tensor
 
 from fusion.errors import ConfigError
 from fusion.merge import kernels as K
+from fusion.merge.generalized import (  # noqa: F401  (TiesGlobalStats, tensor_generator: re-exported)
+    GeneralizedTaskArithmetic,
+    TiesGlobalStats,
+    register_task_arithmetic,
+    tensor_generator,
+)
 from fusion.merge.registry import (
     MergeFunc,
     MergeMethod,
     Scope,
     StateDict,
     TensorwiseMethod,
-    finite_check,
-    literal_check,
     plain,
     range_check,
     register_merge,
 )
-
-
-def tensor_generator(seed: int, key: str, index: int) -> torch.Generator:
-    """A generator seeded from (seed, entry name, model index), so random masks do not depend on entry order."""
-    digest = hashlib.sha256(f"{seed}/{index}/{key}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 @register_merge("linear", paper="https://arxiv.org/abs/2203.05482")
@@ -110,6 +111,7 @@ class GreedySoup(MergeMethod):
 
     score: Callable[[dict[str, Tensor]], float] | None = None
     uses_weights: ClassVar[bool] = False
+    needs_data: ClassVar[bool] = True
 
     def __post_init__(self):
         if not callable(self.score):
@@ -119,59 +121,15 @@ class GreedySoup(MergeMethod):
         return greedy_soup(models, self.score).state_dict
 
 
-@register_merge("task_arithmetic", paper="https://arxiv.org/abs/2212.04089")
-@dataclass(frozen=True)
-class TaskArithmetic(TensorwiseMethod):
+@register_task_arithmetic("task_arithmetic", paper="https://arxiv.org/abs/2212.04089")
+class TaskArithmetic(GeneralizedTaskArithmetic):
     """θ_base + λ Σ w_i τ_i (Ilharco et al. 2023); λ = `scaling`, default 1.0 (0.3–1.0 typical, pick on validation)."""
 
     scaling: float = 1.0
-    needs_base: ClassVar[bool] = True
-    streaming: ClassVar[str] = "elementwise"
-
-    def __post_init__(self):
-        finite_check(self.name, "scaling", self.scaling)
-
-    def merge_tensor(self, key, xs, base, weights):
-        return K.task_arithmetic_kernel(xs, base, weights, float(self.scaling))
 
 
-@dataclass(frozen=True)
-class TiesGlobalStats:
-    """Whole-model quantities of global-scope TIES: per-model magnitude thresholds and the majority sign."""
-
-    thresholds: tuple[float | None, ...]  # keep |τ_i| >= threshold (None: keep all)
-    majority_sign: int  # sign of the sum of elected signs over the model: resolves entries whose vote is 0
-    select_dtype: torch.dtype  # magnitudes are compared in this dtype (float64 if any entry is)
-
-
-def select_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
-    """float64 when any floating entry is float64, else float32 (which holds every narrower float exactly)."""
-    return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
-def global_kth(d: int, density: float) -> int | None:
-    """1-based rank of the threshold in ascending |τ| order (the original code's kthvalue rule); None keeps all."""
-    return None if density >= 1.0 else d - int(d * density)
-
-
-def trim_global(delta: Tensor, threshold: float | None, sel: torch.dtype) -> Tensor:
-    """Zero |δ| < threshold (original TIES / FusionBench: kthvalue over the whole model). delta: S -> S."""
-    if threshold is None:
-        return delta
-    keep = delta.abs().to(sel) >= torch.tensor(threshold, dtype=sel)
-    return torch.where(keep, delta, torch.zeros((), dtype=delta.dtype))
-
-
-def elected_balance(xs: Sequence[Tensor], base: Tensor, weights: tuple[float, ...], thresholds, sel) -> int:
-    """(#entries elected +) − (#entries elected −) of one entry, for global-scope majority-sign resolution."""
-    trimmed = [trim_global(d, t, sel) for d, t in zip(K.task_vectors(xs, base), thresholds)]
-    sign = K.elect_sign(trimmed, weights)
-    return int((sign > 0).sum()) - int((sign < 0).sum())
-
-
-@register_merge("ties", paper="https://arxiv.org/abs/2306.01708")
-@dataclass(frozen=True)
-class Ties(TensorwiseMethod):
+@register_task_arithmetic("ties", paper="https://arxiv.org/abs/2306.01708", sparsification="magnitude", consensus="sign")
+class Ties(GeneralizedTaskArithmetic):
     """TIES merging (Yadav et al. 2023): trim each τ_i, elect a sign per entry, disjoint merge, θ_base + λ·merged.
 
     density (default 0.2): fraction of each task vector kept by magnitude.
@@ -188,65 +146,10 @@ class Ties(TensorwiseMethod):
     scope: Scope = "tensor"
     merge: MergeFunc = "mean"
     scaling: float = 1.0
-    needs_base: ClassVar[bool] = True
-
-    def __post_init__(self):
-        range_check(self.name, "density", self.density, 0.0, 1.0, lo_open=True)
-        literal_check(self.name, "scope", self.scope, ("tensor", "global"))
-        literal_check(self.name, "merge", self.merge, ("mean", "sum"))
-        finite_check(self.name, "scaling", self.scaling)
-
-    @property
-    def streaming(self) -> str:  # type: ignore[override]
-        return "tensor" if self.scope == "tensor" else "global"
-
-    def merge_tensor(self, key, xs, base, weights):
-        """Tensor scope only (global scope needs `global_stats` first: see `merge_tensor_global`)."""
-        if self.scope != "tensor":
-            raise ConfigError("ties with scope='global' needs whole-model thresholds; use merge_state or merge_tensor_global")
-        deltas = K.task_vectors(xs, base)
-        trimmed = [torch.where(K.topk_mask(d, self.density), d, torch.zeros((), dtype=d.dtype)) for d in deltas]
-        sign = K.elect_sign(trimmed, weights)
-        sign = torch.where(sign == 0, torch.ones((), dtype=sign.dtype), sign)  # mergekit: zero -> +1
-        return K.finish(base, K.disjoint_merge(trimmed, weights, sign, self.merge), float(self.scaling))
-
-    def merge_tensor_global(self, key, xs, base, weights, stats: TiesGlobalStats) -> Tensor:
-        """One entry of global-scope TIES given the whole-model `stats`. xs: K of shape S, base: S -> S."""
-        trimmed = [trim_global(d, t, stats.select_dtype) for d, t in zip(K.task_vectors(xs, base), stats.thresholds)]
-        sign = K.elect_sign(trimmed, weights)
-        sign = torch.where(sign == 0, torch.full((), float(stats.majority_sign), dtype=sign.dtype), sign)
-        return K.finish(base, K.disjoint_merge(trimmed, weights, sign, self.merge), float(self.scaling))
-
-    def global_stats(self, models: Sequence[StateDict], base: StateDict, weights: tuple[float, ...]) -> TiesGlobalStats:
-        """Per-model kthvalue thresholds over the whole flattened task vector, then the majority sign."""
-        keys = [k for k, v in base.items() if v.is_floating_point()]
-        sel = select_dtype([base[k].dtype for k in keys])
-        if not keys:
-            return TiesGlobalStats((None,) * len(models), 0, sel)
-        thresholds = []
-        for m in models:
-            mags = torch.cat([K.task_vectors([m[k]], base[k])[0].abs().to(sel).reshape(-1) for k in keys])  # (d,)
-            kth = global_kth(mags.numel(), self.density)
-            thresholds.append(None if kth is None else float(mags.kthvalue(kth).values))
-        balance = sum(elected_balance([m[k] for m in models], base[k], weights, thresholds, sel) for k in keys)
-        return TiesGlobalStats(tuple(thresholds), (balance > 0) - (balance < 0), sel)
-
-    def merge_state(self, models, base, weights):
-        if self.scope == "tensor":
-            return super().merge_state(models, base, weights)
-        stats = self.global_stats(models, base, weights)
-        out = {}
-        for key, ref in models[0].items():
-            if not ref.is_floating_point():
-                out[key] = ref.clone()
-                continue
-            out[key] = self.merge_tensor_global(key, [m[key] for m in models], base[key], weights, stats)
-        return out
 
 
-@register_merge("dare_linear", paper="https://arxiv.org/abs/2311.03099")
-@dataclass(frozen=True)
-class DareLinear(TensorwiseMethod):
+@register_task_arithmetic("dare_linear", paper="https://arxiv.org/abs/2311.03099", sparsification="random")
+class DareLinear(GeneralizedTaskArithmetic):
     """DARE (Yu et al. 2024) + task arithmetic: keep each τ entry with probability `density` (drop p = 1 − density),
     rescale survivors by 1/(1 − p), then θ_base + λ Σ w_i τ̃_i. density default 0.5; `seed` seeds a
     generator per (entry, model). density = 1 equals task_arithmetic bit for bit.
@@ -255,40 +158,19 @@ class DareLinear(TensorwiseMethod):
     density: float = 0.5
     seed: int = 0
     scaling: float = 1.0
-    needs_base: ClassVar[bool] = True
-
-    def __post_init__(self):
-        range_check(self.name, "density", self.density, 0.0, 1.0, lo_open=True)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ConfigError(f"merge method '{self.name}': expected an integer seed; got {self.seed!r}")
-        finite_check(self.name, "scaling", self.scaling)
-
-    def sparsified(self, key: str, xs: Sequence[Tensor], base: Tensor) -> list[Tensor]:
-        return [K.dare_sparsify(d, float(self.density), tensor_generator(self.seed, key, i)) for i, d in enumerate(K.task_vectors(xs, base))]
-
-    def merge_tensor(self, key, xs, base, weights):
-        return K.delta_sum_kernel(self.sparsified(key, xs, base), base, weights, float(self.scaling))
 
 
-@register_merge("dare_ties", paper="https://arxiv.org/abs/2311.03099")
-@dataclass(frozen=True)
-class DareTies(DareLinear):
+@register_task_arithmetic("dare_ties", paper="https://arxiv.org/abs/2311.03099", sparsification="random", consensus="sign")
+class DareTies(GeneralizedTaskArithmetic):
     """DARE sparsification + TIES sign election and disjoint merge (`merge` "mean" default, or "sum").
 
     density = 1 equals ties(density=1) bit for bit. Zero elected sign -> +1 (mergekit).
     """
 
+    density: float = 0.5
+    seed: int = 0
+    scaling: float = 1.0
     merge: MergeFunc = "mean"
-
-    def __post_init__(self):
-        super().__post_init__()
-        literal_check(self.name, "merge", self.merge, ("mean", "sum"))
-
-    def merge_tensor(self, key, xs, base, weights):
-        deltas = self.sparsified(key, xs, base)
-        sign = K.elect_sign(deltas, weights)
-        sign = torch.where(sign == 0, torch.ones((), dtype=sign.dtype), sign)
-        return K.finish(base, K.disjoint_merge(deltas, weights, sign, self.merge), float(self.scaling))
 
 
 @register_merge("slerp", paper="https://dl.acm.org/doi/10.1145/325165.325242")
@@ -311,9 +193,8 @@ class Slerp(TensorwiseMethod):
         return K.slerp_kernel(xs[0], xs[1], float(self.t))
 
 
-@register_merge("breadcrumbs", paper="https://arxiv.org/abs/2312.06795")
-@dataclass(frozen=True)
-class Breadcrumbs(TensorwiseMethod):
+@register_task_arithmetic("breadcrumbs", paper="https://arxiv.org/abs/2312.06795", sparsification="magnitude_outliers")
+class Breadcrumbs(GeneralizedTaskArithmetic):
     """Model Breadcrumbs (Davari & Belilovsky 2023): per tensor drop the largest `gamma` (default 0.01) and the
     smallest |τ| so that `density` (default 0.9) survive, then θ_base + λ Σ w_i τ̃_i.
     """
@@ -321,19 +202,6 @@ class Breadcrumbs(TensorwiseMethod):
     density: float = 0.9
     gamma: float = 0.01
     scaling: float = 1.0
-    needs_base: ClassVar[bool] = True
-
-    def __post_init__(self):
-        range_check(self.name, "density", self.density, 0.0, 1.0, lo_open=True)
-        range_check(self.name, "gamma", self.gamma, 0.0, 1.0)
-        finite_check(self.name, "scaling", self.scaling)
-
-    def merge_tensor(self, key, xs, base, weights):
-        deltas = [
-            torch.where(K.breadcrumbs_mask(d, float(self.density), float(self.gamma)), d, torch.zeros((), dtype=d.dtype))
-            for d in K.task_vectors(xs, base)
-        ]
-        return K.delta_sum_kernel(deltas, base, weights, float(self.scaling))
 
 
 @register_merge("model_stock", paper="https://arxiv.org/abs/2403.19522")
@@ -385,6 +253,7 @@ class Fisher(MergeMethod):
 
     fishers: Sequence[Mapping[str, Tensor]] | None = None
     floor: float = 1e-6
+    needs_data: ClassVar[bool] = True
 
     def __post_init__(self):
         if self.fishers is None:
@@ -415,6 +284,7 @@ class RegMean(MergeMethod):
 
     grams: Sequence[Mapping[str, Tensor]] | None = None
     alpha: float = 0.9
+    needs_data: ClassVar[bool] = True
 
     def __post_init__(self):
         if self.grams is None:

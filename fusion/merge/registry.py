@@ -27,14 +27,17 @@ class MergeMethod(ABC):
 
     Class attributes describe the contract the boundary checks enforce:
     `needs_base` (a base model is required; otherwise one must not be given), `uses_weights`,
-    `min_models` / `max_models`, and `streaming`: "elementwise" (any slice of an entry can be merged
-    on its own), "tensor" (entry by entry), "global" (entry by entry after whole-model passes) or
-    "none" (needs whole models or data: `merge_files` refuses it).
+    `min_models` / `max_models`, `needs_data` (it takes inputs computed from a model and data:
+    a scorer, Fishers or Gram matrices; `fusion merge` and the bundle compute them, `data_methods()`),
+    and `streaming`: "elementwise" (any slice of an entry can be merged on its own), "tensor" (entry
+    by entry), "global" (entry by entry after whole-model passes) or "none" (needs whole models or
+    data: `merge_files` refuses it).
     """
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     needs_base: ClassVar[bool] = False
+    needs_data: ClassVar[bool] = False
     uses_weights: ClassVar[bool] = True
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
@@ -84,6 +87,16 @@ def get_merge(name: str) -> type[MergeMethod]:
         return MERGE_METHODS[name]
     except (KeyError, TypeError):
         raise UnknownNameError(f"unknown merge method '{name}'; expected one of {sorted(MERGE_METHODS)}") from None
+
+
+def names() -> list[str]:
+    """Every registered method name, in registration order (what `fusion merge --method` offers)."""
+    return list(MERGE_METHODS)
+
+
+def data_methods() -> list[str]:
+    """The registered methods that need data besides the weights (`needs_data`), sorted."""
+    return sorted(n for n, cls in MERGE_METHODS.items() if cls.needs_data)
 
 
 def method_params(name: str) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from fusion.errors import ConfigError
 from fusion.merge import kernels as K
-from fusion.merge.methods import Ties, TiesGlobalStats, elected_balance, global_kth, select_dtype
+from fusion.merge.generalized import GeneralizedTaskArithmetic, TiesGlobalStats, elected_balance, global_kth, select_dtype
 from fusion.merge.registry import MERGE_METHODS, check_counts, check_layouts, check_weights, make_method
 
 CHUNK_BYTES = 64 << 20  # rows of an elementwise entry read per step, per input file
@@ -151,7 +151,7 @@ def _float_of(bits: int, sel: torch.dtype) -> float:
     return float(torch.tensor([bits], dtype=int_dtype).view(sel)[0])
 
 
-def _ties_global_stats_streaming(ties: Ties, sources, base: SafetensorsSource, keys: list[str], weights) -> TiesGlobalStats:
+def _ties_global_stats_streaming(ties: GeneralizedTaskArithmetic, sources, base: SafetensorsSource, keys: list[str], weights) -> TiesGlobalStats:
     sel = select_dtype([base.layout[k][1] for k in keys])
     d = sum(math.prod(base.layout[k][0]) for k in keys)
     kth = global_kth(d, float(ties.density)) if d else None
@@ -175,7 +175,7 @@ def _ties_global_stats_streaming(ties: Ties, sources, base: SafetensorsSource, k
 
 
 def streamable_methods() -> list[str]:
-    return sorted(n for n, cls in MERGE_METHODS.items() if cls.streaming != "none")  # Ties: a per-instance property
+    return sorted(n for n, cls in MERGE_METHODS.items() if cls.streaming != "none")  # task-arithmetic family: a per-instance property
 
 
 def merge_files(

@@ -303,6 +303,28 @@ def loop_model(trip_count: int = 2**62) -> bytes:
     return _model(nodes, inits + head_inits)
 
 
+def input_loop_model() -> bytes:
+    """A valid classifier whose `Loop` runs as many times as the input's largest value: instant on
+    zeros and on digits-like rows (at most 16 iterations), so it passes every check before loading,
+    and practically endless on one crafted row holding 1e18 (the hang comes with the request)."""
+    from onnx import TensorProto, helper
+
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Identity", ["x_in"], ["x_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x_in", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("x_out", TensorProto.FLOAT, None)],
+    )
+    from onnx import numpy_helper
+
+    head, head_inits = _probabilities_head("looped")
+    nodes = [helper.make_node("ReduceMax", ["input"], ["input_max"], keepdims=0),
+             helper.make_node("Cast", ["input_max"], ["trips"], to=TensorProto.INT64),
+             helper.make_node("Loop", ["trips", "keep_going", "input"], ["looped"], body=body), *head]
+    return _model(nodes, [numpy_helper.from_array(np.array(True), "keep_going"), *head_inits])
+
+
 def expand_model(shape: tuple[int, ...]) -> bytes:
     """A valid classifier that also materialises a float32 tensor of `shape` (Expand of a scalar: a
     few hundred bytes of file, `4 * prod(shape)` bytes of memory at load or warm-up), reduced to a

@@ -136,6 +136,10 @@ def test_bundle_root_defaults_to_the_served_bundles_directory(tmp_path):
     assert EngineConfig(bundle=str(tmp_path / "b" / "v1")).root() == (tmp_path / "b").resolve()
     assert EngineConfig(bundle="x", bundle_root=str(tmp_path)).root() == tmp_path.resolve()
     assert EngineConfig.from_env({"FUSION_BUNDLE": str(tmp_path / "v1")}).root() == tmp_path.resolve()
+    shared = tmp_path / "shared"  # world-writable, like /tmp: its siblings are anyone's, so not the default root
+    (shared / "v1").mkdir(parents=True)
+    shared.chmod(0o1777)
+    assert EngineConfig(bundle=str(shared / "v1")).root() == (shared / "v1").resolve()
 
 
 # ---- a real server with no token ---------------------------------------------------------------

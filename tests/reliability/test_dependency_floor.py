@@ -70,7 +70,12 @@ def test_16_bento_pins_at_or_above_the_floors():
     for path in (ROOT / "bentofile.yaml", ROOT / "deploy" / "bentofile.gpu.yaml"):
         if not path.is_file():
             continue
-        for line in (yaml.safe_load(path.read_text()).get("python") or {}).get("packages") or []:
+        python = yaml.safe_load(path.read_text()).get("python") or {}
+        lines = list(python.get("packages") or [])
+        if python.get("requirements_txt"):  # the lock file (deploy/lock.sh): `name==version \` + hash lines
+            lines += [ln.split("#")[0].strip(" \\") for ln in (ROOT / python["requirements_txt"]).read_text().splitlines()
+                      if ln.strip() and not ln.lstrip().startswith(("#", "--"))]
+        for line in lines:
             req = Requirement(line)
             name = req.name.lower()
             if name in FLOORS:
@@ -79,3 +84,4 @@ def test_16_bento_pins_at_or_above_the_floors():
                 if lower is None or lower < Version(FLOORS[name]):
                     problems.append(f"{path.name}: '{line}' allows versions below {FLOORS[name]}")
     assert not problems, problems
+    assert {"bentofile.yaml:bentoml", "bentofile.yaml:onnxruntime"} <= set(seen), f"nothing checked: {seen}"

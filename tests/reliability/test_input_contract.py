@@ -121,6 +121,42 @@ def test_03_complete_bodies_still_meet_the_limit():
     assert first == (200, b"{}") and refused == 2
 
 
+def test_03_a_client_that_does_not_read_its_answer_holds_no_slot():
+    """The same hole by another path: a client whose socket never drains stalls the server's `send`
+    (uvicorn waits on flow control). Its slot is given back when the response starts, so clients
+    that never read cannot crowd out the others (before: the slot was held until the send ended)."""
+    from service.traffic import Admission, Traffic
+
+    async def main():
+        traffic = Traffic(limit=2, body_timeout_s=5)
+        app = Admission(_body_app(), traffic)
+        stuck = asyncio.Event()  # never set: the stalled clients' sockets never drain
+
+        async def never_reads(message):
+            if message["type"] == "http.response.body":
+                await stuck.wait()
+
+        async def call_stalled(method):
+            queue: asyncio.Queue = asyncio.Queue()
+            queue.put_nowait({"type": "http.request", "body": b"{}", "more_body": False})
+            scope = {"type": "http", "method": method, "path": "/predict", "headers": []}
+            await app(scope, queue.get, never_reads)
+
+        stalled = [asyncio.create_task(call_stalled(m)) for m in ("POST", "POST", "GET", "GET")]
+        await asyncio.sleep(0.05)
+        during = (traffic.inflight, traffic.admitted)
+        fresh = await _call(app, [b"{}"])
+        for task in stalled:
+            task.cancel()
+        await asyncio.gather(*stalled, return_exceptions=True)
+        return during, fresh, (traffic.inflight, traffic.admitted)
+
+    during, fresh, after = asyncio.run(main())
+    assert during == (4, 0), f"clients stalled on their answers hold slots: (in flight, admitted) = {during}"
+    assert fresh == (200, b"{}"), fresh
+    assert after == (0, 0), after
+
+
 def test_03_the_body_deadline_is_total_not_per_chunk():
     """A body that keeps trickling (a byte every 0.1 s) is still cut at the deadline."""
     from service.traffic import Admission, Traffic
