@@ -284,19 +284,26 @@ def _probabilities_head(x: str, prefix: str = "h_"):
     return nodes, inits
 
 
-def loop_model(trip_count: int = 2**62) -> bytes:
-    """A valid classifier whose input first goes through a `Loop` of `trip_count` iterations with an
-    identity body: a few hundred bytes that take forever to run once `trip_count` is huge (2^62
-    iterations at ~1 µs each are ~146 000 years). With a small trip count it answers normally."""
-    from onnx import TensorProto, helper, numpy_helper
+def _identity_loop_body():
+    """A Loop body that passes its condition and its tensor through unchanged."""
+    from onnx import TensorProto, helper
 
-    body = helper.make_graph(
+    return helper.make_graph(
         [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Identity", ["x_in"], ["x_out"])],
         "body",
         [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
          helper.make_tensor_value_info("x_in", TensorProto.FLOAT, None)],
         [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("x_out", TensorProto.FLOAT, None)],
     )
+
+
+def loop_model(trip_count: int = 2**62) -> bytes:
+    """A valid classifier whose input first goes through a `Loop` of `trip_count` iterations with an
+    identity body: a few hundred bytes that take forever to run once `trip_count` is huge (2^62
+    iterations at ~1 µs each are ~146 000 years). With a small trip count it answers normally."""
+    from onnx import helper, numpy_helper
+
+    body = _identity_loop_body()
     inits = [numpy_helper.from_array(np.array(trip_count, np.int64), "trips"), numpy_helper.from_array(np.array(True), "keep_going")]
     head, head_inits = _probabilities_head("looped")
     nodes = [helper.make_node("Loop", ["trips", "keep_going", "input"], ["looped"], body=body), *head]
@@ -307,17 +314,9 @@ def input_loop_model() -> bytes:
     """A valid classifier whose `Loop` runs as many times as the input's largest value: instant on
     zeros and on digits-like rows (at most 16 iterations), so it passes every check before loading,
     and practically endless on one crafted row holding 1e18 (the hang comes with the request)."""
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
-    body = helper.make_graph(
-        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Identity", ["x_in"], ["x_out"])],
-        "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("x_in", TensorProto.FLOAT, None)],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("x_out", TensorProto.FLOAT, None)],
-    )
-    from onnx import numpy_helper
-
+    body = _identity_loop_body()
     head, head_inits = _probabilities_head("looped")
     nodes = [helper.make_node("ReduceMax", ["input"], ["input_max"], keepdims=0),
              helper.make_node("Cast", ["input_max"], ["trips"], to=TensorProto.INT64),
