@@ -91,12 +91,16 @@ def calibrate_members(members: list[Member], data: Dataset) -> list[TemperatureS
 
 def member_weights(weights: Sequence[float] | Mapping[str, float], names: Sequence[str]) -> list[float] | None:
     """The combiner's weights in member order (None: equal weights) from the recipe's `[ensemble] weights`:
-    a list, one per member in `names`' order, or {name: weight} with the unnamed members at 1.
+    a list, one per member in `names`' order, or {name: weight} with the unnamed members at 1; "equal" is
+    equal weights (the modes "select", "fit" and "auto" are chosen from data by `choose_ensemble`).
 
     Both errors name the members in order: a positional list is only meaningful against that order."""
     order = ", ".join(names)
-    if not weights:
+    if not weights or weights == "equal":
         return None
+    if isinstance(weights, str):
+        raise ConfigError(f"weights '{weights}' are chosen from data at build time (fusion.build.choose_ensemble); "
+                          f"expected a list, a table or 'equal' here")
     if isinstance(weights, Mapping):
         unknown = [n for n in weights if n not in names]
         if unknown:
@@ -110,8 +114,62 @@ def member_weights(weights: Sequence[float] | Mapping[str, float], names: Sequen
 
 
 def build_ensemble(recipe: Recipe, members: list[Member], data: Dataset) -> FusedEnsemble:
+    return choose_ensemble(recipe, members, data)[0]
+
+
+@torch.no_grad()
+def _module_logits(models: Sequence[nn.Module], X: np.ndarray) -> np.ndarray:
+    x = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+    return torch.stack([m(x) for m in models]).double().numpy()
+
+
+def _candidates(recipe: Recipe, weights: list[float] | None, data: Dataset):
+    """The weightings `choose` compares for the recipe's `[ensemble] weights` (None: nothing to choose).
+
+    `auto` needs 2 validation rows of every class for its cross-fitting; with fewer it keeps equal weights."""
+    from fusion.ensemble import selection as sel
+
     e = recipe.ensemble
-    weights = member_weights(e.weights, [m.name for m in members])
+    mode = e.weights if isinstance(e.weights, str) else None
+    averaging = e.combiner in sel.AVERAGING
+    if mode in ("select", "fit") and not averaging:
+        raise ConfigError(f"weights '{mode}' applies to the combiners {list(sel.AVERAGING)}; got '{e.combiner}' "
+                          f"(stacking learns its own weights)")
+    if e.combiner == "stacking":
+        return [sel.stacking_candidate(**e.params)]
+    if not averaging:  # hard_vote, regression combiners: the given (or equal) weights, nothing to compare
+        return None
+    if mode is None:  # a list or a table: the given weights, scored like a candidate for the gate
+        w = weights
+
+        def given(z, y):
+            return w
+
+        return [sel.Candidate("given" if w is not None else "equal", e.combiner, given,
+                              lambda p, z: sel.combine(z, p, e.combiner))]
+    if mode == "auto" and sel.n_folds(data.y_val, n_classes=len(data.classes)) < 2:
+        log.warning("weights 'auto': fewer than 2 validation rows in some class, too few to compare weightings "
+                    "out of fold; equal weights")
+        mode = "equal"
+    names = ("equal", "select", "fit") if mode == "auto" else (mode,)
+    out = [sel.weighting(n, e.combiner) for n in names]
+    if mode == "auto" and e.calibration == "none":  # stacking combines raw members only
+        out.append(sel.stacking_candidate())
+    return out
+
+
+def choose_ensemble(recipe: Recipe, members: list[Member], data: Dataset) -> tuple[FusedEnsemble, dict | None]:
+    """The fused ensemble and the record of how its weights were chosen (`Manifest.ensemble_selection`).
+
+    `[ensemble] weights = "auto"` scores equal, select, fit and stacking out of fold on the validation split
+    and keeps the best (fusion/ensemble/selection.py); "select"/"fit"/"equal" use that one weighting; a list
+    or a table is used as given. For classification the chosen ensemble then goes through the gate: is it
+    better than its best member on validation beyond noise? The record is None for regression."""
+    from fusion.ensemble import selection as sel
+
+    e = recipe.ensemble
+    names = [m.name for m in members]
+    weights = None if isinstance(e.weights, str) else member_weights(e.weights, names)
     combiner = make_combiner(e.combiner, len(members), weights, **e.params)
     if combiner.task != data.task:
         raise ConfigError(f"combiner '{e.combiner}' is for {combiner.task}; the data set is {data.task}")
@@ -122,9 +180,28 @@ def build_ensemble(recipe: Recipe, members: list[Member], data: Dataset) -> Fuse
                 f"calibration 'temperature' applies to the combiners {list(CALIBRATABLE)}; got '{e.combiner}'"
             )
         models = list(calibrate_members(members, data))
-    if combiner.learned:  # stacking: fit on the validation split, which no member trained on
-        combiner.fit(member_logits(members, data.X_val), data.y_val)
-    return FusedEnsemble(models, combiner).eval()
+    candidates = _candidates(recipe, weights, data) if data.task == "classification" else None
+    if candidates is None:
+        if combiner.learned:
+            combiner.fit(member_logits(members, data.X_val), data.y_val)
+        return FusedEnsemble(models, combiner).eval(), None
+    # every candidate is fitted on the validation split, which no member trained on
+    choice = sel.choose(candidates, _module_logits(models, data.X_val), data.y_val,
+                        _module_logits(models, data.X_test), data.y_test)
+    if choice.combiner == "stacking":
+        combiner = choice.params
+    else:
+        w = None if choice.params is None else [float(v) for v in choice.params]
+        combiner = make_combiner(choice.combiner, len(members), w, **(e.params if choice.combiner == e.combiner else {}))
+    raw_val = _module_logits([m.model for m in members], data.X_val)  # each member as it is served alone
+    record = {
+        "weights": e.weights if isinstance(e.weights, str) else "given" if weights is not None else "equal",
+        **choice.record,
+        "gate": sel.gate(choice.val_oof_probs, {n: sel.combine(z[None], None) for n, z in zip(names, raw_val)}, data.y_val),
+    }
+    if "select" in record["candidates"]:
+        record["selection"] = sel.SelectionConfig().to_dict()
+    return FusedEnsemble(models, combiner).eval(), record
 
 
 def calibration_record(fused: FusedEnsemble, members: list[Member], data: Dataset) -> dict | None:
@@ -281,7 +358,7 @@ def build_bundle(recipe: Recipe) -> Manifest:
     data = load_data(recipe)
     members = ensure_zoo(recipe, data)
     with timed(f"build: ensemble of {len(members)} members ({recipe.ensemble.combiner}) combined"):
-        fused = build_ensemble(recipe, members, data)
+        fused, selection = choose_ensemble(recipe, members, data)
     with BundleWriter(recipe.build.out) as writer:
         stage = writer.stage
         with timed("build: ensemble exported (one ONNX graph, parity-checked)"):
@@ -302,6 +379,7 @@ def build_bundle(recipe: Recipe) -> Manifest:
             output_name=OUTPUT_NAME, classes=data.classes,
             variants=variants, members=member_entries, dataset=data.describe(),
             probe=probe_record(stage, {**variants, **member_entries}, data),
+            ensemble_selection=selection,
         )
         if recipe.build.compare:
             with timed("build: comparison report written"):

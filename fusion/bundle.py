@@ -84,6 +84,9 @@ class Manifest:
     dataset: dict = field(default_factory=dict)
     comparison: dict | None = None
     probe: dict | None = None  # {"inputs": rows, "outputs": {name: expected}}: re-run by the service on load
+    # how the ensemble's weights were chosen (every candidate's out-of-fold validation and test figures) and
+    # the gate against its best member (`gate.warning`); absent from older manifests (None)
+    ensemble_selection: dict | None = None
 
     def entry(self, name: str) -> ModelEntry:
         """A variant or a member by name."""

@@ -18,8 +18,14 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 1,2,1; got '{text}'") from None
 
 
-def _member_weights(text: str) -> list[float] | dict[str, float]:
-    """`--weights`: numbers, one per member in member order (1,1,2), or name=weight pairs (mlp_0=2,cnn_1=3)."""
+WEIGHT_MODES = ("auto", "equal", "select", "fit")  # fusion.recipe.WEIGHT_MODES (the parser imports nothing heavy)
+
+
+def _member_weights(text: str) -> list[float] | dict[str, float] | str:
+    """`--weights`: auto | equal | select | fit, numbers, one per member in member order (1,1,2), or name=weight
+    pairs (mlp_0=2,cnn_1=3)."""
+    if text.strip() in WEIGHT_MODES:
+        return text.strip()
     items = [v.strip() for v in text.split(",") if v.strip()]
     named = ["=" in v for v in items]
     if any(named) and not all(named):
@@ -43,7 +49,9 @@ def _member_weights(text: str) -> list[float] | dict[str, float]:
 
 
 WEIGHTS_HELP = (
-    "member weights, by name: mlp_0=2,cnn_1=3 (the other members weigh 1); or one number per member in member "
+    "member weights: auto (the default: equal, select, fit or stacking, whichever has the lowest out-of-fold "
+    "validation NLL), equal, select (ensemble selection, Caruana et al. 2004), fit (simplex weights minimising "
+    "the validation NLL); or by name: mlp_0=2,cnn_1=3 (the other members weigh 1); or one number per member in member "
     "order: the recipe's [zoo] members when it lists them, else the zoo's checkpoint names sorted (the default "
     "zoo: cnn_0, cnn_1, cnn_2, mlp_0, mlp_1, mlp_2, mlp_3, mlp_4, so 1,1,1,2,2,2,2,2 doubles the MLPs). "
     "The manifest's variants.ensemble.members lists that order"
@@ -109,7 +117,7 @@ def cmd_build(args) -> int:
     from fusion.recipe import load_recipe, override
 
     recipe = load_recipe(args.recipe)
-    weights = args.weights if isinstance(args.weights, dict) else tuple(args.weights) if args.weights else None
+    weights = args.weights if isinstance(args.weights, (dict, str)) else tuple(args.weights) if args.weights else None
     recipe = override(recipe, "ensemble", combiner=args.combiner, weights=weights)
     recipe = override(recipe, "zoo", dir=args.zoo)
     recipe = override(recipe, "build", out=args.out)
@@ -120,6 +128,12 @@ def cmd_build(args) -> int:
     ens = manifest.variants["ensemble"]
     weights = (ens.combiner or {}).get("weights") or [1.0] * len(ens.members)
     print("  weights by member: " + ", ".join(f"{n}={w:g}" for n, w in zip(ens.members, weights)))
+    sel = manifest.ensemble_selection
+    if sel:
+        figures = ", ".join(f"{n} {c['val_oof']['nll']:.4f}" for n, c in sel["candidates"].items())
+        print(f"  weights '{sel['weights']}': {sel['chosen']} ({sel['combiner']}); out-of-fold validation NLL: {figures}")
+        if sel["gate"]["warning"]:
+            print(f"fusion build: warning: {sel['gate']['warning']}", file=sys.stderr)
     if manifest.comparison:
         print(f"comparison: {Path(recipe.build.out) / 'comparison.md'} (and .json, .png)")
     return 0

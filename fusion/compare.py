@@ -284,6 +284,22 @@ def _calibration(manifest: Manifest, probs: dict[str, np.ndarray], y: np.ndarray
             "max_abs_diff_rebuilt_vs_graph": float(np.abs(rebuilt - after).max())}
 
 
+def _selection(manifest: Manifest) -> dict | None:
+    """How the ensemble's weights were chosen (the manifest's `ensemble_selection`), one row per candidate:
+    its out-of-fold validation figures (what chose) and its test figures (recorded, never used to choose)."""
+    s = manifest.ensemble_selection
+    if not s:
+        return None
+    rows = {name: {"combiner": c["combiner"], "val_oof_nll": c["val_oof"]["nll"], "val_oof_accuracy": c["val_oof"]["accuracy"],
+                   "test_nll": (c.get("test") or {}).get("nll"), "test_accuracy": (c.get("test") or {}).get("accuracy"),
+                   "chosen": name == s["chosen"]}
+            for name, c in s["candidates"].items()}
+    gate = s.get("gate") or {}
+    # the scalars title the table in the HTML report and the dashboard; the long texts sit under `about`
+    return {"weights": s["weights"], "chosen": s["chosen"], "best_member": gate.get("best_member"), "rows": rows,
+            "about": {"criterion": s["criterion"], "warning": gate.get("warning")}}
+
+
 def compare_models(root: str | Path, manifest: Manifest, data: Dataset, cfg: CompareConfig = CompareConfig()) -> dict:
     """The report over every entry of `manifest` whose files lie under `root` (a bundle or a staging dir)."""
     import onnx
@@ -327,6 +343,7 @@ def compare_models(root: str | Path, manifest: Manifest, data: Dataset, cfg: Com
         "split": cfg.split, "n": int(len(y)), "reference": cfg.reference, "ece_bins": cfg.n_bins,
         "rows": rows,
         "calibration": _calibration(manifest, probs, y, cfg.n_bins),
+        "ensemble_selection": _selection(manifest),
         "latency_setup": {
             "runtime": f"onnxruntime {ort.__version__}", "provider": "CPUExecutionProvider",
             "intra_op_threads": 1, "inter_op_threads": 1, "rounds": cfg.rounds, "warmup": cfg.warmup,
@@ -385,6 +402,18 @@ def to_markdown(report: dict) -> str:
         f"multiply-accumulates of MatMul/Gemm/Conv in the graph.",
         "", *lines,
     ]
+    sel = report.get("ensemble_selection")
+    if sel:
+        out += ["", f"Ensemble weights `{sel['weights']}`: chose `{sel['chosen']}` by the {sel['about']['criterion']}. "
+                "Test figures are recorded, never used to choose.", "",
+                "| candidate | combiner | val NLL (out of fold) | val accuracy % (out of fold) | test NLL | test accuracy % |",
+                "|---|---|--:|--:|--:|--:|"]
+        for name, r in sel["rows"].items():
+            test = ("—", "—") if r["test_nll"] is None else (f"{r['test_nll']:.4f}", f"{100 * r['test_accuracy']:.2f}")
+            out.append(f"| `{name}`{' (chosen)' if r['chosen'] else ''} | {r['combiner']} | {r['val_oof_nll']:.4f} | "
+                       f"{100 * r['val_oof_accuracy']:.2f} | {test[0]} | {test[1]} |")
+        if sel["about"]["warning"]:
+            out += ["", f"**Warning:** {sel['about']['warning']}."]
     cal = report.get("calibration")
     if cal:
         out += ["", f"Temperature scaling of the members (fitted on {cal['fit_on']}), {report['split']} split:", "",

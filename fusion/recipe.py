@@ -11,7 +11,9 @@
 
     [ensemble]
     combiner = "soft_vote"
-    weights = []                 # empty: equal weights; a list: one per member, in member order;
+    weights = "auto"             # "auto": equal, select, fit or stacking, whichever has the lowest
+                                 # out-of-fold validation NLL; "equal" | "select" | "fit"; empty: equal;
+                                 # a list: one per member, in member order;
                                  # a table {mlp_0 = 2, cnn_1 = 3}: by name, the rest 1
     calibration = "none"         # or "temperature": per-member temperature scaling before combining
 
@@ -48,6 +50,7 @@ class ZooSection:
 
 
 CALIBRATIONS = ("none", "temperature")
+WEIGHT_MODES = ("auto", "equal", "select", "fit")  # fusion.ensemble.selection.MODES (kept torch-free here)
 
 
 @dataclass(frozen=True)
@@ -55,16 +58,22 @@ class EnsembleSection:
     """The fused ensemble. `calibration = "temperature"` divides each member's logits by a temperature
     fitted on the validation split (Guo et al. 2017) before combining; it is exported inside the graph.
 
-    `weights`: empty for equal weights; a list with one weight per member in member order ([zoo] members
-    when given, else the zoo's checkpoint names sorted: cnn_0, …, mlp_0, …); or a table {name = weight}
-    in which unnamed members weigh 1. `fusion.build.member_weights` resolves it against the members."""
+    `weights`: empty or "equal" for equal weights; a list with one weight per member in member order ([zoo]
+    members when given, else the zoo's checkpoint names sorted: cnn_0, …, mlp_0, …); or a table {name = weight}
+    in which unnamed members weigh 1. `fusion.build.member_weights` resolves it against the members.
+    Chosen from the validation split (fusion/ensemble/selection.py): "select" (Caruana et al.'s ensemble
+    selection, integer counts), "fit" (simplex weights minimising the NLL), "auto" (the default: equal, select,
+    fit and stacking scored out of fold, the lowest NLL wins)."""
 
     combiner: str = "soft_vote"
-    weights: tuple[float, ...] | dict[str, float] = ()
+    weights: tuple[float, ...] | dict[str, float] | str = "auto"
     params: dict = field(default_factory=dict)
     calibration: str = "none"  # "none" | "temperature"
 
     def __post_init__(self):
+        if isinstance(self.weights, str) and self.weights not in WEIGHT_MODES:
+            raise ConfigError(f"recipe: [ensemble].weights expected one of {list(WEIGHT_MODES)}, a list or a table "
+                              f"{{name = weight}}; got {self.weights!r}")
         if isinstance(self.weights, dict):
             for name, w in self.weights.items():
                 if isinstance(w, bool) or not isinstance(w, (int, float)):
@@ -181,12 +190,16 @@ def _section(cls, name: str, raw: dict):
     values = {}
     for key, value in raw.items():
         default = getattr(cls(), key)
-        if (name, key) in NAMED_WEIGHTS and isinstance(value, dict):
-            values[key] = dict(value)  # checked by the section itself (numbers); names against the members at build
+        if (name, key) in NAMED_WEIGHTS:
+            if isinstance(value, (dict, str)):  # checked by the section itself; names against the members at build
+                values[key] = dict(value) if isinstance(value, dict) else value
+                continue
+            if not isinstance(value, list):
+                raise ConfigError(f"recipe: [{name}].{key} expected a list, a table {{name = weight}} or one of "
+                                  f"{list(WEIGHT_MODES)}; got {value!r}")
+            values[key] = tuple(value)
             continue
         if isinstance(default, tuple):
-            if (name, key) in NAMED_WEIGHTS and not isinstance(value, list):
-                raise ConfigError(f"recipe: [{name}].{key} expected a list or a table {{name = weight}}; got {value!r}")
             if not isinstance(value, list):
                 raise ConfigError(f"recipe: [{name}].{key} expected a list; got {value!r}")
             value = tuple(value)

@@ -324,6 +324,9 @@ def render_html(bundle: str | Path) -> str:
         parts.append(table_html(c.table) if c.table.rows else '<p class="note">The comparison has no table rows.</p>')
         for title, t in c.extra:
             parts += [f"<h2>{esc(title)}</h2>", table_html(t)]
+    warning = ((manifest.get("ensemble_selection") or {}).get("gate") or {}).get("warning")
+    if warning:  # `fusion build`'s gate: the ensemble does not beat its best member on validation
+        parts.insert(2, f'<p class="note" id="ensemble-warning"><strong>Warning:</strong> {esc(warning)}.</p>')
     png = read_plot(bundle, comparison)
     if png is not None:
         data = base64.b64encode(png).decode("ascii")

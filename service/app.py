@@ -5,7 +5,9 @@ Our routes are a Starlette app mounted on the service, so that every response, e
 has one shape (`{"error": ..., "request_id": ...}`), the body limit is enforced while reading, and
 path parameters work (`/v2/models/{name}/infer`). BentoML provides `/livez`, `/readyz` (ready only
 after the bundle is loaded, probed and warmed up), `/metrics`, the request timeout and the workers;
-admission control and draining are ours (service/traffic.py).
+admission control and draining are ours (service/traffic.py). POST /predict and POST /feedback are
+also `@bentoml.api` methods of FusionService, for BentoML's clients (/schema.json); over HTTP our
+routes still answer them (TwinPaths, at the end of this module).
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Awaitable, Callable
 
 import bentoml
 import numpy as np
+import orjson
+from bentoml.exceptions import BentoMLException
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -200,8 +205,8 @@ async def json_body(request: Request, svc: "FusionService", *, small: bool = Fal
     return data
 
 
-async def compute(svc: "FusionService", served, X: np.ndarray, variant: str | None, key: str | None, rid: str,
-                  request: Request):
+async def compute(svc: "FusionService", served, X: np.ndarray, variant: str | None, key: str | None, rid: str, *,
+                  client: str, client_chose_id: bool):
     """Run the routed variant: coalesced with concurrent requests when batching is on; else on the
     event loop when it is one session and the call is cheap (runtime.Model.inline_ok: few rows, and
     expected from the model's recent calls to take ≤ FUSION_INLINE_BUDGET_MS), in a worker thread
@@ -217,8 +222,8 @@ async def compute(svc: "FusionService", served, X: np.ndarray, variant: str | No
         out, extra = engine.run(served, name, X)
     else:
         out, extra = await run_in_threadpool(engine.run, served, name, X)
-    return engine.finish(served, name, X, out, extra, time.perf_counter() - t0, rid, client=client_of(request, svc),
-                         client_chose_id=rid == request.headers.get("x-request-id"))
+    return engine.finish(served, name, X, out, extra, time.perf_counter() - t0, rid, client=client,
+                         client_chose_id=client_chose_id)
 
 
 # ---- our JSON API ---------------------------------------------------------------------------
@@ -232,19 +237,35 @@ async def predict(request: Request, svc: "FusionService", rid: str) -> Response:
     req = await off_loop(len(body), payload.parse_predict, body, served.loaded.manifest.input.n_features, svc.settings.max_rows)
     variant = req.variant or request.headers.get("x-variant") or None
     key = req.routing_key or request.headers.get("x-routing-key") or None
-    result = await compute(svc, served, req.X, variant, key, rid, request)
+    out, headers = await predict_answer(svc, served, req.X, variant, key, rid, client=client_of(request, svc),
+                                        client_chose_id=rid == request.headers.get("x-request-id"))
+    return json_response(out, headers=headers)
+
+
+async def predict_answer(svc: "FusionService", served, X: np.ndarray, variant: str | None, key: str | None, rid: str, *,
+                         client: str, client_chose_id: bool) -> tuple[dict, dict]:
+    """A checked /predict request's answer (body, headers): for POST /predict and for its BentoML twin
+    (FusionService.predict), so both run and format a prediction in one place."""
+    result = await compute(svc, served, X, variant, key, rid, client=client, client_chose_id=client_chose_id)
     out = {"predictions": result.labels(), "variant": result.variant, "bundle_version": result.version, "request_id": rid,
            "feedback_id": result.extra["feedback_id"]}
     if result.task == "classification":
         out["probabilities"] = result.output
     out.update(result.extra)
-    headers = {"X-Variant": result.variant, "X-Bundle-Version": result.version}
-    return json_response(out, headers=headers)
+    return out, {"X-Variant": result.variant, "X-Bundle-Version": result.version}
 
 
 @endpoint("inference")
 async def feedback(request: Request, svc: "FusionService", rid: str) -> Response:
     data = await json_body(request, svc, small=True)
+    return json_response(feedback_answer(svc, data, rid, client=client_of(request, svc)))
+
+
+def feedback_answer(svc: "FusionService", data: dict, rid: str, *, client: str) -> dict:
+    """A /feedback body's answer: for POST /feedback and for its BentoML twin (FusionService.feedback).
+    A field that is null counts as absent: BentoML's clients built with `service=` (as `bentoml.depends`
+    builds them) send every field of the twin's signature, the unset ones as null."""
+    data = {k: v for k, v in data.items() if v is not None}
     if ("feedback_id" in data) == ("request_id" in data):
         raise InputError("expected exactly one of 'feedback_id' or 'request_id' (from the /predict response)")
     id_field = "feedback_id" if "feedback_id" in data else "request_id"
@@ -256,8 +277,8 @@ async def feedback(request: Request, svc: "FusionService", rid: str) -> Response
     labels = [data["label"]] if "label" in data else data["labels"]
     if not isinstance(labels, list) or not labels or any(isinstance(y, (list, dict)) or y is None for y in labels):
         raise InputError(f"expected 'labels' as a non-empty list of class labels; got {labels!r:.60}")
-    scored = svc.engine.feedback(target, labels, client=client_of(request, svc), by_feedback_id=id_field == "feedback_id")
-    return json_response({**scored, "request_id": rid})
+    scored = svc.engine.feedback(target, labels, client=client, by_feedback_id=id_field == "feedback_id")
+    return {**scored, "request_id": rid}
 
 
 @endpoint("inference")
@@ -285,6 +306,7 @@ async def info(request: Request, svc: "FusionService", rid: str) -> Response:
         "modes": [MEMBERS] * (served.members is not None) + [CASCADE] * (svc.engine.policy.cascade is not None),
         "routing": svc.engine.policy.to_dict(),
         "comparison": m.comparison,
+        "ensemble_selection": m.ensemble_selection,  # how `fusion build` chose the weights; `gate.warning` when it did not pay
         "request_id": rid,
     })
 
@@ -383,7 +405,8 @@ async def v2_infer(request: Request, svc: "FusionService", rid: str) -> Response
         raise UnsupportedMediaError(f"expected Content-Type application/octet-stream (binary tensors) or application/json; got {ctype}")
     body = await read_body(request, svc.settings.max_body_bytes)
     req = await off_loop(len(body), oip.parse, body, header_len, served.loaded.manifest.input.n_features, svc.settings.max_rows)
-    result = await compute(svc, served, req.X, variant, request.headers.get("x-routing-key"), rid, request)
+    result = await compute(svc, served, req.X, variant, request.headers.get("x-routing-key"), rid,
+                           client=client_of(request, svc), client_chose_id=rid == request.headers.get("x-request-id"))
     extra = {"variant": result.variant, "request_id": rid, "feedback_id": result.extra["feedback_id"],
              "bundle_version": result.version}
     if "degraded" in result.extra:
@@ -514,3 +537,75 @@ class FusionService:
 
     def __is_ready__(self) -> bool:
         return self.engine.ready and not TRAFFIC.draining
+
+    # ---- BentoML's clients: twins of POST /predict and POST /feedback -------------------------------
+    # They put the two endpoints in /schema.json, so that bentoml.SyncHTTPClient / AsyncHTTPClient,
+    # `bentoml.depends` and the BentoCloud playground can call them. Over HTTP, TwinPaths (below) hands
+    # their paths to our routes: same handler, limits, token check, admission and answers. These bodies
+    # run only for in-process calls (`FusionService().predict(...)`), through the same parser and the
+    # same predict_answer / feedback_answer.
+
+    @bentoml.api(route="/predict")
+    async def predict(self, inputs: list[list[float]], variant: str | None = None,
+                      routing_key: str | None = None) -> dict:
+        """Predict a batch (POST /predict): `inputs` rows of the bundle's features; `variant` pins one,
+        `routing_key` routes sticky by key. Errors: a BentoMLException by status (InvalidArgument 400,
+        NotFound 404, ...) whose message is the `{"error", "request_id"}` body."""
+        rid = request_id_from(None)
+        try:  # the very parser POST /predict uses: same checks, limits and messages
+            body = orjson.dumps({"inputs": inputs, "variant": variant, "routing_key": routing_key},
+                                option=orjson.OPT_SERIALIZE_NUMPY)
+            served = self.engine.current()
+            req = await off_loop(len(body), payload.parse_predict, body, served.loaded.manifest.input.n_features,
+                                 self.settings.max_rows)
+            out, _ = await predict_answer(self, served, req.X, req.variant, req.routing_key, rid, client=IN_PROCESS,
+                                          client_chose_id=False)
+            return orjson.loads(orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY))  # the values an HTTP client gets
+        except Exception as exc:  # noqa: BLE001 - as the endpoint wrapper: one shape, by status
+            raise bentoml_error(exc, rid) from None
+
+    @bentoml.api(route="/feedback")
+    async def feedback(self, feedback_id: str | None = None, request_id: str | None = None,
+                       label: int | float | str | None = None, labels: list[int | float | str] | None = None) -> dict:
+        """Label a /predict answer (POST /feedback): exactly one of `feedback_id` (from the answer) or
+        `request_id`, and exactly one of `label` (one row) or `labels` (one per row)."""
+        rid = request_id_from(None)
+        try:
+            return feedback_answer(self, {"feedback_id": feedback_id, "request_id": request_id, "label": label,
+                                          "labels": labels}, rid, client=IN_PROCESS)
+        except Exception as exc:  # noqa: BLE001
+            raise bentoml_error(exc, rid) from None
+
+
+IN_PROCESS = "in-process"  # the client of an in-process call to a twin (for fair eviction of feedback records)
+
+
+def bentoml_error(exc: BaseException, rid: str) -> BentoMLException:
+    """A failed in-process twin call as BentoML's HTTP client reports the same failure: the
+    BentoMLException subclass for the status (InvalidArgument 400, NotFound 404, ServiceUnavailable
+    503, else BentoMLException with `error_code`) whose message is our error body."""
+    response = error_response(exc, rid)
+    ERRORS.labels(str(response.status_code)).inc()
+    status = HTTPStatus(response.status_code)
+    return BentoMLException.error_mapping.get(status, BentoMLException)(response.body.decode(), error_code=status)
+
+
+class TwinPaths:
+    """ASGI middleware (service-level, inside BentoML's timeout, metrics and access log): requests to
+    the twins' paths go to our routes. BentoML's router tries its api routes before the app mounted at
+    "/", so it would otherwise serve POST /predict itself: its own body parsing (no size limit), error
+    bodies (`[{"error": ...}]`), no token check and no admission limit. Every method of those paths
+    goes to us (GET /predict stays our 405). BentoML's CORS middleware, off unless configured, is
+    inside this one and not applied to them; we answer no CORS preflight anyway (service/auth.py)."""
+
+    def __init__(self, app, paths: frozenset[str]):
+        self.app, self.paths = app, paths
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] in self.paths:
+            return await routes(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+TWIN_PATHS = frozenset(m.route for m in FusionService.apis.values())  # each one of our routes (tests/test_bentoml_client.py)
+FusionService.add_asgi_middleware(TwinPaths, paths=TWIN_PATHS)

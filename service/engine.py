@@ -8,7 +8,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import os
-import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from service import preflight, runtime
 from service.members import FailurePolicy, Fault, MembersEnsemble
 from service.routing import CASCADE, RoutingPolicy, unknown_variant
 from service.runtime import PROBE_ATOL, check_probe  # noqa: F401 - re-exported: the probe lives with the load
+from service.config import EngineConfig  # noqa: F401 - re-exported until every caller imports it from config
 from service.stats import BUNDLE, Stats, check_labels
 
 log = logging.getLogger("fusion.service")
@@ -68,39 +68,6 @@ class Result:
                 cached = np.asarray(self.classes)[self.output.argmax(-1)].tolist()  # ties -> lowest class index
             object.__setattr__(self, "_labels", cached)  # frozen: memoised beside the fields
         return cached
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    bundle: str = "artifacts/bundle"
-    failure_policy: str = "strict"
-    member_deadline_ms: float = 1000.0
-    shadow_queue: int = 64  # shadow runs waiting beyond this are dropped (and counted), never queued forever
-    bundle_root: str = ""  # hot swaps load bundles below this directory only; "" = the served bundle's parent
-
-    @classmethod
-    def from_env(cls, env=os.environ) -> "EngineConfig":
-        return cls(
-            bundle=env.get("FUSION_BUNDLE", cls.bundle),
-            failure_policy=env.get("FUSION_FAILURE_POLICY", cls.failure_policy),
-            member_deadline_ms=float(env.get("FUSION_MEMBER_DEADLINE_MS", cls.member_deadline_ms)),
-            shadow_queue=int(env.get("FUSION_SHADOW_QUEUE", cls.shadow_queue)),
-            bundle_root=env.get("FUSION_BUNDLE_ROOT", ""),
-        )
-
-    def root(self) -> Path:
-        """The directory hot swaps are confined to, links resolved: FUSION_BUNDLE_ROOT, or by default
-        the directory that holds the served bundle (its versions' siblings), never "anywhere". A
-        world-writable parent (a bundle served from /tmp) is no confinement: then only the bundle's
-        own directory, until FUSION_BUNDLE_ROOT says otherwise."""
-        if self.bundle_root:
-            return Path(self.bundle_root).resolve()
-        parent = Path(self.bundle).absolute().parent.resolve()
-        try:
-            shared = parent.stat().st_mode & stat.S_IWOTH
-        except OSError:  # no such directory yet: nothing can be swapped in from it either
-            shared = False
-        return Path(self.bundle).resolve() if shared else parent
 
 
 class Engine:

@@ -45,6 +45,9 @@ def tiny_recipe(tiny_zoo, tmp_path_factory):
     from fusion.recipe import Recipe, override
 
     r = override(Recipe(), "zoo", dir=str(tiny_zoo))
+    # equal weights (not the default "auto"): the serving tests' oracle is the plain soft vote of the members;
+    # the chosen weightings are tested in tests/test_ensemble_selection.py
+    r = override(r, "ensemble", weights="equal")
     r = override(r, "distill", **TINY_DISTILL)  # the default-on `distilled` variant, kept small
     return override(r, "build", out=str(tmp_path_factory.mktemp("bundle") / "bundle"), compare_rounds=20)
 

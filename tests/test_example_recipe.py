@@ -65,6 +65,7 @@ def test_fusion_build_from_the_example_recipe(tiny_zoo, tiny_recipe, tiny_bundle
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(tiny_copy(EXAMPLE.read_text(), {
         "zoo": {"dir": str(tiny_zoo)},
+        "ensemble": {"weights": tiny_recipe.ensemble.weights},  # the tiny bundle's equal weights (conftest)
         "distill": {"hidden": list(TINY_DISTILL["hidden"]), "epochs": TINY_DISTILL["epochs"]},
         "build": {"out": str(out), "compare_rounds": tiny_recipe.build.compare_rounds},
     }))

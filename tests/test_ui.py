@@ -20,6 +20,7 @@ write docs/ui.png.)
 from __future__ import annotations
 
 import base64
+import html
 import json
 import os
 import re
@@ -92,13 +93,21 @@ def compared_bundle(tiny_bundle, digits, tmp_path_factory) -> Path:
     return out
 
 
+GATE_WARNING = "the ensemble does not beat its best member mlp_0 on validation (a test); consider serving mlp_0 alone"
+
+
 @pytest.fixture(scope="module")
 def plain_bundle(tiny_bundle, tmp_path_factory) -> Path:
-    """The tiny bundle without any comparison (manifest field and files removed)."""
+    """The tiny bundle without any comparison (manifest field and files removed), whose build gate warned
+    (a known warning written into `ensemble_selection`, the bundle version recomputed as the build does)."""
+    from fusion.bundle import manifest_version
+
     out = tmp_path_factory.mktemp("plain") / "bundle"
     shutil.copytree(tiny_bundle, out)
     m = _manifest(out)
     m["comparison"] = None
+    m["ensemble_selection"]["gate"]["warning"] = GATE_WARNING
+    m["bundle_version"] = manifest_version(m)
     (out / "manifest.json").write_text(json.dumps(m, indent=2))
     for name in ("comparison.md", "comparison.json", "comparison.png"):
         (out / name).unlink(missing_ok=True)
@@ -286,6 +295,12 @@ def test_dashboard_with_token_shows_variants_and_verdict(browser, compared_bundl
         assert _cells(page, "#comparison tbody tr") == [[name, *cells] for name, cells in table.rows]
         expect(page.locator("#comparison-plot")).to_be_visible(timeout=10_000)
         assert page.eval_on_selector("#comparison-plot", "img => img.naturalWidth") > 100
+        # the build gate's warning (manifest `ensemble_selection`, via /info) shows exactly when there is one
+        warning = ((manifest.get("ensemble_selection") or {}).get("gate") or {}).get("warning")
+        if warning:
+            expect(page.locator("#ensemble-warning")).to_have_text(f"Warning: {warning}.")
+        else:
+            expect(page.locator("#ensemble-warning")).to_be_hidden()
 
         # labels arrive: accuracy and the verdicts follow
         for rid, labels in sent:
@@ -346,6 +361,7 @@ def test_dashboard_open_server_without_comparison(browser, plain_bundle, digits)
         expect(page.locator('#variants tr[data-variant="ensemble"] [data-col="requests"]')).to_have_text("5", timeout=10_000)
         expect(page.locator("#status")).to_contain_text("live")
         expect(page.locator("#offline-note")).to_contain_text("no offline comparison")
+        expect(page.locator("#ensemble-warning")).to_have_text(f"Warning: {GATE_WARNING}.")
         expect(page.locator('#comparison tbody tr[data-model="ensemble"]')).to_have_count(1)  # the manifest's metrics
         expect(page.locator("#comparison-plot")).to_be_hidden()
         expect(page.locator("#escalation-detail")).to_contain_text("no cascade")
@@ -391,6 +407,7 @@ def test_report_without_comparison_lists_manifest_metrics(plain_bundle, tmp_path
     assert code == 0
     text = (tmp_path / "report.html").read_text()
     assert "no offline comparison" in text and "data:image/png" not in text
+    assert f'<p class="note" id="ensemble-warning"><strong>Warning:</strong> {html.escape(GATE_WARNING)}.</p>' in text
     m = _manifest(plain_bundle)
     for name, e in {**m["variants"], **m["members"]}.items():
         assert f'<tr data-model="{name}">' in text

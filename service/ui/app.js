@@ -505,6 +505,10 @@ async function loadInfo(version) {
     return;
   }
   state.version = version;
+  // `fusion build`'s gate (manifest `ensemble_selection`): the ensemble does not beat its best member
+  const warning = info.ensemble_selection?.gate?.warning, warn = $("ensemble-warning");
+  warn.textContent = warning ? `Warning: ${warning}.` : "";
+  warn.hidden = !warning;
   const note = $("offline-note"), meta = $("offline-meta"), table = $("comparison"), img = $("comparison-plot");
   meta.replaceChildren();
   img.hidden = true;

@@ -1,0 +1,403 @@
+"""Member weights chosen from data: ensemble selection, fitted simplex weights, and `auto`.
+
+All on member outputs over held-out rows, `logits (K members, N rows, C classes)` and labels `y (N,)`,
+in numpy (float64); the result is a weight vector that the averaging combiners (soft_vote, logit_mean,
+geometric_mean) export inside the fused graph like any other weights (they normalise it to sum 1).
+
+* `greedy_selection` / `bagged_selection`: Caruana, Niculescu-Mizil, Crew & Ksikes 2004, "Ensemble
+  Selection from Libraries of Models" (as auto-sklearn's `EnsembleSelection` uses it): start from an
+  empty ensemble (or the `init_best` best members once each, "sorted initialization"), then
+  `n_iter` times add, with replacement, the member whose addition gives the best metric of the
+  combined ensemble (ties: the lowest member index). The result is an integer count per member.
+  Bagged selection runs that on `n_bags` random subsets of `bag_fraction` of the members and sums
+  the counts (Caruana et al.'s remedy for overfitting the selection set).
+* `fit_weights`: the weights on the simplex minimising the NLL of the combined ensemble, found by
+  L-BFGS over a softmax parametrisation w = softmax(θ) with the analytic gradient.
+* `choose`: `auto` scores each candidate weighting (equal, select, fit, stacking) out of fold on the
+  held-out rows (stratified k-fold cross-fitting: fit on k-1 folds, predict the held-out fold), picks
+  the lowest out-of-fold NLL and refits the winner on every held-out row.
+* `gate`: is the chosen ensemble better than its best member beyond noise? A paired bootstrap of the
+  per-row NLL difference (primary) and an exact McNemar test on correctness (fusion.stats).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from fusion.errors import ConfigError
+from fusion.stats import mcnemar_exact
+
+PROB_EPS = 1e-12  # as fusion/compare.py: probabilities clipped before the log
+AVERAGING = ("soft_vote", "logit_mean", "geometric_mean")  # combiners whose weights these methods choose
+METRICS = ("log_loss", "accuracy")
+TIE_TOL = 1e-9  # out-of-fold NLLs closer than this are equal (summation order alone moves the last digits)
+MODES = ("equal", "select", "fit", "auto")  # `[ensemble] weights = "..."` (besides a list or a table)
+
+
+# ---- combining in numpy (the same arithmetic as fusion/ensemble/classification.py) ---------------
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _check(logits: np.ndarray, y: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 3 or z.shape[0] < 1 or z.shape[1] < 1:
+        raise ConfigError(f"expected member logits of shape (n_members, n_rows, n_classes); got {z.shape}")
+    if y is not None:
+        y = np.asarray(y)
+        if y.shape != (z.shape[1],):
+            raise ConfigError(f"expected {z.shape[1]} labels, one per row; got shape {y.shape}")
+    return z, y
+
+
+def _check_combiner(combiner: str) -> None:
+    if combiner not in AVERAGING:
+        raise ConfigError(f"chosen weights apply to the combiners {list(AVERAGING)}; got '{combiner}'")
+
+
+def contributions(logits: np.ndarray, combiner: str) -> np.ndarray:
+    """What each combiner averages, per member: probabilities (soft_vote), logits (logit_mean) or
+    log-probabilities (geometric_mean). (K, N, C)."""
+    _check_combiner(combiner)
+    z, _ = _check(logits)
+    if combiner == "soft_vote":
+        return _softmax(z)
+    if combiner == "logit_mean":
+        return z
+    return _log_softmax(z)
+
+
+def _finish(mean: np.ndarray, combiner: str) -> np.ndarray:
+    """The weighted mean of the contributions -> probabilities."""
+    return mean if combiner == "soft_vote" else _softmax(mean)
+
+
+def combine(logits: np.ndarray, weights: Sequence[float] | None, combiner: str = "soft_vote") -> np.ndarray:
+    """Probabilities (N, C) of the weighted combiner over member logits (K, N, C); None: equal weights."""
+    c = contributions(logits, combiner)
+    w = np.ones(len(c)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (len(c),) or (w < 0).any() or not w.sum() > 0:
+        raise ConfigError(f"expected {len(c)} non-negative weights with a positive sum; got {w.tolist()}")
+    return _finish(np.tensordot(w / w.sum(), c, axes=1), combiner)
+
+
+def log_loss(probs: np.ndarray, y: np.ndarray) -> float:
+    """Mean −log p[y], probabilities clipped at 1e-12 (fusion.compare.negative_log_likelihood)."""
+    p = np.clip(np.asarray(probs, dtype=np.float64)[np.arange(len(y)), y], PROB_EPS, 1.0)
+    return float(-np.log(p).mean())
+
+
+def accuracy(probs: np.ndarray, y: np.ndarray) -> float:
+    return float((np.asarray(probs).argmax(-1) == y).mean())
+
+
+def loss(probs: np.ndarray, y: np.ndarray, metric: str) -> float:
+    """The selection metric as a loss (lower is better): log loss, or the error rate for "accuracy"."""
+    if metric == "log_loss":
+        return log_loss(probs, y)
+    if metric == "accuracy":
+        return 1.0 - accuracy(probs, y)
+    raise ConfigError(f"expected a selection metric among {list(METRICS)}; got {metric!r}")
+
+
+# ---- ensemble selection (Caruana et al. 2004) -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Ensemble selection settings. Defaults: log loss; 50 greedy additions (auto-sklearn's
+    `ensemble_size`); 20 bags of half the members (Caruana et al. 2004, section 2.3); no sorted
+    initialization; seed 0 for the bags."""
+
+    metric: str = "log_loss"
+    n_iter: int = 50
+    init_best: int = 0
+    n_bags: int = 20
+    bag_fraction: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise ConfigError(f"expected a selection metric among {list(METRICS)}; got {self.metric!r}")
+        if self.n_iter < 1 or self.init_best < 0 or self.n_bags < 0 or not 0 < self.bag_fraction <= 1:
+            raise ConfigError(f"expected n_iter >= 1, init_best >= 0, n_bags >= 0 and 0 < bag_fraction <= 1; got {self}")
+
+    def to_dict(self) -> dict:
+        return {"method": "ensemble selection with replacement (Caruana et al. 2004)", "metric": self.metric,
+                "n_iter": self.n_iter, "init_best": self.init_best, "n_bags": self.n_bags,
+                "bag_fraction": self.bag_fraction, "seed": self.seed}
+
+
+def greedy_selection(
+    logits: np.ndarray, y: np.ndarray, *, combiner: str = "soft_vote", metric: str = "log_loss",
+    n_iter: int = 50, init_best: int = 0, members: Sequence[int] | None = None,
+) -> tuple[np.ndarray, list[int]]:
+    """Greedy forward selection with replacement. Returns (counts (K,), picks in order).
+
+    members: the indices that may be picked (default all; a bag in bagged selection). init_best: the
+    ensemble starts with that many of the best single members (by `metric`), each once."""
+    z, y = _check(logits, y)
+    c = contributions(z, combiner)
+    pool = list(range(len(c))) if members is None else sorted(set(int(i) for i in members))
+    if not pool:
+        raise ConfigError("expected at least one member to select from; got none")
+    counts = np.zeros(len(c), dtype=np.int64)
+    total = np.zeros_like(c[0])
+    picks: list[int] = []
+    if init_best:
+        single = [loss(_finish(c[k], combiner), y, metric) for k in pool]
+        for j in np.argsort(single, kind="stable")[:init_best]:
+            k = pool[int(j)]
+            counts[k] += 1
+            total += c[k]
+            picks.append(k)
+    for _ in range(n_iter):
+        n = counts.sum() + 1
+        scores = [loss(_finish((total + c[k]) / n, combiner), y, metric) for k in pool]
+        k = pool[int(np.argmin(scores))]  # the first of equal scores: the lowest index
+        counts[k] += 1
+        total += c[k]
+        picks.append(k)
+    return counts, picks
+
+
+def bagged_selection(logits: np.ndarray, y: np.ndarray, cfg: SelectionConfig = SelectionConfig(),
+                     combiner: str = "soft_vote") -> np.ndarray:
+    """Integer weights (K,): the summed counts of greedy selection over `cfg.n_bags` random bags of
+    max(1, round(bag_fraction · K)) members (n_bags = 0: one selection over every member)."""
+    z, y = _check(logits, y)
+    kw = {"combiner": combiner, "metric": cfg.metric, "n_iter": cfg.n_iter, "init_best": cfg.init_best}
+    if cfg.n_bags == 0:
+        return greedy_selection(z, y, **kw)[0]
+    rng = np.random.default_rng(cfg.seed)
+    size = max(1, int(round(cfg.bag_fraction * len(z))))
+    counts = np.zeros(len(z), dtype=np.int64)
+    for _ in range(cfg.n_bags):
+        bag = rng.choice(len(z), size=size, replace=False)
+        counts += greedy_selection(z, y, members=bag, **kw)[0]
+    return counts
+
+
+# ---- fitted weights ---------------------------------------------------------------------------------
+
+
+def weighted_nll(weights: np.ndarray, logits: np.ndarray, y: np.ndarray, combiner: str = "soft_vote") -> float:
+    """NLL of the combiner with these weights (normalised to sum 1), without clipping."""
+    c = contributions(logits, combiner)
+    w = np.asarray(weights, dtype=np.float64)
+    mean = np.tensordot(w / w.sum(), c, axes=1)
+    rows = np.arange(len(y))
+    if combiner == "soft_vote":
+        return float(-np.log(np.maximum(mean[rows, y], 1e-300)).mean())
+    return float(-_log_softmax(mean)[rows, y].mean())
+
+
+def fit_weights(logits: np.ndarray, y: np.ndarray, combiner: str = "soft_vote", tol: float = 1e-10) -> np.ndarray:
+    """Simplex weights (K,) minimising the validation NLL of `combiner`: L-BFGS-B on θ with
+    w = softmax(θ), analytic gradient, started at equal weights. The NLL is convex in w for soft_vote
+    (−log of a linear function) and for logit_mean/geometric_mean (log-sum-exp of a linear function),
+    so the optimum on the simplex is global; the parametrisation reaches its boundary only in the limit."""
+    from scipy.optimize import minimize
+
+    z, y = _check(logits, y)
+    c = contributions(z, combiner)
+    rows = np.arange(len(y))
+    at_y = c[:, rows, y]  # (K, N)
+
+    def f(theta):
+        w = _softmax(theta)
+        mean = np.tensordot(w, c, axes=1)  # (N, C)
+        if combiner == "soft_vote":
+            p = np.maximum(mean[rows, y], 1e-300)
+            value = -np.log(p).mean()
+            g = -(at_y / p).mean(1)  # dNLL/dw_k
+        else:
+            q = _softmax(mean)
+            value = -_log_softmax(mean)[rows, y].mean()
+            g = -(at_y - np.einsum("knc,nc->kn", c, q)).mean(1)
+        return value, w * (g - w @ g)  # chain rule through the softmax
+
+    res = minimize(f, np.zeros(len(c)), jac=True, method="L-BFGS-B", options={"ftol": tol, "gtol": 1e-9, "maxiter": 1000})
+    return _softmax(res.x)
+
+
+# ---- auto: candidates scored out of fold ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A way to weight the members: `fit(z, y) -> params`, `predict(params, z) -> probabilities`."""
+
+    name: str
+    combiner: str
+    fit: Callable[[np.ndarray, np.ndarray], object]
+    predict: Callable[[object, np.ndarray], np.ndarray]
+
+
+def weighting(name: str, combiner: str, cfg: SelectionConfig = SelectionConfig()) -> Candidate:
+    """The candidate `equal`, `select` or `fit` for an averaging combiner."""
+    _check_combiner(combiner)
+
+    def predict(w, z):
+        return combine(z, w, combiner)
+
+    if name == "equal":
+        return Candidate(name, combiner, lambda z, y: None, predict)
+    if name == "select":
+        return Candidate(name, combiner, lambda z, y: bagged_selection(z, y, cfg, combiner), predict)
+    if name == "fit":
+        return Candidate(name, combiner, lambda z, y: fit_weights(z, y, combiner), predict)
+    raise ConfigError(f"expected a weighting among ['equal', 'select', 'fit']; got {name!r}")
+
+
+def stacking_candidate(**params) -> Candidate:
+    """Stacking (fusion/ensemble/stacking.py): its logistic-regression head fitted on the given rows."""
+    import torch
+
+    from fusion.ensemble.stacking import Stacking
+
+    def fit(z, y):
+        return Stacking(len(z), **params).fit(torch.from_numpy(np.asarray(z, dtype=np.float32)), y)
+
+    def predict(head, z):
+        with torch.no_grad():
+            return head(torch.from_numpy(np.asarray(z, dtype=np.float32))).double().numpy()
+
+    return Candidate("stacking", "stacking", fit, predict)
+
+
+def n_folds(y: np.ndarray, wanted: int = 5, n_classes: int = 0) -> int:
+    """Stratified folds possible on these labels: at most `wanted`, at most the rarest class's count
+    (counting the classes 0..n_classes-1 absent from y as 0)."""
+    return int(min(wanted, np.bincount(np.asarray(y), minlength=n_classes).min() if len(y) else 0))
+
+
+def out_of_fold(candidate: Candidate, logits: np.ndarray, y: np.ndarray, n_splits: int = 5, seed: int = 0) -> np.ndarray:
+    """Cross-fitted probabilities (N, C): for each of `n_splits` stratified folds (shuffled, seeded),
+    the candidate fitted on the other folds predicts this fold's rows."""
+    from sklearn.model_selection import StratifiedKFold
+
+    z, y = _check(logits, y)
+    if n_splits < 2:
+        raise ConfigError(f"expected at least 2 rows of every class for cross-fitting; got class counts {np.bincount(y).tolist()}")
+    oof = np.zeros(z.shape[1:], dtype=np.float64)
+    for fit_idx, pred_idx in StratifiedKFold(n_splits, shuffle=True, random_state=seed).split(np.zeros(len(y)), y):
+        oof[pred_idx] = candidate.predict(candidate.fit(z[:, fit_idx], y[fit_idx]), z[:, pred_idx])
+    return oof
+
+
+def figures(probs: np.ndarray, y: np.ndarray) -> dict:
+    return {"nll": log_loss(probs, y), "accuracy": accuracy(probs, y)}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The outcome of `choose`: the winner fitted on every held-out row, its out-of-fold validation
+    probabilities (for the gate), and every candidate's figures (the record for the manifest)."""
+
+    name: str
+    combiner: str
+    params: object  # weights (K,) / None for a weighting; the fitted Stacking head for stacking
+    val_oof_probs: np.ndarray
+    record: dict
+
+
+def choose(candidates: Sequence[Candidate], val_logits: np.ndarray, y_val: np.ndarray,
+           test_logits: np.ndarray | None = None, y_test: np.ndarray | None = None,
+           n_splits: int = 5, seed: int = 0) -> Choice:
+    """Score every candidate out of fold on the validation rows, pick the lowest out-of-fold NLL (ties
+    within TIE_TOL: the earlier candidate), and refit each on every validation row (its test figures are recorded, never
+    used to choose). With one candidate nothing is compared, but its out-of-fold figures are still recorded."""
+    z, y = _check(val_logits, y_val)
+    k = n_folds(y, n_splits)
+    if k < 2 and len(candidates) > 1:
+        raise ConfigError(f"comparing weightings needs at least 2 validation rows of every class for cross-fitting; "
+                          f"got class counts {np.bincount(y).tolist()}")
+    rows, fitted, oofs = {}, {}, {}
+    for cand in candidates:
+        fitted[cand.name] = params = cand.fit(z, y)
+        in_sample = cand.predict(params, z)
+        oofs[cand.name] = out_of_fold(cand, z, y, k, seed) if k >= 2 else in_sample
+        row = {"combiner": cand.combiner,
+               "weights": None if params is None or cand.name == "stacking" else [float(v) for v in params],
+               "val_oof": figures(oofs[cand.name], y), "val_in_sample": figures(in_sample, y)}
+        if test_logits is not None:
+            row["test"] = figures(cand.predict(params, np.asarray(test_logits, dtype=np.float64)), np.asarray(y_test))
+        rows[cand.name] = row
+    best = next(iter(rows))
+    for name in rows:  # a later (more flexible) candidate must win by more than rounding
+        if rows[name]["val_oof"]["nll"] < rows[best]["val_oof"]["nll"] - TIE_TOL:
+            best = name
+    by = next(c for c in candidates if c.name == best)
+    criterion = (f"lowest validation NLL out of fold ({k}-fold stratified cross-fitting on the validation "
+                 f"split, shuffled with seed {seed}); the winner is then refitted on the whole validation split")
+    if k < 2:
+        criterion = "one candidate, its `val_oof` in-sample: fewer than 2 validation rows in some class for cross-fitting"
+    record = {
+        "chosen": best, "combiner": by.combiner, "criterion": criterion,
+        "candidates": rows,
+    }
+    return Choice(best, by.combiner, fitted[best], oofs[best], record)
+
+
+# ---- the gate: does the ensemble beat its best member? ----------------------------------------------
+
+
+def paired_bootstrap(diff: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval of the mean of paired per-row differences, resampling rows."""
+    d = np.asarray(diff, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))
+    means = d[idx].mean(1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def gate(ensemble_probs: np.ndarray, member_probs: dict[str, np.ndarray], y: np.ndarray,
+         n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> dict:
+    """Is the ensemble better than its best member beyond noise, on these rows?
+
+    The best member: highest accuracy, then lowest NLL. The ensemble passes when the 95 % paired
+    bootstrap interval of its per-row NLL improvement over that member lies above 0 and an exact
+    McNemar test does not find it significantly less accurate (b: ensemble right, member wrong; c: the
+    opposite; fails when c > b with p < alpha). `warning` is None when it passes."""
+    y = np.asarray(y)
+    rows = np.arange(len(y))
+
+    def row_nll(p):
+        return -np.log(np.clip(np.asarray(p, dtype=np.float64)[rows, y], PROB_EPS, 1.0))
+
+    per = {n: (accuracy(p, y), float(row_nll(p).mean())) for n, p in member_probs.items()}
+    best = min(per, key=lambda n: (-per[n][0], per[n][1]))
+    ens_nll, mem_nll = row_nll(ensemble_probs), row_nll(member_probs[best])
+    lo, hi = paired_bootstrap(mem_nll - ens_nll, n_boot, seed)
+    ens_ok, mem_ok = np.asarray(ensemble_probs).argmax(-1) == y, np.asarray(member_probs[best]).argmax(-1) == y
+    b, c = int((ens_ok & ~mem_ok).sum()), int((~ens_ok & mem_ok).sum())
+    p = mcnemar_exact(b, c)
+    beats = lo > 0 and not (c > b and p < alpha)
+    out = {
+        "best_member": best, "test": "paired bootstrap of the per-row NLL improvement (95 % percentile "
+        f"interval, {n_boot} resamples, seed {seed}) and an exact McNemar test on correctness",
+        "ensemble_nll": float(ens_nll.mean()), "member_nll": float(mem_nll.mean()),
+        "nll_improvement_ci95": [lo, hi],
+        "ensemble_accuracy": float(ens_ok.mean()), "member_accuracy": float(mem_ok.mean()),
+        "mcnemar": {"b": b, "c": c, "p_value": p}, "beats_best_member": bool(beats), "warning": None,
+    }
+    if not beats:
+        out["warning"] = (
+            f"the ensemble does not beat its best member {best} on validation (NLL {ens_nll.mean():.4f} vs "
+            f"{mem_nll.mean():.4f}, 95% paired-bootstrap interval of the improvement [{lo:.4f}, {hi:.4f}]; "
+            f"accuracy {100 * ens_ok.mean():.2f}% vs {100 * mem_ok.mean():.2f}%, McNemar {b}/{c}, p={p:.3g}); "
+            f"consider serving {best} alone"
+        )
+    return out
