@@ -9,33 +9,44 @@ BUNDLE ?= $(or $(FUSION_BUNDLE),artifacts/bundle)
 export BENTOML_DO_NOT_TRACK := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install install-dev zoo bundle serve test test-fast bench clean chromium wrk
+.PHONY: install install-build install-dev zoo bundle serve test test-fast bench clean chromium wrk
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
+# Three dependency sets (pyproject.toml), one stamp each, so a target installs only what it needs and a
+# second run installs nothing: the base set serves a bundle (bentoml, onnxruntime, numpy; no torch),
+# [build] adds torch and the offline stack (`fusion zoo/build/...`), [dev] the test tools.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[dev]"
+$(VENV)/.installed-build: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e ".[build]"
 	touch $@ $(VENV)/.installed
 
-install: $(VENV)/.installed
-install-dev: $(VENV)/.installed-dev
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e ".[build,dev]"
+	touch $@ $(VENV)/.installed-build $(VENV)/.installed
 
-zoo: install
+install: $(VENV)/.installed  ## the service alone (serve a bundle)
+install-build: $(VENV)/.installed-build  ## + torch and the offline pipeline (build bundles)
+install-dev: $(VENV)/.installed-dev  ## + the test tools (what `make test` needs)
+
+zoo: install-build
 	$(BIN)/fusion zoo
 
-$(BUNDLE)/manifest.json: | $(VENV)/.installed
+# building a bundle needs [build]; installed here, in the recipe, so that serving an existing bundle
+# (an order-only prerequisite would still be made) never installs torch
+$(BUNDLE)/manifest.json:
+	$(MAKE) --no-print-directory install-build
 	$(BIN)/fusion build --out $(BUNDLE)
 
 bundle: $(BUNDLE)/manifest.json
 
 # `python -m service.serve` is `python -m bentoml serve` plus one line, once /readyz answers 200, with the URL and a curl
-serve: $(BUNDLE)/manifest.json
+serve: $(BUNDLE)/manifest.json | $(VENV)/.installed
 	FUSION_BUNDLE=$(BUNDLE) $(BIN)/python -m service.serve service.app:FusionService --host 127.0.0.1 --port $(PORT)
 
 # Chromium for the dashboard's browser test (tests/test_ui.py skips, saying why, without it): installed

@@ -206,7 +206,9 @@ def main(argv=None) -> int:
         # 1 + 2: load as the service does, configured through its environment variables
         os.environ["FUSION_GPU_IDS"] = ",".join(map(str, gpus))
         os.environ["FUSION_DEVICE"] = "cpu" if a.dry_run else "cuda"
-        cfg = runtime.RuntimeConfig.from_env()
+        from service import config  # the service's one reader of its settings
+
+        cfg = config.load().runtime
         check("FUSION_GPU_IDS honoured", cfg.gpu_ids == tuple(gpus), f"RuntimeConfig.gpu_ids = {cfg.gpu_ids}")
         want_provider = "CPUExecutionProvider" if a.dry_run else "CUDAExecutionProvider"
         gpu = runtime.load(bundle, cfg)

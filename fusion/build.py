@@ -153,6 +153,8 @@ def _candidates(recipe: Recipe, weights: list[float] | None, data: Dataset):
         mode = "equal"
     names = ("equal", "select", "fit") if mode == "auto" else (mode,)
     out = [sel.weighting(n, e.combiner) for n in names]
+    if mode == "auto":  # each weighting also followed by an output temperature fitted with it
+        out += [sel.tempered(c) for c in out]
     if mode == "auto" and e.calibration == "none":  # stacking combines raw members only
         out.append(sel.stacking_candidate())
     return out
@@ -161,8 +163,8 @@ def _candidates(recipe: Recipe, weights: list[float] | None, data: Dataset):
 def choose_ensemble(recipe: Recipe, members: list[Member], data: Dataset) -> tuple[FusedEnsemble, dict | None]:
     """The fused ensemble and the record of how its weights were chosen (`Manifest.ensemble_selection`).
 
-    `[ensemble] weights = "auto"` scores equal, select, fit and stacking out of fold on the validation split
-    and keeps the best (fusion/ensemble/selection.py); "select"/"fit"/"equal" use that one weighting; a list
+    `[ensemble] weights = "auto"` scores equal, select, fit (each also followed by an output temperature
+    fitted with its weights) and stacking out of fold on the validation split and keeps the best (fusion/ensemble/selection.py); "select"/"fit"/"equal" use that one weighting; a list
     or a table is used as given. For classification the chosen ensemble then goes through the gate: is it
     better than its best member on validation beyond noise? The record is None for regression."""
     from fusion.ensemble import selection as sel
@@ -191,8 +193,12 @@ def choose_ensemble(recipe: Recipe, members: list[Member], data: Dataset) -> tup
     if choice.combiner == "stacking":
         combiner = choice.params
     else:
-        w = None if choice.params is None else [float(v) for v in choice.params]
-        combiner = make_combiner(choice.combiner, len(members), w, **(e.params if choice.combiner == e.combiner else {}))
+        tempered = isinstance(choice.params, sel.Tempered)
+        params = choice.params.weights if tempered else choice.params
+        w = None if params is None else [float(v) for v in params]
+        extra = {"temperature": choice.params.temperature} if tempered else {}
+        combiner = make_combiner(choice.combiner, len(members), w,
+                                 **(e.params if choice.combiner == e.combiner else {}), **extra)
     raw_val = _module_logits([m.model for m in members], data.X_val)  # each member as it is served alone
     record = {
         "weights": e.weights if isinstance(e.weights, str) else "given" if weights is not None else "equal",

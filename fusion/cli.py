@@ -100,6 +100,8 @@ def cmd_zoo(args) -> int:
     data = load(args.data) if args.data == "digits" else load(args.data, label_column=args.label_column)
     cfg = ZooConfig(n_mlp=args.n_mlp, n_cnn=args.n_cnn, seed=args.seed, train=TrainConfig(epochs=args.epochs))
     out = Path(args.out) / args.scenario
+    if args.scenario in ("swa", "snapshots"):
+        return _zoo_trajectory(args, data, out)
     if args.scenario == "independent":
         specs = train_zoo(data, out, cfg)
     else:
@@ -109,6 +111,26 @@ def cmd_zoo(args) -> int:
     for s in sorted(specs, key=lambda s: s.name):  # member order: what `fusion build --weights 1,2,...` follows
         print(f"{s.name:12s} {s.arch:4s} seed={s.seed:<5d} val={s.metrics['val_accuracy']:.4f} test={s.metrics['test_accuracy']:.4f}")
     print(f"wrote {len(specs)} checkpoints to {out}, listed by name: the member order of `fusion build --weights 1,2,...`")
+    return 0
+
+
+def _zoo_trajectory(args, data, out: Path) -> int:
+    """`fusion zoo --scenario swa | snapshots`; when the other of the two sits beside it with the same budget,
+    prints SWA (one model) against the snapshot ensemble (K models) on the test split."""
+    from fusion.trajectory import TRAJECTORY_FILE, TrajectoryConfig, compare_trajectories, train_snapshots, train_swa, trajectory_table
+
+    cfg = TrajectoryConfig(epochs=args.epochs, n_cycles=args.n_cycles, seed=args.seed)
+    specs, info = (train_swa if args.scenario == "swa" else train_snapshots)(data, out, cfg)
+    for s in specs:
+        print(f"{s.name:12s} {s.arch:4s} seed={s.seed:<5d} val={s.metrics['val_accuracy']:.4f} test={s.metrics['test_accuracy']:.4f}")
+    print(f"wrote {len(specs)} checkpoints and {TRAJECTORY_FILE} to {out} ({info['epochs']} SGD epochs, {info['arch']})")
+    other = out.parent / ("snapshots" if args.scenario == "swa" else "swa")
+    if (other / TRAJECTORY_FILE).is_file():
+        dirs = (out, other) if args.scenario == "swa" else (other, out)
+        try:
+            print(trajectory_table(compare_trajectories(*dirs, data)))
+        except FusionError as exc:
+            print(f"(no SWA vs snapshot comparison: {exc})")
     return 0
 
 
@@ -255,12 +277,15 @@ def parser() -> argparse.ArgumentParser:
     z = sub.add_parser("zoo", help="train the default model zoo (seeded)")
     z.add_argument("--data", default="digits", help="'digits' or a .npz/.csv file")
     z.add_argument("--label-column", default="label")
-    z.add_argument("--scenario", choices=["independent", "shared_base"], default="independent")
+    z.add_argument("--scenario", choices=["independent", "shared_base", "swa", "snapshots"], default="independent",
+                   help="swa: one SGD run averaged along its trajectory (members swa, sgd_final); snapshots: one member "
+                        "per cosine-restart cycle (Huang et al. 2017); both spend --epochs, for an equal-cost comparison")
     z.add_argument("--out", default="artifacts/zoo", help="parent directory; members go to OUT/SCENARIO")
     z.add_argument("--n-mlp", type=int, default=5)
     z.add_argument("--n-cnn", type=int, default=3)
     z.add_argument("--epochs", type=int, default=40)
     z.add_argument("--seed", type=int, default=0)
+    z.add_argument("--n-cycles", type=int, default=5, help="snapshots: learning-rate cycles (members); must divide --epochs")
     z.set_defaults(func=cmd_zoo)
 
     b = sub.add_parser("build", help="build a verified serving bundle")
@@ -340,13 +365,24 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+# the offline stack (pyproject's [build] extra): the base install serves bundles and has none of it
+BUILD_MODULES = frozenset({"torch", "onnx", "onnxscript", "scipy", "sklearn", "safetensors", "tqdm", "matplotlib"})
+BUILD_HINT = "install fusion-serve[build] (pip install 'fusion-serve[build]'; in a checkout: make install-build)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
+        args = parser().parse_args(argv)  # --help imports the registries, hence torch: inside the try
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
         return args.func(args)
     except FusionError as exc:
         print(f"fusion {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # a base (serving-only) install: say what to install, not a traceback
+        if (exc.name or "").partition(".")[0] not in BUILD_MODULES:
+            raise
+        print(f"fusion: error: this command needs the offline build stack, and {exc.name} is not installed: "
+              f"{BUILD_HINT}", file=sys.stderr)
         return 2
 
 

@@ -7,6 +7,8 @@ Per model, on one split (the test split by default):
 * top-label expected calibration error over 15 equal-width confidence bins (Guo et al. 2017,
   https://arxiv.org/abs/1706.04599; bin m holds confidences in (m/15, (m+1)/15]);
 * argmax agreement with the reference variant (`ensemble`);
+* over the members, pairwise diversity (label disagreement, Yule's Q, error correlation; fusion/diversity.py)
+  as a table and heat maps (diversity.png);
 * an exact McNemar test of each single model against the reference (McNemar 1947): under H0 the
   discordant pairs split 50/50, two-sided exact binomial p-value on b (model right, reference wrong)
   out of b + c;
@@ -36,10 +38,11 @@ import numpy as np
 from fusion.bundle import Manifest, ModelEntry, read_bundle
 from fusion.data import Dataset
 from fusion.errors import ConfigError
-from fusion.stats import Z95, mcnemar_exact, wilson_interval  # noqa: F401 (shared with service/stats.py)
+from fusion.stats import Z95, mcnemar_exact, wilson_interval  # noqa: F401 (shared with service/ab.py)
 
 PROB_EPS = 1e-12
 REPORT_FILES = ("comparison.md", "comparison.json", "comparison.png")
+DIVERSITY_PLOT = "diversity.png"  # written beside them when the bundle has two or more members
 
 
 @dataclass(frozen=True)
@@ -264,7 +267,9 @@ def _calibration(manifest: Manifest, probs: dict[str, np.ndarray], y: np.ndarray
             "ece_before": expected_calibration_error(before, y, n_bins),
             "ece_after": expected_calibration_error(after, y, n_bins),
         }
-    comb = make_combiner(ens.combiner["name"], len(names), ens.combiner.get("weights"))
+    out_t = ens.combiner.get("temperature")  # the ensemble's output temperature (weights "auto"), if any
+    comb = make_combiner(ens.combiner["name"], len(names), ens.combiner.get("weights"),
+                         **({"temperature": out_t} if out_t is not None else {}))
 
     def combine(ps: list[np.ndarray]) -> np.ndarray:  # log p works as logits for the averaging combiners
         z = torch.from_numpy(np.log(np.clip(np.stack(ps), PROB_EPS, 1.0)).astype(np.float32))
@@ -298,6 +303,14 @@ def _selection(manifest: Manifest) -> dict | None:
     # the scalars title the table in the HTML report and the dashboard; the long texts sit under `about`
     return {"weights": s["weights"], "chosen": s["chosen"], "best_member": gate.get("best_member"), "rows": rows,
             "about": {"criterion": s["criterion"], "warning": gate.get("warning")}}
+
+
+def _diversity(entries: dict[str, ModelEntry], probs: dict[str, np.ndarray], y: np.ndarray) -> dict | None:
+    """Pairwise diversity of the bundle's members on the split (fusion/diversity.py); None with fewer than 2."""
+    from fusion.diversity import diversity
+
+    members = {n: probs[n] for n, e in entries.items() if e.kind == "member"}
+    return diversity(members, y).to_json() if len(members) >= 2 else None
 
 
 def compare_models(root: str | Path, manifest: Manifest, data: Dataset, cfg: CompareConfig = CompareConfig()) -> dict:
@@ -344,6 +357,7 @@ def compare_models(root: str | Path, manifest: Manifest, data: Dataset, cfg: Com
         "rows": rows,
         "calibration": _calibration(manifest, probs, y, cfg.n_bins),
         "ensemble_selection": _selection(manifest),
+        "diversity": _diversity(entries, probs, y),
         "latency_setup": {
             "runtime": f"onnxruntime {ort.__version__}", "provider": "CPUExecutionProvider",
             "intra_op_threads": 1, "inter_op_threads": 1, "rounds": cfg.rounds, "warmup": cfg.warmup,
@@ -414,6 +428,17 @@ def to_markdown(report: dict) -> str:
                        f"{100 * r['val_oof_accuracy']:.2f} | {test[0]} | {test[1]} |")
         if sel["about"]["warning"]:
             out += ["", f"**Warning:** {sel['about']['warning']}."]
+    div = report.get("diversity")
+    if div:
+        def f(v):
+            return "—" if v is None else f"{v:.3f}"
+        out += ["", f"Member diversity on the {report['split']} split ({div['n_members']} members): mean label "
+                f"disagreement {f(div['mean_disagreement'])}, mean Yule's Q {f(div['mean_yule_q'])}, mean error "
+                f"correlation {f(div['mean_error_correlation'])} (fusion/diversity.py; Q and the correlation on the 0/1 "
+                "right/wrong outputs; — where undefined, e.g. a member never wrong).", "",
+                "| pair | disagreement | Yule's Q | error correlation |", "|---|--:|--:|--:|"]
+        for pair, r in div["rows"].items():
+            out.append(f"| {pair} | {f(r['disagreement'])} | {f(r['yule_q'])} | {f(r['error_correlation'])} |")
     cal = report.get("calibration")
     if cal:
         out += ["", f"Temperature scaling of the members (fitted on {cal['fit_on']}), {report['split']} split:", "",
@@ -495,11 +520,17 @@ def plot_figure(report: dict):
 
 
 def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
-    """comparison.md, comparison.json and comparison.png in out_dir."""
+    """comparison.md, comparison.json and comparison.png in out_dir, and diversity.png (the members'
+    pairwise diversity heat maps) when the report has two or more members."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md, js, png = (out_dir / f for f in REPORT_FILES)
     md.write_text(to_markdown(report))
     js.write_text(json.dumps(report, indent=2))
     plot(report, png)
-    return {"markdown": md, "json": js, "png": png}
+    paths = {"markdown": md, "json": js, "png": png}
+    if report.get("diversity"):
+        from fusion.diversity import plot_heatmaps
+
+        paths["diversity_png"] = plot_heatmaps(report["diversity"], out_dir / DIVERSITY_PLOT)
+    return paths

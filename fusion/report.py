@@ -31,6 +31,7 @@ ROW_KEYS = ("rows", "table", "models", "variants", "entries", "results")
 NAME_KEYS = ("name", "variant", "model")
 HIDDEN = {"file", "accuracy_ci95"}  # shown elsewhere (accuracy) or not worth a column
 PLOT = "comparison.png"
+DIVERSITY_PLOT = "diversity.png"  # the members' pairwise diversity heat maps (fusion/diversity.py), when written
 COMPARISON_JSON = "comparison.json"
 
 
@@ -76,14 +77,14 @@ def load_comparison(bundle: str | Path, manifest: dict | None = None) -> tuple[d
     return None, ""
 
 
-def read_plot(bundle: str | Path, comparison: dict | None) -> bytes | None:
-    """The bytes of `comparison.png` in the bundle directory (None when absent), checked against the
+def read_plot(bundle: str | Path, comparison: dict | None, name: str = PLOT) -> bytes | None:
+    """The bytes of `name` (`comparison.png`) in the bundle directory (None when absent), checked against the
     sha256 the comparison lists for it under `artifacts`, when it lists one."""
-    path = Path(bundle) / PLOT
+    path = Path(bundle) / name
     if not path.is_file():
         return None
     data = path.read_bytes()
-    expected = ((comparison or {}).get("artifacts") or {}).get(PLOT)
+    expected = ((comparison or {}).get("artifacts") or {}).get(name)
     if isinstance(expected, str) and sha256_bytes(data) != expected:
         raise IntegrityError(f"{path}: sha256 mismatch: the manifest says {expected}, the file has {sha256_bytes(data)}")
     return data
@@ -331,6 +332,10 @@ def render_html(bundle: str | Path) -> str:
     if png is not None:
         data = base64.b64encode(png).decode("ascii")
         parts += ["<h2>Accuracy vs latency</h2>", f'<img alt="offline comparison plot" src="data:image/png;base64,{data}">']
+    div_png = read_plot(bundle, comparison, DIVERSITY_PLOT) if comparison is not None and comparison.get("diversity") else None
+    if div_png is not None:
+        data = base64.b64encode(div_png).decode("ascii")
+        parts += ["<h2>Member diversity</h2>", f'<img alt="member diversity heat maps" src="data:image/png;base64,{data}">']
     if comparison is not None and c.notes:
         parts.append("<h2>Setup</h2><dl>" + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in c.notes) + "</dl>")
     return (

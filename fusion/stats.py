@@ -1,4 +1,4 @@
-"""Statistics shared by both halves: the service's live A/B report (service/stats.py) and the
+"""Statistics shared by both halves: the service's live A/B report (service/ab.py) and the
 offline comparison report (fusion/compare.py) call these same functions, so they cannot drift.
 
 Torch-free and scipy-free on purpose (pure Python and numpy): the bento ships neither, and

@@ -16,9 +16,6 @@ import functools
 import hashlib
 import ipaddress
 import logging
-import os
-import time
-from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Awaitable, Callable
 
@@ -35,64 +32,28 @@ from starlette.responses import Response
 from starlette.routing import Match, Route
 
 from fusion.errors import InputError, PayloadTooLargeError, UnknownNameError
-from service import oip, openapi, payload
+from service import config, oip, openapi, patches, payload
 from service import ui  # the A/B dashboard: GET /ui
-from service.auth import Tokens
-from service.batching import AdaptiveBatcher
-from service.engine import MEMBERS, Engine, EngineConfig
+from service.engine import Engine
 from service.errors import UnsupportedMediaError, error_response, json_response, request_id_from
-from service.metrics import EndpointLabels, patch_bentoml_metrics
+from service.metrics import ERRORS, EndpointLabels
 from service.routing import CASCADE
-from service.stats import ERRORS
-from service.traffic import Admission, Traffic, install_drain, off_loop, patch_bentoml_timeout
+from service.traffic import Admission, Traffic, install_drain, off_loop
 
 log = logging.getLogger("fusion.service")
-if logging.getLogger("fusion").level == logging.NOTSET:  # BentoML leaves the root at WARNING: our INFO lines were lost
-    _level = os.environ.get("FUSION_LOG_LEVEL", "INFO").strip().upper()
-    logging.getLogger("fusion").setLevel(_level if _level in logging.getLevelNamesMapping() else "INFO")
 
+# The one read of the settings in a server process (service/config.py): `@bentoml.service(...)` needs the
+# workers, timeout, tracing and access log when the class is defined, and the admission middleware its
+# limit when `routes` is built; FusionService.__init__ builds everything else from this same object.
+CONFIG = config.load()
 
-
-@dataclass(frozen=True)
-class Settings:
-    max_rows: int = 1024
-    max_body_bytes: int = 8 << 20
-    max_small_body_bytes: int = 64 << 10  # /feedback and /admin/* bodies: a request id and labels, a path, a policy
-    body_timeout_s: float = 5.0  # the whole body must arrive within this (408 otherwise; service/traffic.py)
-    workers: int = 1
-    timeout_s: float = 30.0
-    max_concurrency: int = 64
-    batch_max_rows: int = 0  # adaptive batching of concurrent requests per model; 0 = off
-    batch_instances: int = 2  # calls of one model the batcher may run at once (Triton: model instances)
-    tracing: bool = False  # OpenTelemetry spans on the inference paths (BentoML's middleware: 2-3x the floor)
-    access_log: bool = True  # BentoML's one INFO line per request
-
-    @classmethod
-    def from_env(cls, env=os.environ) -> "Settings":
-        return cls(
-            max_rows=int(env.get("FUSION_MAX_ROWS", cls.max_rows)),
-            max_body_bytes=int(env.get("FUSION_MAX_BODY_BYTES", cls.max_body_bytes)),
-            max_small_body_bytes=int(env.get("FUSION_MAX_SMALL_BODY_BYTES", cls.max_small_body_bytes)),
-            body_timeout_s=float(env.get("FUSION_BODY_TIMEOUT_S", cls.body_timeout_s)),
-            workers=int(env.get("FUSION_WORKERS", cls.workers)),
-            timeout_s=float(env.get("FUSION_TIMEOUT_S", cls.timeout_s)),
-            max_concurrency=int(env.get("FUSION_MAX_CONCURRENCY", cls.max_concurrency)),
-            batch_max_rows=int(env.get("FUSION_BATCH_MAX_ROWS", cls.batch_max_rows)),
-            batch_instances=int(env.get("FUSION_BATCH_INSTANCES", cls.batch_instances)),
-            tracing=env.get("FUSION_TRACING", "0").strip().lower() in ("1", "true", "yes"),
-            access_log=env.get("FUSION_ACCESS_LOG", "1").strip().lower() not in ("0", "false", "no"),
-        )
-
-
-SETTINGS = Settings.from_env()
 # Paths BentoML's OpenTelemetry middleware skips unless FUSION_TRACING=1: with no exporter configured
 # its spans go nowhere, yet it cost 2-3x our whole echo round trip (docs/BENCHMARKS.md, "HTTP floor").
 # OpenTelemetry matches each with re.search on "scheme://host/path" (no query): anchored, nothing else matches.
 INFERENCE_PATHS = [rf"^[a-z]+://[^/]+{p}$" for p in ("/predict", "/echo", "/feedback", "/v2/models/[^/]+/infer",
                                                      "/v2/models/[^/]+/versions/[^/]+/infer")]
 # our admission limit (per worker) and drain state: service/traffic.py says why not BentoML's max_concurrency
-TRAFFIC = Traffic.from_settings(SETTINGS.max_concurrency, SETTINGS.workers, SETTINGS.body_timeout_s)
-patch_bentoml_timeout()  # BentoML's per-request timer kept every request's context for 30 s (traffic.py)
+TRAFFIC = Traffic.from_settings(CONFIG.http.max_concurrency, CONFIG.http.workers, CONFIG.http.body_timeout_s)
 
 
 def request_id(request: Request) -> str:
@@ -114,7 +75,7 @@ def _client_address(host: str) -> str:
 
 
 def client_of(request: Request, svc: "FusionService") -> str:
-    """Who sent a request, for fair eviction of the records awaiting /feedback (service/stats.py): the
+    """Who sent a request, for fair eviction of the records awaiting /feedback (service/feedback.py): the
     client's address and, with FUSION_INFERENCE_TOKEN set, which (checked) token it presented, as a
     digest. Behind a proxy that does not preserve addresses, its clients share one address."""
     host = _client_address(request.client.host if request.client else "")
@@ -205,27 +166,6 @@ async def json_body(request: Request, svc: "FusionService", *, small: bool = Fal
     return data
 
 
-async def compute(svc: "FusionService", served, X: np.ndarray, variant: str | None, key: str | None, rid: str, *,
-                  client: str, client_chose_id: bool):
-    """Run the routed variant: coalesced with concurrent requests when batching is on; else on the
-    event loop when it is one session and the call is cheap (runtime.Model.inline_ok: few rows, and
-    expected from the model's recent calls to take ≤ FUSION_INLINE_BUDGET_MS), in a worker thread
-    otherwise. members and cascade always run in a thread: they wait on member threads up to the
-    member deadline."""
-    engine = svc.engine
-    served, name = engine.resolve(variant, key, served)  # the version X was checked against
-    t0 = time.perf_counter()
-    single = name in served.loaded.models  # one onnxruntime session, no waiting on other threads
-    if svc.batcher is not None and single:
-        out, extra = await svc.batcher.run(served.loaded.models[name], X), {}
-    elif single and served.loaded.models[name].inline_ok(len(X)):
-        out, extra = engine.run(served, name, X)
-    else:
-        out, extra = await run_in_threadpool(engine.run, served, name, X)
-    return engine.finish(served, name, X, out, extra, time.perf_counter() - t0, rid, client=client,
-                         client_chose_id=client_chose_id)
-
-
 # ---- our JSON API ---------------------------------------------------------------------------
 
 
@@ -246,7 +186,8 @@ async def predict_answer(svc: "FusionService", served, X: np.ndarray, variant: s
                          client: str, client_chose_id: bool) -> tuple[dict, dict]:
     """A checked /predict request's answer (body, headers): for POST /predict and for its BentoML twin
     (FusionService.predict), so both run and format a prediction in one place."""
-    result = await compute(svc, served, X, variant, key, rid, client=client, client_chose_id=client_chose_id)
+    result = await svc.engine.predict(X, variant=variant, key=key, request_id=rid, client=client,
+                                      client_chose_id=client_chose_id, served=served)
     out = {"predictions": result.labels(), "variant": result.variant, "bundle_version": result.version, "request_id": rid,
            "feedback_id": result.extra["feedback_id"]}
     if result.task == "classification":
@@ -290,25 +231,7 @@ async def ab_report(request: Request, svc: "FusionService", rid: str) -> Respons
 @endpoint("inference")
 async def info(request: Request, svc: "FusionService", rid: str) -> Response:
     """The served bundle: version, input spec, classes, variants and members with their offline metrics."""
-    served = svc.engine.current()
-    m, loaded = served.loaded.manifest, served.loaded
-
-    def describe(name, e):
-        return {"kind": e.kind, "file": e.file, "sha256": e.sha256, "metrics": e.metrics, "device": loaded.models[name].device,
-                "combiner": e.combiner, "method": e.method, "n_parameters": e.n_parameters, "members": list(e.members)}
-
-    return json_response({
-        "bundle_version": m.bundle_version, "created": m.created, "task": m.task,
-        "input": {"name": m.input.name, "shape": m.input.shape, "dtype": m.input.dtype, "scaling": m.input.scaling["kind"]},
-        "classes": list(m.classes),
-        "variants": {k: describe(k, e) for k, e in m.variants.items()},
-        "members": {k: describe(k, e) for k, e in m.members.items()},
-        "modes": [MEMBERS] * (served.members is not None) + [CASCADE] * (svc.engine.policy.cascade is not None),
-        "routing": svc.engine.policy.to_dict(),
-        "comparison": m.comparison,
-        "ensemble_selection": m.ensemble_selection,  # how `fusion build` chose the weights; `gate.warning` when it did not pay
-        "request_id": rid,
-    })
+    return json_response({**svc.engine.describe(svc.engine.current()), "request_id": rid})
 
 
 @endpoint("inference")
@@ -405,8 +328,9 @@ async def v2_infer(request: Request, svc: "FusionService", rid: str) -> Response
         raise UnsupportedMediaError(f"expected Content-Type application/octet-stream (binary tensors) or application/json; got {ctype}")
     body = await read_body(request, svc.settings.max_body_bytes)
     req = await off_loop(len(body), oip.parse, body, header_len, served.loaded.manifest.input.n_features, svc.settings.max_rows)
-    result = await compute(svc, served, req.X, variant, request.headers.get("x-routing-key"), rid,
-                           client=client_of(request, svc), client_chose_id=rid == request.headers.get("x-request-id"))
+    result = await svc.engine.predict(req.X, variant=variant, key=request.headers.get("x-routing-key"), request_id=rid,
+                                      client=client_of(request, svc),
+                                      client_chose_id=rid == request.headers.get("x-request-id"), served=served)
     extra = {"variant": result.variant, "request_id": rid, "feedback_id": result.extra["feedback_id"],
              "bundle_version": result.version}
     if "degraded" in result.extra:
@@ -507,31 +431,40 @@ routes = Starlette(routes=[
     Route("/docs.json", docs_json, methods=["GET"]),  # ours replaces BentoML's (matched first)
     UnknownPath(),  # last: any other path answers 404 in the one error shape
 ], exception_handlers={HTTPException: http_error}, middleware=[Middleware(Admission, traffic=TRAFFIC)])
-# BentoML's HTTP metrics label a request by its route's template, an unknown path by one value,
-# never by the raw path: each unknown path made ~20 new series (service/metrics.py)
-patch_bentoml_metrics(EndpointLabels([r.path for r in routes.routes if not isinstance(r, UnknownPath)] + list(UnknownPath.BENTOML_PATHS),
-                                     UnknownPath.BENTOML_PREFIXES))
+
+
+def endpoint_labels() -> EndpointLabels:
+    """BentoML's HTTP metrics label a request by its route's template, an unknown path by one value,
+    never by the raw path: each unknown path made ~20 new series (service/metrics.py)."""
+    return EndpointLabels([r.path for r in routes.routes if not isinstance(r, UnknownPath)] + list(UnknownPath.BENTOML_PATHS),
+                          UnknownPath.BENTOML_PREFIXES)
 
 
 @bentoml.service(
     name="fusion_serve",
-    workers=SETTINGS.workers,
-    traffic={"timeout": SETTINGS.timeout_s},  # the concurrency limit is ours (TRAFFIC), not BentoML's
-    **({} if SETTINGS.tracing else {"tracing": {"excluded_urls": INFERENCE_PATHS}}),
-    **({} if SETTINGS.access_log else {"logging": {"access": {"enabled": False}}}),
+    workers=CONFIG.http.workers,
+    traffic={"timeout": CONFIG.http.timeout_s},  # the concurrency limit is ours (TRAFFIC), not BentoML's
+    **({} if CONFIG.http.tracing else {"tracing": {"excluded_urls": INFERENCE_PATHS}}),
+    **({} if CONFIG.http.access_log else {"logging": {"access": {"enabled": False}}}),
 )
 @bentoml.asgi_app(routes, path="/")
 class FusionService:
     """Serves a fusion bundle: the fused ensemble, its members, and merged/distilled variants, A/B-routed."""
 
-    def __init__(self) -> None:
-        self.settings = Settings.from_env()
-        self.tokens = Tokens.from_env()
-        self.engine = Engine(EngineConfig.from_env())
-        self.batcher = (AdaptiveBatcher(self.settings.batch_max_rows, instances=self.settings.batch_instances)
-                        if self.settings.batch_max_rows > 0 else None)
+    def __init__(self, cfg: config.ServiceConfig | None = None) -> None:
+        cfg = cfg or CONFIG  # the settings the class was defined with (tests may pass their own)
+        if logging.getLogger("fusion").level == logging.NOTSET:  # BentoML leaves the root at WARNING: our INFO lines were lost
+            logging.getLogger("fusion").setLevel(cfg.http.log_level)
+        # BentoML's timeout and metrics middleware fixed, after checking the installed version (service/patches.py);
+        # idempotent, and before any request: BentoML builds this instance before the worker serves
+        patches.apply(endpoint_labels())
+        self.cfg = cfg  # the whole ServiceConfig (service/config.py)
+        self.settings = cfg.http
+        self.tokens = cfg.tokens
+        self.engine = Engine(cfg.engine, cfg.routing, runtime=cfg.runtime, load_limits=cfg.load_limits)
         self.engine.start()  # a bundle that fails to load leaves the service up and not ready
-        install_drain(TRAFFIC)  # SIGTERM: readiness 503 while in-flight requests finish (service/traffic.py)
+        # SIGTERM: readiness 503 while in-flight requests finish (service/traffic.py)
+        install_drain(TRAFFIC, cfg.http.drain_s, cfg.http.drain_max_s)
         if not self.settings.tracing:
             log.info("OpenTelemetry spans are off on the inference paths (set FUSION_TRACING=1 to trace them)")
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import os
 import re
 from dataclasses import dataclass
 from typing import Mapping
@@ -54,21 +53,6 @@ def split_host(value: str) -> tuple[str, str] | None:
     return m.group(1).strip("[]"), m.group(2) or ""
 
 
-def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
-    text = env.get(name, "").strip().lower()
-    if not text:
-        return default
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{name}: expected 1 or 0 (true/false); got '{text}'")
-
-
-def _items(env: Mapping[str, str], name: str) -> frozenset[str]:
-    return frozenset(p.strip().lower().rstrip("/") for p in env.get(name, "").split(",") if p.strip())
-
-
 @dataclass(frozen=True)
 class Tokens:
     inference: str = ""
@@ -76,15 +60,6 @@ class Tokens:
     admin_loopback: bool = True  # FUSION_ADMIN_LOOPBACK: without an admin token, admin answers local clients
     allowed_hosts: frozenset[str] = frozenset()  # FUSION_ALLOWED_HOSTS: "name" (any port) or "name:port"
     allowed_origins: frozenset[str] = frozenset()  # FUSION_ALLOWED_ORIGINS: "https://ops.example"
-
-    @classmethod
-    def from_env(cls, env=os.environ) -> "Tokens":
-        return cls(
-            env.get("FUSION_INFERENCE_TOKEN", ""), env.get("FUSION_ADMIN_TOKEN", ""),
-            admin_loopback=_flag(env, "FUSION_ADMIN_LOOPBACK", True),
-            allowed_hosts=_items(env, "FUSION_ALLOWED_HOSTS"),
-            allowed_origins=_items(env, "FUSION_ALLOWED_ORIGINS"),
-        )
 
     def check(self, authorization: str | None, scope: str, client_host: str | None = None,
               headers: Mapping[str, str] | None = None) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 
 from fusion.errors import ConfigError
 
+TINY = 1e-30  # as fusion/ensemble/classification.py: soft vote's floor before the log of an output temperature
 NAMES = ("soft_vote", "hard_vote", "logit_mean", "geometric_mean", "stacking", "mean", "weighted_mean", "median")
 
 
@@ -47,8 +48,10 @@ def combine(config: dict, probs: np.ndarray, weights: np.ndarray | None = None) 
     w = (raw / raw.sum()).reshape(-1, 1, 1)
     w32 = w.astype(np.float32)  # the graph's buffer: normalised in float64, stored as float32
     p32 = probs.astype(np.float32, copy=False)
+    t = float(config.get("temperature", 1.0))  # the ensemble's output temperature (soft_vote, logit_mean, geometric_mean)
     if name in ("soft_vote", "weighted_mean"):
-        return (p32 * w32).sum(0, dtype=np.float32)
+        p = (p32 * w32).sum(0, dtype=np.float32)
+        return p if t == 1.0 else _softmax(np.log(np.maximum(p, TINY), dtype=np.float64) / t)
     if name == "hard_vote":
         # as HardVote: unnormalised float32 weights summed in member order, then divided, so that a
         # tie in the graph (1 + 2 vs 3, or 0.1 + 0.2 vs 0.3 in float32) is a tie here; lowest index wins
@@ -57,7 +60,7 @@ def combine(config: dict, probs: np.ndarray, weights: np.ndarray | None = None) 
         votes = np.eye(c, dtype=np.float32)[probs.argmax(-1)]  # one-hot votes (M, B, C)
         return (votes * wr).sum(0, dtype=np.float32) / wr.sum(dtype=np.float32)
     if name in ("logit_mean", "geometric_mean"):
-        return _softmax((_log(probs) * w).sum(0))
+        return _softmax((_log(probs) * w).sum(0) / t)
     if name == "stacking":
         check_config(config, m)
         coef, intercept = np.asarray(config["coef"]), np.asarray(config["intercept"])

@@ -1,15 +1,34 @@
 """Every setting of the service, read once from the environment and passed down.
 
-The only module under service/ that reads os.environ (issue 14): the service's construction calls
-`load()` once and hands each part to the object that needs it.
+The only module under service/ that reads the process environment (issue 14; tests/test_config.py checks it):
+`load()` parses and validates every variable once and returns a frozen `ServiceConfig`; the
+service's construction hands each part to the object that needs it (the engine, the runtime, the
+bundle check, the token checks, admission and drain). A bad value is refused here, naming the
+variable, what was expected and what was got, before anything is loaded or served.
+
+service/app.py calls `load()` once, at import (`app.CONFIG`): `@bentoml.service(...)` needs the
+workers, timeout, tracing and access-log settings when the class is defined. `python -m
+service.serve` (make serve) and the bundle check's child process (`python -m service.preflight`)
+are processes of their own and call `load()` once each.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import re
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
+
+from fusion.bundle import MAX_MANIFEST_BYTES
+from fusion.errors import ConfigError
+from service.auth import Tokens
+from service.preflight import LoadLimits, default_memory_mb
+from service.routing import Cascade, RoutingPolicy, parse_weights
+from service.runtime import RuntimeConfig
 
 
 @dataclass(frozen=True)
@@ -21,16 +40,6 @@ class EngineConfig:
     batch_max_rows: int = 0  # adaptive batching of concurrent requests per model; 0 = off
     batch_instances: int = 2  # calls of one model the batcher may run at once (Triton: model instances)
     bundle_root: str = ""  # hot swaps load bundles below this directory only; "" = the served bundle's parent
-
-    @classmethod
-    def from_env(cls, env=os.environ) -> "EngineConfig":
-        return cls(
-            bundle=env.get("FUSION_BUNDLE", cls.bundle),
-            failure_policy=env.get("FUSION_FAILURE_POLICY", cls.failure_policy),
-            member_deadline_ms=float(env.get("FUSION_MEMBER_DEADLINE_MS", cls.member_deadline_ms)),
-            shadow_queue=int(env.get("FUSION_SHADOW_QUEUE", cls.shadow_queue)),
-            bundle_root=env.get("FUSION_BUNDLE_ROOT", ""),
-        )
 
     def root(self) -> Path:
         """The directory hot swaps are confined to, links resolved: FUSION_BUNDLE_ROOT, or by default
@@ -45,3 +54,223 @@ class EngineConfig:
         except OSError:  # no such directory yet: nothing can be swapped in from it either
             shared = False
         return Path(self.bundle).resolve() if shared else parent
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The HTTP layer's settings (service/app.py): limits on requests, workers, timeout, tracing, logging."""
+
+    max_rows: int = 1024
+    max_body_bytes: int = 8 << 20
+    max_small_body_bytes: int = 64 << 10  # /feedback and /admin/* bodies: a request id and labels, a path, a policy
+    body_timeout_s: float = 5.0  # the whole body must arrive within this (408 otherwise; service/traffic.py)
+    workers: int = 1
+    timeout_s: float = 30.0
+    max_concurrency: int = 64  # per service, split over the workers (service/traffic.py); 0 = no limit
+    tracing: bool = False  # OpenTelemetry spans on the inference paths (BentoML's middleware: 2-3x the floor)
+    access_log: bool = True  # BentoML's one INFO line per request
+    log_level: str = "INFO"  # the "fusion" loggers' level (BentoML leaves the root at WARNING)
+    drain_s: float = 0.0  # on SIGTERM, readiness is 503 for at least this long... (service/traffic.py)
+    drain_max_s: float = 30.0  # ...and in-flight requests get at most this long to finish
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What `python -m service.serve` (make serve) needs besides the service's own settings: BentoML's
+    default bind address (BENTOML_HOST/BENTOML_PORT, which `bentoml serve` reads too)."""
+
+    host: str = "0.0.0.0"
+    port: int = 3000
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    http: Settings = field(default_factory=Settings)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    load_limits: LoadLimits = field(default_factory=LoadLimits)
+    tokens: Tokens = field(default_factory=Tokens)
+    routing: RoutingPolicy = field(default_factory=RoutingPolicy)  # the initial policy; /admin/routing changes it
+    serve: ServeSettings = field(default_factory=ServeSettings)
+
+
+# ---- parsing: each reader names the variable, what it expects and what it got ------------------------
+
+class _Reader:
+    """Reads variables from one mapping and records their names (tests/test_config.py compares them
+    with the documented ones)."""
+
+    def __init__(self, env: Mapping[str, str]):
+        self.env, self.names = env, set()
+
+    def text(self, name: str, default: str = "") -> str:
+        self.names.add(name)
+        value = self.env.get(name)
+        return default if value is None else value
+
+    def _raw(self, name: str) -> str | None:
+        text = self.text(name).strip()
+        return text or None
+
+    def int(self, name: str, default: int, minimum: int = 0, what: str = "a non-negative integer") -> int:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise ConfigError(f"{name}: expected {what}; got {raw!r:.60}")
+        return value
+
+    def float(self, name: str, default: float, minimum: float = 0.0, strict: bool = False,
+              what: str = "a non-negative number") -> float:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < minimum or (strict and value <= minimum):
+            raise ConfigError(f"{name}: expected {what}; got {raw!r:.60}")
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}: expected 1 or 0 (true/false, yes/no, on/off); got {raw!r:.60}")
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if raw.lower() not in choices:
+            raise ConfigError(f"{name}: expected one of {', '.join(choices)}; got {raw!r:.60}")
+        return raw.lower()
+
+    def items(self, name: str) -> frozenset[str]:
+        """A comma-separated list, lower-cased, trailing slashes dropped (hosts, origins)."""
+        return frozenset(p.strip().lower().rstrip("/") for p in self.text(name).split(",") if p.strip())
+
+    def parsed(self, name: str, parse, default: str = ""):
+        """`parse(text)` of the variable; its ConfigError/ValueError reworded to name the variable."""
+        raw = self.text(name, default)
+        try:
+            return parse(raw)
+        except (ConfigError, ValueError) as exc:
+            text = str(exc) if "got" in str(exc) else f"{exc}; got {raw!r:.80}"
+            raise ConfigError(f"{name}: {text}") from None
+
+
+_POLICY = re.compile(r"^(strict|quorum:[1-9][0-9]*)$")
+_GPU_IDS = re.compile(r"^\s*\d+\s*(,\s*\d+\s*)*,?\s*$")
+
+
+def _http(r: _Reader) -> Settings:
+    d = Settings
+    level = r.text("FUSION_LOG_LEVEL", d.log_level).strip().upper() or d.log_level
+    if level not in logging.getLevelNamesMapping():
+        raise ConfigError(f"FUSION_LOG_LEVEL: expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL; got {level!r:.60}")
+    return Settings(
+        max_rows=r.int("FUSION_MAX_ROWS", d.max_rows, 1, "a positive integer"),
+        max_body_bytes=r.int("FUSION_MAX_BODY_BYTES", d.max_body_bytes, 1, "a positive integer (bytes)"),
+        max_small_body_bytes=r.int("FUSION_MAX_SMALL_BODY_BYTES", d.max_small_body_bytes, 1, "a positive integer (bytes)"),
+        body_timeout_s=r.float("FUSION_BODY_TIMEOUT_S", d.body_timeout_s, strict=True, what="a positive number of seconds"),
+        workers=r.int("FUSION_WORKERS", d.workers, 1, "a positive integer"),
+        timeout_s=r.float("FUSION_TIMEOUT_S", d.timeout_s, strict=True, what="a positive number of seconds"),
+        max_concurrency=r.int("FUSION_MAX_CONCURRENCY", d.max_concurrency, 0, "a non-negative integer (0: no limit)"),
+        tracing=r.flag("FUSION_TRACING", d.tracing),
+        access_log=r.flag("FUSION_ACCESS_LOG", d.access_log),
+        log_level=level,
+        drain_s=r.float("FUSION_DRAIN_S", d.drain_s, what="a non-negative number of seconds"),
+        drain_max_s=r.float("FUSION_DRAIN_MAX_S", d.drain_max_s, what="a non-negative number of seconds"),
+    )
+
+
+def _engine(r: _Reader) -> EngineConfig:
+    d = EngineConfig
+    policy = r.text("FUSION_FAILURE_POLICY", d.failure_policy).strip() or d.failure_policy
+    if not _POLICY.match(policy):
+        raise ConfigError(f"FUSION_FAILURE_POLICY: expected 'strict' or 'quorum:k' with k >= 1; got {policy!r:.60}")
+    return EngineConfig(
+        bundle=r.text("FUSION_BUNDLE", d.bundle).strip() or d.bundle,
+        failure_policy=policy,
+        member_deadline_ms=r.float("FUSION_MEMBER_DEADLINE_MS", d.member_deadline_ms, strict=True,
+                                   what="a positive number of milliseconds"),
+        shadow_queue=r.int("FUSION_SHADOW_QUEUE", d.shadow_queue, 0, "a non-negative integer"),
+        batch_max_rows=r.int("FUSION_BATCH_MAX_ROWS", d.batch_max_rows, 0, "a non-negative integer (0: no batching)"),
+        batch_instances=r.int("FUSION_BATCH_INSTANCES", d.batch_instances, 1, "a positive integer"),
+        bundle_root=r.text("FUSION_BUNDLE_ROOT").strip(),
+    )
+
+
+def _runtime(r: _Reader, timeout_s: float) -> RuntimeConfig:
+    d = RuntimeConfig
+    gpus = r.text("FUSION_GPU_IDS").strip()
+    if gpus and not _GPU_IDS.match(gpus):
+        raise ConfigError(f"FUSION_GPU_IDS: expected comma-separated GPU indices (e.g. 0,1); got {gpus!r:.60}")
+    return RuntimeConfig(
+        # 1 by default: at batch 1 a second thread costs more in wake-ups than it saves, and p99 suffers
+        # when the cores are shared with HTTP handling; raise it for large batches (docs/BENCHMARKS.md)
+        intra_op_threads=r.int("FUSION_INTRA_OP_THREADS", d.intra_op_threads, 1, "a positive integer"),
+        member_threads=r.int("FUSION_MEMBER_THREADS", d.member_threads, 1, "a positive integer"),
+        device=r.choice("FUSION_DEVICE", d.device, ("auto", "cpu", "cuda")),
+        gpu_ids=tuple(int(g) for g in gpus.split(",") if g.strip()),
+        max_manifest_bytes=r.int("FUSION_MAX_MANIFEST_BYTES", MAX_MANIFEST_BYTES, 1, "a positive integer (bytes)"),
+        # a run the client stopped waiting for (FUSION_TIMEOUT_S -> 504) is not worth finishing
+        run_timeout_s=r.float("FUSION_RUN_TIMEOUT_S", timeout_s, minimum=-math.inf,
+                              what="a number of seconds (<= 0: no limit)"),
+        inline_budget_s=r.float("FUSION_INLINE_BUDGET_MS", d.inline_budget_s * 1e3,
+                                what="a non-negative number of milliseconds") / 1e3,
+    )
+
+
+def _load_limits(r: _Reader, env: Mapping[str, str]) -> LoadLimits:
+    timeout = r.float("FUSION_LOAD_TIMEOUT_S", LoadLimits.timeout_s, strict=True, what="a positive number of seconds")
+    memory = r.int("FUSION_LOAD_MAX_MEMORY_MB", -1, 0, "a non-negative integer of MB (0: no limit)")
+    # the check's child process starts with this environment, less the metrics directory (service/preflight.py)
+    child_env = tuple(sorted((k, v) for k, v in env.items() if k != "PROMETHEUS_MULTIPROC_DIR"))
+    return LoadLimits(timeout, default_memory_mb() if memory < 0 else memory, child_env=child_env)
+
+
+def _tokens(r: _Reader) -> Tokens:
+    return Tokens(
+        r.text("FUSION_INFERENCE_TOKEN"), r.text("FUSION_ADMIN_TOKEN"),
+        admin_loopback=r.flag("FUSION_ADMIN_LOOPBACK", True),
+        allowed_hosts=r.items("FUSION_ALLOWED_HOSTS"),
+        allowed_origins=r.items("FUSION_ALLOWED_ORIGINS"),
+    )
+
+
+def _routing(r: _Reader) -> RoutingPolicy:
+    weights = r.parsed("FUSION_AB_WEIGHTS", lambda t: parse_weights(t.strip() or "ensemble=1"))
+    shadow = tuple(s.strip() for s in r.text("FUSION_SHADOW").split(",") if s.strip())
+    return RoutingPolicy(weights=weights, shadow=shadow, cascade=r.parsed("FUSION_CASCADE", Cascade.parse))
+
+
+def _serve(r: _Reader) -> ServeSettings:
+    return ServeSettings(host=r.text("BENTOML_HOST").strip() or ServeSettings.host,
+                         port=r.int("BENTOML_PORT", ServeSettings.port, 1, "a TCP port (1-65535)"))
+
+
+def read(env: Mapping[str, str]) -> tuple[ServiceConfig, frozenset[str]]:
+    """`load(env)` and the names of every variable it read (for tests/test_config.py)."""
+    r = _Reader(env)
+    http = _http(r)
+    cfg = ServiceConfig(http=http, engine=_engine(r), runtime=_runtime(r, http.timeout_s),
+                        load_limits=_load_limits(r, env), tokens=_tokens(r), routing=_routing(r), serve=_serve(r))
+    if not 0 < cfg.serve.port < 65536:
+        raise ConfigError(f"BENTOML_PORT: expected a TCP port (1-65535); got {cfg.serve.port}")
+    return cfg, frozenset(r.names)
+
+
+def load(env: Mapping[str, str] = os.environ) -> ServiceConfig:
+    """Every setting, parsed and validated once; a bad value raises ConfigError naming its variable."""
+    return read(env)[0]

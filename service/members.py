@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import threading
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +15,7 @@ import numpy as np
 from fusion.errors import ConfigError, UnavailableError
 from service.combine import calibrate, combine, member_weights
 from service.errors import DeadlineError
-from service.stats import DEGRADED
+from service.metrics import DEGRADED
 
 
 @dataclass(frozen=True)
@@ -39,35 +38,10 @@ class FailurePolicy:
         return cls(int(k), deadline_ms / 1e3)
 
 
-@dataclass(frozen=True)
-class Fault:
-    """A test-only fault on one member (FUSION_FAULT="mlp_1=raise,cnn_0=hang:2.5")."""
-
-    kind: str  # "raise" | "hang"
-    seconds: float = 0.0
-
-    @staticmethod
-    def parse(text: str) -> dict[str, "Fault"]:
-        faults = {}
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            name, _, spec = part.partition("=")
-            kind, _, secs = spec.partition(":")
-            if kind not in ("raise", "hang"):
-                raise ConfigError(f"FUSION_FAULT: expected member=raise or member=hang:SECONDS; got '{part}'")
-            faults[name] = Fault(kind, float(secs or 0))
-        return faults
-
-    def __call__(self, name: str) -> None:
-        if self.kind == "hang":
-            time.sleep(self.seconds)
-        else:
-            raise RuntimeError(f"injected fault in member '{name}'")
-
-
 class MembersEnsemble:
     """Run every member of the ensemble in its own session, concurrently; combine with the bundle's combiner."""
 
-    def __init__(self, loaded, policy: FailurePolicy, faults: dict[str, Fault] | None = None):
+    def __init__(self, loaded, policy: FailurePolicy):
         entry = loaded.manifest.variants["ensemble"]
         self.names = list(entry.members)
         self.models = [loaded.model(n) for n in self.names]
@@ -81,7 +55,6 @@ class MembersEnsemble:
         self.policy = policy
         if policy.quorum is not None and policy.quorum > len(self.names):
             raise ConfigError(f"quorum:{policy.quorum} needs at least {policy.quorum} members; the ensemble has {len(self.names)}")
-        self.faults = faults or {}
         # one thread per member; a hung member holds its thread until it returns, so the pool is
         # bounded at 2x members and a request is refused (503) rather than queued when it is full
         self.pool = cf.ThreadPoolExecutor(max_workers=2 * len(self.names), thread_name_prefix="member")
@@ -90,9 +63,6 @@ class MembersEnsemble:
         self._lock = threading.Lock()
 
     def _run(self, i: int, X: np.ndarray) -> np.ndarray:
-        fault = self.faults.get(self.names[i])
-        if fault:
-            fault(self.names[i])
         return self.models[i](X)
 
     def __call__(self, X: np.ndarray) -> tuple[np.ndarray, dict]:

@@ -10,7 +10,7 @@ server fixes, never from the client:
   series and a 4.3 MB `/metrics` (docs/RELIABILITY.md, issue 13 finding 2).
   `patch_bentoml_metrics()` makes them label a request by the **template** of the route that serves
   it (`/v2/models/{name}/infer`), and every path no route serves by one value, `UNKNOWN`.
-* Our own metrics (service/stats.py, service/batching.py) take their label values from the bundle
+* Our own metrics (defined at the end of this module, and in service/batching.py) take their label values from the bundle
   (variant, member and model names, checked against it before any metric is touched), from the code
   (HTTP status codes we answer with, exception class names) or from literals. `Bounded` enforces it
   anyway: a label that meets more than `max_values` distinct values in one process records the rest
@@ -24,6 +24,7 @@ import re
 import threading
 from typing import Callable, Iterable, Sequence
 
+from prometheus_client import Counter, Gauge, Histogram
 from starlette.routing import compile_path
 
 log = logging.getLogger("fusion.service")
@@ -158,3 +159,35 @@ class Bounded:
 
     def __getattr__(self, name):
         return getattr(self._metric, name)
+
+
+# ---- the service-wide metrics -----------------------------------------------------------------------
+# Counted by service/ab.py (per-variant traffic, latency, agreement, feedback, cascade, shadow runs),
+# service/members.py (DEGRADED), service/app.py and service/traffic.py (ERRORS) and the bundle holder
+# (BUNDLE). Their names and labels are an interface: deploy/monitoring/grafana-dashboard.json and the
+# PromQL in deploy/README.md read them (tests/test_deploy.py checks both against this registry).
+
+REQUESTS = Counter("fusion_requests", "Prediction requests answered, by variant", ["variant"])
+ROWS = Counter("fusion_rows", "Rows predicted, by variant", ["variant"])
+ERRORS = Counter("fusion_errors", "Requests answered with an error, by HTTP status", ["status"])
+LATENCY = Histogram(
+    "fusion_request_latency_seconds", "Model latency per request, by variant", ["variant"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+SHADOW_LATENCY = Histogram(
+    "fusion_shadow_latency_seconds", "Model latency of shadow runs, by variant", ["variant"],
+    buckets=LATENCY._upper_bounds[:-1],
+)
+AGREEMENT = Counter("fusion_agreement", "Rows compared with the ensemble (shadow pairs), by variant", ["variant", "agree"])
+FEEDBACK = Counter("fusion_feedback", "Labelled rows, by variant and correctness", ["variant", "correct"])
+CASCADE_ROWS = Counter("fusion_cascade_rows", "Cascade rows by outcome", ["outcome"])
+SHADOW_FAILURES = Counter("fusion_shadow_failures", "Shadow runs that failed or were dropped", ["variant", "reason"])
+DEGRADED = Counter("fusion_degraded", "Members-mode answers from a quorum (some members failed)", ["member"])
+BUNDLE = Gauge("fusion_bundle_info", "The bundle version being served (value 1)", ["version"], multiprocess_mode="liveall")
+# Label values (issue 13, finding 2): variant and member names are the served bundle's (a request's
+# variant is checked against it before any metric is touched), status is the code we answer with,
+# reason is "queue_full" or an exception class name, the rest are literals; none is a client's string.
+# Bounded() holds each label to MAX_LABEL_VALUES values per process anyway ("other" beyond). BUNDLE is
+# left unbounded: one version per hot swap (admin only), and "other" would hide which one is served.
+REQUESTS, ROWS, ERRORS, LATENCY, SHADOW_LATENCY, AGREEMENT, FEEDBACK, SHADOW_FAILURES, DEGRADED = (
+    Bounded(m) for m in (REQUESTS, ROWS, ERRORS, LATENCY, SHADOW_LATENCY, AGREEMENT, FEEDBACK, SHADOW_FAILURES, DEGRADED))

@@ -33,11 +33,11 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fusion import errors
-from fusion.errors import BundleError, ConfigError, UnavailableError
+from fusion.errors import BundleError, UnavailableError
 
 RESULT = "fusion-preflight-result "  # prefix of the child's one result line on stdout
 # what an allocation failure looks like from onnxruntime (BFC arena, std::bad_alloc) and numpy
@@ -77,20 +77,10 @@ class LoadLimits:
     # rather than a 504. Raise both for large models (on a CPU, warm-up runs batch 8 of every model).
     timeout_s: float = 20.0
     max_memory_mb: int = 0
+    # the environment the child process starts with (service/config.py: the service's, less
+    # PROMETHEUS_MULTIPROC_DIR, so that the child writes no metrics files); PYTHONPATH gains the repo root
+    child_env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
-    @classmethod
-    def from_env(cls, env=os.environ) -> "LoadLimits":
-        raw_t, raw_m = env.get("FUSION_LOAD_TIMEOUT_S", ""), env.get("FUSION_LOAD_MAX_MEMORY_MB", "")
-        try:
-            timeout = float(raw_t) if raw_t.strip() else cls.timeout_s
-            memory = int(raw_m) if raw_m.strip() else default_memory_mb()
-        except ValueError:
-            raise ConfigError(f"expected FUSION_LOAD_TIMEOUT_S (seconds) and FUSION_LOAD_MAX_MEMORY_MB (an integer) "
-                              f"to be numbers; got {raw_t!r:.40} and {raw_m!r:.40}") from None
-        if not (0 < timeout < math.inf) or memory < 0:
-            raise ConfigError(f"expected FUSION_LOAD_TIMEOUT_S > 0 and FUSION_LOAD_MAX_MEMORY_MB >= 0 (0: no limit); "
-                              f"got {timeout:g} and {memory}")
-        return cls(timeout, memory)
 
 
 @dataclass(frozen=True)
@@ -108,9 +98,12 @@ class Report:
 def check(path: str | Path, limits: LoadLimits | None = None) -> Report:
     """Load, warm up and probe `path` in a child process within `limits`; raise the refusal (a
     BundleError, or the FusionError the load raised) or return what was checked."""
-    limits = limits or LoadLimits.from_env()
+    if limits is None:  # the service's own limits and child environment (a bare LoadLimits() has neither)
+        from service import config  # here: config builds LoadLimits, so it imports this module
+
+        limits = config.load().load_limits
     root = str(Path(__file__).resolve().parents[1])  # the directory holding `service` and `fusion`
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}  # no metrics files from the child
+    env = {k: v for k, v in limits.child_env if k != "PROMETHEUS_MULTIPROC_DIR"}  # no metrics files from the child
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     cmd = [sys.executable, "-m", "service.preflight", "--timeout-s", repr(limits.timeout_s),
            "--max-memory-mb", str(limits.max_memory_mb), "--", str(Path(path).absolute())]
@@ -203,9 +196,9 @@ def _check_here(bundle: str, max_memory_mb: int) -> dict:
     from fusion.errors import FusionError
 
     try:
-        from service import runtime
+        from service import config, runtime
 
-        cfg = replace(runtime.RuntimeConfig.from_env(), device="cpu", gpu_ids=())
+        cfg = replace(config.load().runtime, device="cpu", gpu_ids=())  # this child's one read of its environment
         loaded = runtime.load(bundle, cfg)
         runtime.check_probe(loaded)
     except (Exception, RecursionError, MemoryError) as exc:  # noqa: BLE001 - every failure is a refusal, reported

@@ -163,9 +163,3 @@ class RoutingPolicy:
             else:
                 raise ConfigError(f"expected cascade as {{cheap, threshold[, fallback]}} or null; got {c!r}")
         return cls(weights=dict(weights), shadow=tuple(shadow), cascade=cascade)
-
-    @classmethod
-    def from_env(cls, env: dict) -> "RoutingPolicy":
-        weights = parse_weights(env.get("FUSION_AB_WEIGHTS", "") or "ensemble=1")
-        shadow = tuple(s.strip() for s in env.get("FUSION_SHADOW", "").split(",") if s.strip())
-        return cls(weights=weights, shadow=shadow, cascade=Cascade.parse(env.get("FUSION_CASCADE", "")))

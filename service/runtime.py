@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,22 +28,7 @@ class RuntimeConfig:
     gpu_ids: tuple[int, ...] = ()
     max_manifest_bytes: int = MAX_MANIFEST_BYTES  # a larger manifest.json is refused before it is parsed
     run_timeout_s: float = 30.0  # one onnxruntime run past this is stopped (RunDeadline); <= 0: never
-
-    @classmethod
-    def from_env(cls) -> "RuntimeConfig":
-        # 1 by default: at batch 1 a second thread costs more in wake-ups than it saves, and p99 suffers
-        # when the cores are shared with HTTP handling; raise it for large batches (docs/BENCHMARKS.md)
-        default_threads = 1
-        gpus = os.environ.get("FUSION_GPU_IDS", "")
-        return cls(
-            intra_op_threads=int(os.environ.get("FUSION_INTRA_OP_THREADS", default_threads)),
-            member_threads=int(os.environ.get("FUSION_MEMBER_THREADS", "1")),
-            device=os.environ.get("FUSION_DEVICE", "auto"),
-            gpu_ids=tuple(int(g) for g in gpus.split(",") if g.strip()),
-            max_manifest_bytes=int(os.environ.get("FUSION_MAX_MANIFEST_BYTES", MAX_MANIFEST_BYTES)),
-            # a run the client stopped waiting for (FUSION_TIMEOUT_S -> 504) is not worth finishing
-            run_timeout_s=float(os.environ.get("FUSION_RUN_TIMEOUT_S", os.environ.get("FUSION_TIMEOUT_S", "30"))),
-        )
+    inline_budget_s: float = 0.5e-3  # a small call may run on the event loop if expected to take at most this (CallCost)
 
     def use_cuda(self) -> bool:
         if self.device == "cpu":
@@ -74,8 +58,7 @@ def make_session(model: bytes, threads: int, providers: list) -> ort.InferenceSe
     return ort.InferenceSession(model, opts, providers=providers)
 
 
-INLINE_ROWS = 32  # calls of at most this many rows may run on the event loop...
-INLINE_BUDGET_S = float(os.environ.get("FUSION_INLINE_BUDGET_MS", "0.5")) / 1e3  # ...if they take at most this long
+INLINE_ROWS = 32  # calls of at most this many rows may run on the event loop, if cheap (RuntimeConfig.inline_budget_s)
 
 
 @dataclass
@@ -177,6 +160,7 @@ class Model:
     device: str
     cost: CallCost = field(default_factory=CallCost)
     deadline: RunDeadline = field(default_factory=lambda: run_deadline(0.0))
+    inline_budget_s: float = RuntimeConfig.inline_budget_s  # from the RuntimeConfig the model was loaded with
 
     def __call__(self, X: np.ndarray) -> np.ndarray:
         # X: (B, F) float32 C-contiguous -> (B, C) float32
@@ -185,9 +169,11 @@ class Model:
         self.cost.observe(len(X), time.perf_counter() - t0)
         return out
 
-    def inline_ok(self, rows: int, budget_s: float = INLINE_BUDGET_S) -> bool:
-        """Whether a call on `rows` rows is cheap enough to run on the event loop (see CallCost)."""
-        return rows <= INLINE_ROWS and self.cost.expected_s(rows) <= budget_s
+    def inline_ok(self, rows: int, budget_s: float | None = None) -> bool:
+        """Whether a call on `rows` rows is cheap enough to run on the event loop (see CallCost); the
+        budget is the model's own (FUSION_INLINE_BUDGET_MS when it was loaded) unless `budget_s` is given."""
+        budget = self.inline_budget_s if budget_s is None else budget_s
+        return rows <= INLINE_ROWS and self.cost.expected_s(rows) <= budget
 
 
 @dataclass
@@ -226,7 +212,7 @@ def load(path: str | Path, cfg: RuntimeConfig | None = None, *, manifest_sha256:
     (service/preflight.py) and then here with `manifest_sha256` set to the digest of the manifest the
     child checked, so that this process parses exactly the bytes the child did (the manifest fixes
     every file's digest, and each file is parsed from the bytes its digest was checked on)."""
-    cfg = cfg or RuntimeConfig.from_env()
+    cfg = cfg or RuntimeConfig()  # the service passes its own (service/config.py)
     bundle = read_bundle(path, max_manifest_bytes=cfg.max_manifest_bytes, check_version=True,
                          manifest_sha256=manifest_sha256)
     cuda = cfg.use_cuda()
@@ -248,7 +234,8 @@ def load(path: str | Path, cfg: RuntimeConfig | None = None, *, manifest_sha256:
         device = f"cuda:{device_id}" if "CUDAExecutionProvider" in sess.get_providers() else "cpu"
         if cfg.device == "cuda" and device == "cpu":  # onnxruntime falls back to CPU silently (no GPU, no CUDA libs)
             raise UnavailableError(f"FUSION_DEVICE=cuda but '{name}' got only {sess.get_providers()}")
-        loaded.models[name] = Model(name, sess, sess.get_inputs()[0].name, device, deadline=run_deadline(cfg.run_timeout_s))
+        loaded.models[name] = Model(name, sess, sess.get_inputs()[0].name, device, deadline=run_deadline(cfg.run_timeout_s),
+                                    inline_budget_s=cfg.inline_budget_s)
     warm_up(loaded)
     return loaded
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import ssl
 import sys
 import threading
@@ -20,17 +19,20 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from service import config
+from service.auth import Tokens
+from service.config import ServeSettings
+
 POLL_S = 0.5
 READY_PREFIX = "fusion-serve ready:"
 
 
-def address(argv: list[str], env=os.environ) -> str:
-    """The base URL to call, from `bentoml serve`'s own options (and their BENTOML_HOST/PORT variables).
-
-    A wildcard bind address (0.0.0.0, ::) is called through loopback."""
+def address(argv: list[str], defaults: ServeSettings) -> str:
+    """The base URL to call, from `bentoml serve`'s own options (defaults: their BENTOML_HOST/PORT
+    variables, read by service/config.py). A wildcard bind address (0.0.0.0, ::) is called through loopback."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("-p", "--port", type=int, default=int(env.get("BENTOML_PORT") or 3000))
-    p.add_argument("--host", default=env.get("BENTOML_HOST") or "0.0.0.0")
+    p.add_argument("-p", "--port", type=int, default=defaults.port)
+    p.add_argument("--host", default=defaults.host)
     p.add_argument("--ssl-certfile")
     ns, _ = p.parse_known_args(argv)
     host = "127.0.0.1" if ns.host in ("0.0.0.0", "", "::") else ns.host
@@ -47,13 +49,14 @@ def example_row(bundle: Path) -> tuple[str, list[float]]:
     return manifest.get("bundle_version", "?"), row
 
 
-def ready_lines(url: str, bundle: Path, env=os.environ) -> list[str]:
-    """What is printed once /readyz answers 200: the URL, and one curl that gets a prediction."""
+def ready_lines(url: str, bundle: Path, tokens: Tokens) -> list[str]:
+    """What is printed once /readyz answers 200: the URL, and one curl that gets a prediction (naming
+    FUSION_INFERENCE_TOKEN, never its value, when the service needs one)."""
     try:
         version, row = example_row(bundle)
     except (OSError, ValueError, KeyError, IndexError, TypeError):  # unreadable here: the server still is ready
         version, row = "?", None
-    auth = ' -H "Authorization: Bearer $FUSION_INFERENCE_TOKEN"' if env.get("FUSION_INFERENCE_TOKEN") else ""
+    auth = ' -H "Authorization: Bearer $FUSION_INFERENCE_TOKEN"' if tokens.inference else ""
     body = json.dumps({"inputs": [[int(v) if float(v).is_integer() else v for v in row]]}, separators=(",", ":")) \
         if row is not None else '{"inputs": [[...]]}'
     return [
@@ -71,21 +74,20 @@ def is_ready(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
-def announce_when_ready(url: str, bundle: Path, out=None, poll_s: float = POLL_S) -> None:
+def announce_when_ready(url: str, bundle: Path, tokens: Tokens, out=None, poll_s: float = POLL_S) -> None:
     """Poll /readyz until 200, then print the ready lines once. Runs until then (a daemon thread: it ends
     with the server if the server never gets ready)."""
     while not is_ready(url):
         time.sleep(poll_s)
     out = out or sys.stdout
-    print("\n".join(ready_lines(url, bundle)), file=out, flush=True)
+    print("\n".join(ready_lines(url, bundle, tokens)), file=out, flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from service.engine import EngineConfig  # the service's own default for FUSION_BUNDLE
-
-    bundle = Path(EngineConfig.from_env().bundle)
-    threading.Thread(target=announce_when_ready, args=(address(argv), bundle), name="ready-line", daemon=True).start()
+    cfg = config.load()  # a bad setting stops here, before BentoML starts; the service reads them again
+    threading.Thread(target=announce_when_ready, args=(address(argv, cfg.serve), Path(cfg.engine.bundle), cfg.tokens),
+                     name="ready-line", daemon=True).start()
     from bentoml_cli.cli import cli  # what `python -m bentoml` runs
 
     cli(["serve", *argv], prog_name="bentoml")

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import threading
 import time
@@ -50,7 +49,7 @@ import time
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import OverloadedError, RequestTimeoutError, json_response, request_id_from
-from service.stats import ERRORS
+from service.metrics import ERRORS
 
 log = logging.getLogger("fusion.service")
 
@@ -192,8 +191,9 @@ async def off_loop(nbytes: int, fn, *args):
     return await run_in_threadpool(fn, *args)
 
 
-def install_drain(traffic: Traffic, env=os.environ) -> bool:
-    """In a server worker's main thread, wrap uvicorn's SIGTERM handler with the drain described above."""
+def install_drain(traffic: Traffic, min_s: float = 0.0, max_s: float = 30.0) -> bool:
+    """In a server worker's main thread, wrap uvicorn's SIGTERM handler with the drain described above
+    (`min_s`, `max_s`: FUSION_DRAIN_S and FUSION_DRAIN_MAX_S, from service/config.py)."""
     from bentoml import server_context
 
     if server_context.worker_index is None or threading.current_thread() is not threading.main_thread():
@@ -201,8 +201,6 @@ def install_drain(traffic: Traffic, env=os.environ) -> bool:
     previous = signal.getsignal(signal.SIGTERM)
     if not callable(previous):
         return False
-    min_s = float(env.get("FUSION_DRAIN_S", "0"))
-    max_s = float(env.get("FUSION_DRAIN_MAX_S", "30"))
 
     def wait_then_stop(sig, frame) -> None:
         t0 = time.monotonic()

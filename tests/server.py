@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.hooks import member_faults
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -27,7 +29,10 @@ class Server:
     """`with Server(bundle_dir, env={...}) as srv: httpx.post(srv.url + "/predict", ...)`."""
 
     def __init__(self, bundle: str | Path | None, env: dict | None = None, target: str = "service.app:FusionService",
-                 deadline_s: float = 60.0, wait_ready: bool = True, args: list[str] | None = None):
+                 deadline_s: float = 60.0, wait_ready: bool = True, args: list[str] | None = None,
+                 python: str | Path | None = None, cwd: str | Path | None = None):
+        """`python`: the interpreter that serves (another venv's, e.g. a base install's), default this one;
+        `cwd`: where it runs, default the repository root (whose service/ then shadows an installed one)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.home = tempfile.mkdtemp(prefix="bentoml-home-")  # own home: two servers must not share metrics
@@ -37,15 +42,18 @@ class Server:
             "FUSION_DEVICE": os.environ.get("FUSION_DEVICE", "cpu"), "PYTHONUNBUFFERED": "1",
             **({"FUSION_BUNDLE": str(bundle)} if bundle is not None else {}), **(env or {}),
         }
+        if self.env.get(member_faults.VARIABLE):  # test-only member faults: tests/hooks/sitecustomize.py
+            self.env["PYTHONPATH"] = os.pathsep.join([member_faults.HOOKS_DIR, *filter(None, [self.env.get("PYTHONPATH")])])
         self.target, self.deadline_s, self.wait_ready, self.args = target, deadline_s, wait_ready, args or []
+        self.python, self.cwd = str(python or sys.executable), cwd or ROOT
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Server":
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", self.target, "--host", "127.0.0.1",
+            [self.python, "-m", "bentoml", "serve", self.target, "--host", "127.0.0.1",
              "--port", str(self.port), *self.args],
-            cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=self.cwd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         if self.wait_ready:
             self.wait("/readyz", 200)

@@ -78,14 +78,14 @@ def test_schema_lists_the_twins_on_our_paths(server):
 def test_every_twin_path_is_one_of_our_routes_and_a_metrics_label():
     """TwinPaths hands these paths to our routes: each must be one (else BentoML's 404), with the
     method BentoML's clients use, and BentoML's metrics label it by itself (service/metrics.py)."""
-    from service import metrics
-    from service.app import TWIN_PATHS, FusionService, UnknownPath, routes
+    from service.app import TWIN_PATHS, FusionService, UnknownPath, endpoint_labels, routes
 
     assert TWIN_PATHS == {m.route for m in FusionService.apis.values()} == {"/predict", "/feedback"}
     ours = {r.path: r.methods for r in routes.routes if not isinstance(r, UnknownPath)}
+    label = endpoint_labels()  # what FusionService() installs in BentoML's metrics middleware (service/patches.py)
     for path in TWIN_PATHS:
         assert "POST" in ours.get(path, ()), f"expected POST {path} among our routes; got {ours.get(path)}"
-        assert metrics._label(path) == path, f"expected BentoML's metrics to label {path} as itself; got {metrics._label(path)}"
+        assert label(path) == path, f"expected BentoML's metrics to label {path} as itself; got {label(path)}"
 
 
 @pytest.mark.server
@@ -199,14 +199,13 @@ def test_async_client(server, bundle):
     assert scored["rows"] == 3 and "features per row; got 3" in our_error(err)["error"]
 
 
-def test_in_process_calls_run_the_same_parser_and_answer(bundle, monkeypatch):
+def test_in_process_calls_run_the_same_parser_and_answer(bundle):
     """`FusionService()` in this process (BentoML calls a dependency so when it is not served apart):
     the twins' own bodies, compared with the offline model; errors as BentoML's HTTP client raises them."""
+    from service import config
     from service.app import FusionService
 
-    monkeypatch.setenv("FUSION_BUNDLE", str(bundle))
-    monkeypatch.delenv("FUSION_INFERENCE_TOKEN", raising=False)
-    svc = FusionService()
+    svc = FusionService.inner(config.load({"FUSION_BUNDLE": str(bundle)}))  # the class itself, with its own settings (no token)
     X = bundles.digits_like(3, seed=9)
 
     async def run():

@@ -93,7 +93,10 @@ def cases():
                 weights.append([0.1, 0.2, 0.3])
             for w in weights:
                 for temps in ([None, [0.5, 2.0, 1.3, 0.8][:m]] if name in CALIBRATABLE else [None]):
-                    yield pytest.param(name, m, c, w, temps, id=f"{name}-M{m}C{c}-w{w}-T{temps}")
+                    yield pytest.param(name, m, c, w, temps, {}, id=f"{name}-M{m}C{c}-w{w}-T{temps}")
+            if name in CALIBRATABLE:  # the ensemble's output temperature (`weights = "auto"` may choose one)
+                for t in (0.6, 1.7):
+                    yield pytest.param(name, m, c, weights[-1], None, {"temperature": t}, id=f"{name}-M{m}C{c}-out_T{t}")
 
 
 def test_every_registered_combiner_is_covered():
@@ -101,8 +104,8 @@ def test_every_registered_combiner_is_covered():
     assert covered == set(COMBINERS), f"not covered: {set(COMBINERS) - covered}"
 
 
-@pytest.mark.parametrize("name,m,c,weights,temps", list(cases()))
-def test_members_mode_equals_fused_graph_equals_torch(tmp_path, name, m, c, weights, temps):
+@pytest.mark.parametrize("name,m,c,weights,temps,params", list(cases()))
+def test_members_mode_equals_fused_graph_equals_torch(tmp_path, name, m, c, weights, temps, params):
     rng = np.random.default_rng(zlib.crc32(f"{name}-{m}-{c}".encode()))  # str hash() is salted per process
     task = COMBINERS[name].task
     z = tied_logits(rng, m, c) if task == "classification" else rng.normal(0, 10, (m, 40, c)).astype(np.float32)
@@ -110,7 +113,7 @@ def test_members_mode_equals_fused_graph_equals_torch(tmp_path, name, m, c, weig
         z[:, :8] = np.round(z[:, :8])  # repeated values across members (median picks among equals)
     x = np.ascontiguousarray(z.transpose(1, 0, 2).reshape(z.shape[1], -1))  # (B, M*C)
 
-    combiner = make_combiner(name, m, weights)
+    combiner = make_combiner(name, m, weights, **params)
     if combiner.learned:  # stacking: a head fitted on other random logits covering every class
         zf = rng.normal(0, 3, (m, 200, c)).astype(np.float32)
         combiner.fit(torch.from_numpy(zf), np.arange(200) % c)

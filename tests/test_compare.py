@@ -294,4 +294,5 @@ def test_cli_compare_prints_the_table_and_writes_the_files(tiny_bundle, tmp_path
     assert main(["compare", "--bundle", str(tiny_bundle), "--rounds", "3", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| `ensemble` | ensemble |" in out and "| `distilled` | distilled |" in out
-    assert {p.name for p in tmp_path.iterdir()} == {"comparison.md", "comparison.json", "comparison.png"}
+    assert {p.name for p in tmp_path.iterdir()} == {"comparison.md", "comparison.json", "comparison.png", "diversity.png"}
+    assert "Member diversity on the test split (4 members)" in out and "| cnn_0 · mlp_0 |" in out

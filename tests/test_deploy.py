@@ -591,17 +591,19 @@ def test_every_deployment_file_is_checked():
 def test_every_deployment_makes_admin_token_only():
     """Issue 13, finding 4: no deployment trusts loopback clients (a port-forward, a sidecar or a proxy
     connects from loopback), and the admin token comes from a secret, never from the file itself."""
-    from service.auth import Tokens
+    from service import config
     from service.errors import AuthError
 
     envs = deployment_envs()
     assert set(envs) == {"kubernetes/cpu", "kubernetes/gpu", "compose/fusion-serve", "compose/fusion-serve-gpu",
                          "bentocloud", "bentofile/cpu", "bentofile/gpu", "kserve"}, set(envs)
     for where, env in envs.items():
-        tokens = Tokens.from_env(env)  # read as the service reads it
+        # read as the service reads it; compose's `${VAR:-default}` as compose resolves it with VAR unset
+        resolved = {k: re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", v) for k, v in env.items()}
+        tokens = config.load(resolved).tokens
         assert tokens.admin_loopback is False, f"{where}: expected FUSION_ADMIN_LOOPBACK=0; got {env.get('FUSION_ADMIN_LOOPBACK')!r}"
         with pytest.raises(AuthError) as e:  # no admin token configured: a loopback client gets nothing
-            Tokens.from_env({**env, "FUSION_ADMIN_TOKEN": ""}).check(None, "admin", "127.0.0.1", {"host": "localhost:3000"})
+            config.load({**resolved, "FUSION_ADMIN_TOKEN": ""}).tokens.check(None, "admin", "127.0.0.1", {"host": "localhost:3000"})
         assert e.value.status == 403, where
         assert env.get("FUSION_ADMIN_TOKEN", "") in ("", "${FUSION_ADMIN_TOKEN:-}"), f"{where}: an admin token in the file"
     # where each deployment gets the token from
@@ -724,7 +726,7 @@ def service_metric_series() -> set[str]:
     from prometheus_client import REGISTRY
 
     import service.batching  # noqa: F401 - registers the batcher's histograms
-    import service.stats  # noqa: F401 - registers the per-variant metrics
+    import service.metrics  # noqa: F401 - registers the per-variant metrics
 
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     return {fam.name + sfx for fam in REGISTRY.collect() if fam.name.startswith("fusion_")

@@ -189,6 +189,87 @@ def test_auto_picks_equal_when_the_weightings_cannot_differ():
     assert choice.name == "equal"
 
 
+# ---- output temperature ------------------------------------------------------------------------------
+
+
+def _under_confident(seed: int = 3, k: int = 6, n: int = 400, c: int = 5):
+    """Members each accurate but with independent noise: their soft vote is much less sharp than it is right."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, c, n)
+    return rng.normal(size=(k, n, c)) * 2.0 + 3.0 * np.eye(c)[y], y
+
+
+@pytest.mark.parametrize("combiner", ["soft_vote", "logit_mean", "geometric_mean"])
+def test_output_temperature_matches_an_independent_minimize_scalar(combiner):
+    """The fitted T against scipy's minimize_scalar over T itself (not log T), the NLL written out here."""
+    from scipy.optimize import minimize_scalar
+    from scipy.special import logsumexp
+
+    z, y = _under_confident()
+    w = np.array([3.0, 1.0, 0.0, 2.0, 1.0, 1.0])
+    p = sel.combine(z, w, combiner)
+    t = sel.fit_output_temperature(p, y)
+
+    def nll(temp):  # -mean log (p[y]^(1/T) / sum_c p_c^(1/T))
+        s = np.log(p) / temp
+        return float(-(s[np.arange(len(y)), y] - logsumexp(s, axis=1)).mean())
+
+    ref = minimize_scalar(nll, bounds=(0.05, 20.0), method="bounded", options={"xatol": 1e-8})
+    assert t == pytest.approx(ref.x, rel=1e-3)
+    if combiner == "soft_vote":
+        assert t < 1.0  # the soft vote of noisy members is under-confident
+    assert sel.log_loss(sel.apply_temperature(p, t), y) == pytest.approx(ref.fun, abs=1e-7)
+    assert sel.log_loss(sel.apply_temperature(p, t), y) < sel.log_loss(p, y)
+    np.testing.assert_array_equal(sel.apply_temperature(p, t).argmax(-1), p.argmax(-1))  # the argmax stays
+
+
+def test_auto_picks_a_calibrated_candidate_when_the_vote_is_under_confident():
+    z, y = _under_confident()
+    base = [sel.weighting(n, "soft_vote") for n in ("equal", "select", "fit")]
+    choice = sel.choose(base + [sel.tempered(c) for c in base], z, y)
+    rows = choice.record["candidates"]
+    assert choice.name.endswith("+temperature") and isinstance(choice.params, sel.Tempered)
+    assert rows[choice.name]["temperature"] == choice.params.temperature < 1.0
+    assert all(rows[b.name]["temperature"] is None for b in base)
+    assert rows[choice.name]["val_oof"]["nll"] < min(rows[b.name]["val_oof"]["nll"] for b in base)
+    # out of fold: the weights and T refitted on each fold's training rows, computed here
+    def fp(za, ya, zb):
+        t = sel.fit_output_temperature(sel.combine(za, None), ya)
+        return sel.apply_temperature(sel.combine(zb, None), t)
+
+    assert rows["equal+temperature"]["val_oof"]["nll"] == pytest.approx(sel.log_loss(_oof(fp, z, y), y), rel=1e-9)
+    # the refit on every row: T fitted on the whole validation split
+    assert rows["equal+temperature"]["temperature"] == pytest.approx(sel.fit_output_temperature(sel.combine(z, None), y))
+
+
+@pytest.mark.parametrize("combiner", ["soft_vote", "logit_mean", "geometric_mean"])
+def test_output_temperature_in_the_fused_onnx_graph_equals_numpy(combiner, tmp_path):
+    import onnxruntime as ort
+    import torch
+
+    from fusion.ensemble import make_combiner
+    from fusion.export import FusedEnsemble, export_onnx
+
+    rng = np.random.default_rng(0)
+    members = [torch.nn.Linear(6, 4) for _ in range(3)]
+    for i, m in enumerate(members):
+        torch.manual_seed(i)
+        torch.nn.init.normal_(m.weight, std=2.0)
+    w, t = [2.0, 1.0, 1.0], 0.4
+    fused = FusedEnsemble(members, make_combiner(combiner, 3, w, temperature=t)).eval()
+    assert fused.combiner.config() == {"name": combiner, "weights": w, "temperature": t}
+    X = rng.normal(size=(50, 6)).astype(np.float32)
+    export_onnx(fused, tmp_path / "e.onnx", X)
+    got = ort.InferenceSession(str(tmp_path / "e.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": X})[0]
+    with torch.no_grad():
+        z = np.stack([m(torch.from_numpy(X)).double().numpy() for m in members])
+    expected = sel.apply_temperature(sel.combine(z, w, combiner), t)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert not np.allclose(got, sel.combine(z, w, combiner), atol=1e-3)  # T moved the probabilities
+    with pytest.raises(ConfigError, match="expected an output temperature > 0.*got 0"):
+        make_combiner(combiner, 3, w, temperature=0)
+
+
 def test_gate_fires_when_one_member_dominates_and_not_when_the_ensemble_clearly_wins():
     z, y = _members(6, 4, n=400, strength=[6.0, 0.3, 0.3, 0.3])
     members = {f"m{k}": sel.combine(z[[k]], None) for k in range(4)}
@@ -254,9 +335,11 @@ def test_auto_in_the_build_records_every_candidate_and_the_gate(tiny_zoo, digits
     assert Recipe().ensemble.weights == "auto"
     fused, record = choose_ensemble(recipe, ensure_zoo(recipe, digits), digits)
     rows = record["candidates"]
-    assert list(rows) == ["equal", "select", "fit", "stacking"]
+    assert list(rows) == ["equal", "select", "fit", "equal+temperature", "select+temperature", "fit+temperature",
+                          "stacking"]
     assert record["chosen"] == min(rows, key=lambda n: rows[n]["val_oof"]["nll"])
     assert fused.combiner.name == rows[record["chosen"]]["combiner"]
+    assert fused.combiner.config().get("temperature") == rows[record["chosen"]]["temperature"]
     assert set(record["gate"]) >= {"best_member", "beats_best_member", "warning", "nll_improvement_ci95", "mcnemar"}
     json.dumps(record)  # plain JSON for the manifest
 

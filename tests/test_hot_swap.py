@@ -4,6 +4,7 @@ it equals; corrupted bundles are refused (naming the file) while the old version
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import secrets
@@ -216,22 +217,26 @@ def test_a_swapped_out_version_lets_go_of_its_member_threads(tiny_bundle, bundle
     import gc
     import weakref
 
-    from service.engine import Engine, EngineConfig
+    from service.config import EngineConfig
+    from service.engine import Engine
+    from service.routing import RoutingPolicy
 
     root = os.path.commonpath([tiny_bundle, bundle_v2])  # two pytest temp dirs: allow swaps between them
-    eng = Engine(EngineConfig(bundle=str(tiny_bundle), bundle_root=root), env={})
+    eng = Engine(EngineConfig(bundle=str(tiny_bundle), bundle_root=root), RoutingPolicy())
     eng.start()
     assert eng.ready, eng.error
     old = eng.current()
-    out_v1 = eng.predict(X[:4], variant="members", key=None, request_id="a")
+    out_v1 = asyncio.run(eng.predict(X[:4], variant="members", key=None, request_id="a"))
     threads = [t for t in threading.enumerate() if t.name.startswith("member")]
     assert threads
     pool = weakref.ref(old.members.pool)
     # a request that took the old version before the swap still completes on it after the swap
     eng.swap(str(bundle_v2))
-    out_late, _ = eng.run(old, "members", X[:4])
+    late = asyncio.run(eng.predict(X[:4], variant="members", key=None, request_id="late", served=old))
+    assert late.version == old.version
+    out_late = late.output
     np.testing.assert_allclose(out_late, out_v1.output, atol=ATOL)
-    assert eng.predict(X[:4], variant="members", key=None, request_id="b").version == eng.current().version != old.version
-    del old, out_late
+    assert asyncio.run(eng.predict(X[:4], variant="members", key=None, request_id="b")).version == eng.current().version != old.version
+    del old, out_late, late
     gc.collect()
     wait_for(lambda: pool() is None and not any(t.is_alive() for t in threads), timeout=10, what="old member threads exit")

@@ -64,24 +64,26 @@ def test_make_serve_defaults_to_artifacts_bundle(tmp_path):
 
 
 def test_address_follows_bentoml_serve_options():
+    from service.config import load
     from service.serve import address
 
-    assert address(["service.app:FusionService", "--host", "127.0.0.1", "--port", "3101"], env={}) == "http://127.0.0.1:3101"
-    assert address(["x"], env={}) == "http://127.0.0.1:3000"  # bentoml's defaults: 0.0.0.0:3000, called via loopback
-    assert address(["x"], env={"BENTOML_PORT": "4000", "BENTOML_HOST": "10.0.0.5"}) == "http://10.0.0.5:4000"
-    assert address(["x", "-p", "81", "--ssl-certfile", "c.pem"], env={}) == "https://127.0.0.1:81"
+    assert address(["service.app:FusionService", "--host", "127.0.0.1", "--port", "3101"], load({}).serve) == "http://127.0.0.1:3101"
+    assert address(["x"], load({}).serve) == "http://127.0.0.1:3000"  # bentoml's defaults: 0.0.0.0:3000, called via loopback
+    assert address(["x"], load({"BENTOML_PORT": "4000", "BENTOML_HOST": "10.0.0.5"}).serve) == "http://10.0.0.5:4000"
+    assert address(["x", "-p", "81", "--ssl-certfile", "c.pem"], load({}).serve) == "https://127.0.0.1:81"
 
 
 def test_ready_lines_name_the_token_variable_never_its_value(tiny_bundle):
+    from service.config import load
     from service.serve import READY_PREFIX, ready_lines
 
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
-    ready, curl = ready_lines("http://127.0.0.1:9", tiny_bundle, env={"FUSION_INFERENCE_TOKEN": "s3cret"})
+    ready, curl = ready_lines("http://127.0.0.1:9", tiny_bundle, load({"FUSION_INFERENCE_TOKEN": "s3cret"}).tokens)
     assert ready.startswith(READY_PREFIX) and manifest["bundle_version"] in ready
     assert "s3cret" not in curl and '"Authorization: Bearer $FUSION_INFERENCE_TOKEN"' in curl
     row = json.loads(curl.split(" -d ")[1].strip("'"))["inputs"][0]
     assert row == manifest["probe"]["inputs"][0]
-    _, plain = ready_lines("http://127.0.0.1:9", tiny_bundle, env={})
+    _, plain = ready_lines("http://127.0.0.1:9", tiny_bundle, load({}).tokens)
     assert "Authorization" not in plain
 
 

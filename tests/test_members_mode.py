@@ -1,7 +1,8 @@
 """`members` mode: one session per member, combined in numpy, with a failure policy and a deadline.
 
-Pure tests drive MembersEnsemble with stub members; server tests run a real `bentoml serve` with
-FUSION_FAULT making a member raise or hang. Oracles: the member ONNX files run offline in
+Pure tests drive MembersEnsemble with stub members (faults wrapped around them by
+tests/hooks/member_faults.py); server tests run a real `bentoml serve` with FUSION_FAULT making a
+member raise or hang (the test-only hook tests/server.py loads into the server's processes). Oracles: the member ONNX files run offline in
 onnxruntime and soft-voted in numpy (tests/serving_util.Oracle).
 """
 
@@ -17,7 +18,8 @@ import pytest
 
 from fusion.errors import ConfigError, UnavailableError
 from service.errors import DeadlineError
-from service.members import FailurePolicy, Fault, MembersEnsemble
+from service.members import FailurePolicy, MembersEnsemble
+from tests.hooks.member_faults import Fault, parse, with_faults
 from tests.server import Server
 from tests.serving_util import Oracle, assert_error_shape, rows_json
 
@@ -51,7 +53,7 @@ def test_all_members_answer():
 
 def test_quorum_renormalises_the_weights_of_the_members_that_answered():
     combiner = {"name": "soft_vote", "weights": [1.0, 2.0, 3.0]}
-    ens = MembersEnsemble(stub_loaded(OUTS, combiner), FailurePolicy.parse("quorum:2", 1000), Fault.parse("b=raise"))
+    ens = MembersEnsemble(with_faults(stub_loaded(OUTS, combiner), "b=raise"), FailurePolicy.parse("quorum:2", 1000))
     out, extra = ens(X2)
     np.testing.assert_allclose(out[0], (1 * OUTS["a"] + 3 * OUTS["c"]) / 4, atol=1e-7)
     assert extra["degraded"] is True and extra["members_answered"] == ["a", "c"]
@@ -60,16 +62,16 @@ def test_quorum_renormalises_the_weights_of_the_members_that_answered():
 
 
 def test_quorum_not_met_and_strict_failures():
-    ens = MembersEnsemble(stub_loaded(OUTS), FailurePolicy.parse("quorum:2", 1000), Fault.parse("a=raise,c=raise"))
+    ens = MembersEnsemble(with_faults(stub_loaded(OUTS), "a=raise,c=raise"), FailurePolicy.parse("quorum:2", 1000))
     with pytest.raises(UnavailableError, match="only 1 of 3 members answered; quorum needs 2"):
         ens(X2)
-    strict = MembersEnsemble(stub_loaded(OUTS), FailurePolicy.parse("strict", 1000), Fault.parse("c=raise"))
+    strict = MembersEnsemble(with_faults(stub_loaded(OUTS), "c=raise"), FailurePolicy.parse("strict", 1000))
     with pytest.raises(UnavailableError, match="member 'c' failed") as err:
         strict(X2)
     assert not isinstance(err.value, DeadlineError)
     # a stacked ensemble needs every member, whatever the policy
     stacking = {"name": "stacking", "coef": np.eye(3).tolist(), "intercept": [0, 0, 0]}
-    q = MembersEnsemble(stub_loaded(OUTS, stacking), FailurePolicy.parse("quorum:1", 1000), Fault.parse("a=raise"))
+    q = MembersEnsemble(with_faults(stub_loaded(OUTS, stacking), "a=raise"), FailurePolicy.parse("quorum:1", 1000))
     with pytest.raises(UnavailableError, match="member 'a' failed"):
         q(X2)
     for e in (ens, strict, q):
@@ -77,12 +79,12 @@ def test_quorum_not_met_and_strict_failures():
 
 
 def test_deadline_is_a_504_kind_of_failure_and_is_kept():
-    ens = MembersEnsemble(stub_loaded(OUTS), FailurePolicy.parse("strict", 100), Fault.parse("b=hang:0.5"))
+    ens = MembersEnsemble(with_faults(stub_loaded(OUTS), "b=hang:0.5"), FailurePolicy.parse("strict", 100))
     t0 = time.perf_counter()
     with pytest.raises(DeadlineError, match="member 'b' failed: no answer within the 100 ms deadline"):
         ens(X2)
     assert time.perf_counter() - t0 < 0.4
-    quorum = MembersEnsemble(stub_loaded(OUTS), FailurePolicy.parse("quorum:2", 100), Fault.parse("b=hang:0.5"))
+    quorum = MembersEnsemble(with_faults(stub_loaded(OUTS), "b=hang:0.5"), FailurePolicy.parse("quorum:2", 100))
     out, extra = quorum(X2)
     assert extra["members_answered"] == ["a", "c"] and "deadline" in extra["members_failed"]["b"]
     np.testing.assert_allclose(out[0], (OUTS["a"] + OUTS["c"]) / 2, atol=1e-7)
@@ -91,7 +93,7 @@ def test_deadline_is_a_504_kind_of_failure_and_is_kept():
 
 
 def test_hung_members_saturate_into_a_503_not_a_queue():
-    ens = MembersEnsemble(stub_loaded(OUTS), FailurePolicy.parse("quorum:1", 50), Fault.parse("a=hang:0.6,b=hang:0.6,c=hang:0.6"))
+    ens = MembersEnsemble(with_faults(stub_loaded(OUTS), "a=hang:0.6,b=hang:0.6,c=hang:0.6"), FailurePolicy.parse("quorum:1", 50))
     with pytest.raises(UnavailableError, match="only 0 of 3"):
         ens(X2)  # 3 hung member runs in flight, pool bound 6
     with pytest.raises(UnavailableError, match="only 0 of 3"):
@@ -113,11 +115,43 @@ def test_policy_and_fault_parsing():
     assert FailurePolicy.parse("quorum:3", 1000) == FailurePolicy(3, 1.0)
     with pytest.raises(ConfigError, match="positive"):
         FailurePolicy.parse("strict", 0)
-    assert Fault.parse("mlp_1=raise, cnn_0=hang:2.5") == {"mlp_1": Fault("raise"), "cnn_0": Fault("hang", 2.5)}
+    assert parse("mlp_1=raise, cnn_0=hang:2.5") == {"mlp_1": Fault("raise"), "cnn_0": Fault("hang", 2.5)}
     with pytest.raises(ConfigError, match="FUSION_FAULT"):
-        Fault.parse("mlp_1=explode")
+        parse("mlp_1=explode")
     with pytest.raises(ConfigError, match="needs at least 4"):
         MembersEnsemble(stub_loaded(OUTS), FailurePolicy.parse("quorum:4", 1000))
+
+
+HOOK_PROBE = """
+import sys
+sys.path.insert(0, {root!r})
+from service.members import FailurePolicy, MembersEnsemble
+from tests.test_members_mode import OUTS, X2, stub_loaded
+ens = MembersEnsemble(stub_loaded(OUTS), FailurePolicy.parse("quorum:2", 1000))
+print(ens(X2)[1]["members_failed"]["b"])
+"""
+
+
+def test_the_server_hook_injects_faults_only_where_asked():
+    """tests/server.py's hook (tests/hooks/sitecustomize.py): with FUSION_FAULT and the hooks directory on
+    PYTHONPATH, a fresh interpreter's MembersEnsemble runs its members through the faults; production
+    code (service/members.py) has no fault of its own."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.hooks import member_faults
+    from tests.server import Server
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {"PATH": os.environ.get("PATH", ""), "FUSION_FAULT": "b=raise", "PYTHONPATH": member_faults.HOOKS_DIR}
+    out = subprocess.run([sys.executable, "-c", HOOK_PROBE.format(root=root)], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "RuntimeError: injected fault in member 'b'", out.stderr[-2000:]
+    assert "fault" not in Path(root, "service", "members.py").read_text().lower()
+    assert member_faults.HOOKS_DIR in Server(None, env={"FUSION_FAULT": "b=raise"}).env["PYTHONPATH"]
+    assert member_faults.HOOKS_DIR not in Server(None, env={"FUSION_FAULT": ""}).env.get("PYTHONPATH", "")
 
 
 # ---- through a real server -------------------------------------------------------------------------------

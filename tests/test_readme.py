@@ -240,6 +240,7 @@ def test_readme_points_at_the_example_recipe():
 
 
 def test_readme_ready_line_is_what_make_serve_prints(tmp_path):
+    from service.auth import Tokens
     from service.serve import READY_PREFIX, ready_lines
 
     shown = re.search(rf"^{re.escape(READY_PREFIX)} .*$", README, flags=re.M)
@@ -247,7 +248,7 @@ def test_readme_ready_line_is_what_make_serve_prints(tmp_path):
     bundle = tmp_path / "artifacts" / "bundle"
     bundle.mkdir(parents=True)
     (bundle / "manifest.json").write_text(json.dumps({"bundle_version": "c24e5c3acf24", "input": {"shape": [-1, 64]}}))
-    ready, _ = ready_lines("http://127.0.0.1:3000", bundle)
+    ready, _ = ready_lines("http://127.0.0.1:3000", bundle, Tokens())  # no inference token: the README's curl has none
     assert ready.replace(str(bundle), "artifacts/bundle") == shown.group(0)
 
 

@@ -23,7 +23,7 @@ def test_members_mode_calibration_equals_softmax_of_scaled_logits():
 def test_a_reused_request_id_is_never_scored_against_the_wrong_answer():
     """A client's X-Request-ID is only an alias of a server-keyed record (issue 13, finding 9: reuse used
     to wipe both records): reused, it names no record, and each stays labelled by its own feedback id."""
-    from service.stats import Stats
+    from service.ab import Stats
 
     st = Stats()
     first = st.observe("ensemble", 1, 0.001, None, [3], client="c", alias="same-id")
@@ -36,7 +36,7 @@ def test_a_reused_request_id_is_never_scored_against_the_wrong_answer():
 
 
 def test_the_feedback_store_is_bounded_by_rows():
-    from service.stats import Stats
+    from service.ab import Stats
 
     st = Stats(max_records=1000, max_rows=100)
     for i in range(10):
@@ -104,11 +104,13 @@ def test_a_batch_that_cannot_be_concatenated_fails_its_requests_instead_of_hangi
 
 
 def test_no_server_path_in_the_not_ready_error(tmp_path):
-    from service.engine import Engine, EngineConfig
+    from service.config import EngineConfig
+    from service.engine import Engine
+    from service.routing import RoutingPolicy
 
     secret = tmp_path / "srv" / "secret-place" / "bundle"
     for form in (f"{secret}/", str(secret), f"{tmp_path}//srv/secret-place/bundle"):
-        engine = Engine(EngineConfig(bundle=form), env={})
+        engine = Engine(EngineConfig(bundle=form), RoutingPolicy())
         engine.start()
         assert not engine.ready and "secret-place" not in engine.error, engine.error
 

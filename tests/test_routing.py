@@ -143,12 +143,14 @@ def test_policy_rejects_bad_weights(weights, match):
 
 
 def test_policy_from_env():
-    p = RoutingPolicy.from_env({"FUSION_AB_WEIGHTS": "ensemble=1,mlp_0=3", "FUSION_SHADOW": " mlp_1 , members ,",
-                                "FUSION_CASCADE": "mlp_0:0.8"})
+    from service import config
+
+    p = config.load({"FUSION_AB_WEIGHTS": "ensemble=1,mlp_0=3", "FUSION_SHADOW": " mlp_1 , members ,",
+                     "FUSION_CASCADE": "mlp_0:0.8"}).routing
     assert p.weights == {"ensemble": 0.25, "mlp_0": 0.75}
     assert p.shadow == ("mlp_1", "members")
     assert p.cascade == Cascade("mlp_0", 0.8, "ensemble")
-    default = RoutingPolicy.from_env({})
+    default = config.load({}).routing
     assert default.weights == {"ensemble": 1.0} and default.shadow == () and default.cascade is None
 
 

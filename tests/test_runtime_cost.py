@@ -56,12 +56,13 @@ def test_a_model_times_its_calls_and_runs_inline_only_while_cheap():
 
 
 def test_settings_keep_tracing_off_the_inference_paths_unless_asked():
-    from service.app import INFERENCE_PATHS, Settings
+    from service import config
+    from service.app import INFERENCE_PATHS
 
-    assert Settings.from_env({}).tracing is False and Settings.from_env({}).access_log is True
-    assert Settings.from_env({"FUSION_TRACING": "1"}).tracing is True
-    assert Settings.from_env({"FUSION_ACCESS_LOG": "0"}).access_log is False
-    assert Settings.from_env({}).batch_instances == 2
+    assert config.load({}).http.tracing is False and config.load({}).http.access_log is True
+    assert config.load({"FUSION_TRACING": "1"}).http.tracing is True
+    assert config.load({"FUSION_ACCESS_LOG": "0"}).http.access_log is False
+    assert config.load({}).engine.batch_instances == 2
     # OpenTelemetry's ExcludeList matches with re.search on the URL: every inference route, nothing else
     urls = {"/predict": True, "/echo": True, "/feedback": True, "/v2/models/fusion/infer": True,
             "/v2/models/fusion": False, "/info": False, "/ab/report": False, "/metrics": False,
@@ -71,9 +72,9 @@ def test_settings_keep_tracing_off_the_inference_paths_unless_asked():
 
 
 def test_the_service_config_excludes_the_inference_paths_from_tracing():
-    from service.app import INFERENCE_PATHS, SETTINGS, FusionService
+    from service.app import CONFIG, INFERENCE_PATHS, FusionService
 
-    if SETTINGS.tracing:
+    if CONFIG.http.tracing:
         pytest.skip("FUSION_TRACING is set in this environment")
     assert FusionService.config["tracing"]["excluded_urls"] == INFERENCE_PATHS
 

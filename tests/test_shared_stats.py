@@ -13,12 +13,12 @@ from scipy.stats import binomtest
 
 import fusion.compare as compare
 import fusion.stats as shared
-import service.stats as service_stats
+import service.ab as service_stats
 
 
 @pytest.mark.parametrize("name", ["wilson_interval", "mcnemar_exact"])
 def test_both_halves_call_the_same_function_objects(name):
-    assert getattr(service_stats, name) is getattr(shared, name), f"service/stats.py has its own {name}"
+    assert getattr(service_stats, name) is getattr(shared, name), f"service/ab.py has its own {name}"
     assert getattr(compare, name) is getattr(shared, name), f"fusion/compare.py has its own {name}"
 
 

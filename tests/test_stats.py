@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import REGISTRY
 from scipy.stats import binom, binomtest, chi2_contingency, norm
 
-from service.stats import MIN_LABELS, Stats, mcnemar_exact, two_proportion_test, verdict, wilson_interval
+from service.ab import MIN_LABELS, Stats, mcnemar_exact, two_proportion_test, verdict, wilson_interval
 
 # ---- intervals and tests vs scipy -------------------------------------------------------------------
 

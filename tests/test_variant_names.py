@@ -8,6 +8,7 @@ handlers call (app.py maps UnknownNameError to 404, tests/test_service.py checks
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 
@@ -19,9 +20,11 @@ CASCADE_ENV = {"FUSION_CASCADE": "mlp_0:0.9", "FUSION_AB_WEIGHTS": "ensemble=1"}
 
 
 def _engine(bundle, env):
-    from service.engine import Engine, EngineConfig
+    from service import config
+    from service.config import EngineConfig
+    from service.engine import Engine
 
-    eng = Engine(EngineConfig(bundle=str(bundle)), env=env)
+    eng = Engine(EngineConfig(bundle=str(bundle)), config.load(env).routing)
     eng.start()
     assert eng.ready, eng.error
     return eng
@@ -38,7 +41,7 @@ def _working(eng, candidates, X) -> set[str]:
     ok = set()
     for name in candidates:
         try:
-            eng.predict(X, variant=name, key=None, request_id=f"probe-{name}")
+            asyncio.run(eng.predict(X, variant=name, key=None, request_id=f"probe-{name}"))
         except FusionError:
             continue
         ok.add(name)
@@ -55,7 +58,7 @@ def test_unknown_variant_lists_every_name_that_works(tiny_bundle, digits, env):
     eng = _engine(tiny_bundle, env)
     X = digits.X_test[:3]
     with pytest.raises(UnknownNameError) as exc:
-        eng.predict(X, variant="nope", key=None, request_id="r-nope")
+        asyncio.run(eng.predict(X, variant="nope", key=None, request_id="r-nope"))
     message = str(exc.value)
     assert "unknown variant 'nope'" in message, message
     working = _working(eng, _candidates(tiny_bundle), X)
@@ -83,12 +86,12 @@ def test_members_listed_only_when_members_mode_works(tiny_bundle, digits, tmp_pa
     eng = _engine(out, {})
     X = digits.X_test[:2]
     with pytest.raises(UnknownNameError) as exc:
-        eng.predict(X, variant="nope", key=None, request_id="r")
+        asyncio.run(eng.predict(X, variant="nope", key=None, request_id="r"))
     message = str(exc.value)
     assert "members" not in _listed(message) and "'members' needs" in message, message
     assert _listed(message) == _working(eng, _candidates(out), X)
     with pytest.raises(UnknownNameError, match=r"'members' needs an 'ensemble' variant.*; expected one of"):
-        eng.predict(X, variant="members", key=None, request_id="r2")
+        asyncio.run(eng.predict(X, variant="members", key=None, request_id="r2"))
 
 
 @pytest.mark.server

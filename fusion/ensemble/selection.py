@@ -16,6 +16,12 @@ geometric_mean) export inside the fused graph like any other weights (they norma
 * `choose`: `auto` scores each candidate weighting (equal, select, fit, stacking) out of fold on the
   held-out rows (stratified k-fold cross-fitting: fit on k-1 folds, predict the held-out fold), picks
   the lowest out-of-fold NLL and refits the winner on every held-out row.
+* Output temperature (`tempered`): each weighting may be followed by one temperature T fitted on the
+  same rows as its weights, on the ensemble's OUTPUT: softmax(log p / T) (= p^(1/T) renormalised for
+  the soft vote; logits / T for logit_mean and geometric_mean), found by fusion.ensemble.calibration's
+  bounded search. Averaging probabilities is typically under-confident (T < 1 sharpens it); the argmax
+  does not move. `auto` scores `equal`, `select`, `fit`, each also with "+temperature", out of fold (the
+  weights and T refitted in every fold) and keeps the lowest NLL; the combiner exports T in the graph.
 * `gate`: is the chosen ensemble better than its best member beyond noise? A paired bootstrap of the
   per-row NLL difference (primary) and an exact McNemar test on correctness (fusion.stats).
 """
@@ -233,6 +239,50 @@ def fit_weights(logits: np.ndarray, y: np.ndarray, combiner: str = "soft_vote", 
     return _softmax(res.x)
 
 
+# ---- output temperature -----------------------------------------------------------------------------
+
+
+def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log p / T): the ensemble's probabilities (N, C) at output temperature T (the soft vote's
+    probabilities floored at 1e-30 before the log, as fusion/ensemble/classification.py's graph)."""
+    p = np.asarray(probs, dtype=np.float64)
+    if temperature == 1.0:
+        return p
+    return _softmax(np.log(np.maximum(p, 1e-30)) / temperature)
+
+
+def fit_output_temperature(probs: np.ndarray, y: np.ndarray) -> float:
+    """The T minimising the NLL of softmax(log p / T) on these rows (fusion.ensemble.calibration's search:
+    bounded Brent over log T in [-3, 3]). log p differs from the combiner's pre-softmax scores by a per-row
+    constant, which the softmax cancels, so the same T applies to logit_mean's mean logits."""
+    from fusion.ensemble.calibration import fit_temperature
+
+    return fit_temperature(np.log(np.maximum(np.asarray(probs, dtype=np.float64), 1e-30)), np.asarray(y))
+
+
+@dataclass(frozen=True)
+class Tempered:
+    """A weighting's fitted parameters followed by an output temperature."""
+
+    weights: object  # the base candidate's params: weights (K,) or None (equal)
+    temperature: float
+
+
+def tempered(base: "Candidate") -> "Candidate":
+    """`base` followed by an output temperature fitted on the rows its weights are fitted on."""
+    if base.combiner not in AVERAGING:
+        raise ConfigError(f"an output temperature follows the combiners {list(AVERAGING)}; got '{base.combiner}'")
+
+    def fit(z, y):
+        params = base.fit(z, y)
+        return Tempered(params, fit_output_temperature(base.predict(params, z), y))
+
+    def predict(t, z):
+        return apply_temperature(base.predict(t.weights, z), t.temperature)
+
+    return Candidate(f"{base.name}+temperature", base.combiner, fit, predict)
+
+
 # ---- auto: candidates scored out of fold ------------------------------------------------------------
 
 
@@ -309,7 +359,7 @@ class Choice:
 
     name: str
     combiner: str
-    params: object  # weights (K,) / None for a weighting; the fitted Stacking head for stacking
+    params: object  # weights (K,) / None for a weighting; Tempered(weights, T) with an output temperature; the fitted Stacking head for stacking
     val_oof_probs: np.ndarray
     record: dict
 
@@ -330,8 +380,10 @@ def choose(candidates: Sequence[Candidate], val_logits: np.ndarray, y_val: np.nd
         fitted[cand.name] = params = cand.fit(z, y)
         in_sample = cand.predict(params, z)
         oofs[cand.name] = out_of_fold(cand, z, y, k, seed) if k >= 2 else in_sample
+        w = params.weights if isinstance(params, Tempered) else params
         row = {"combiner": cand.combiner,
-               "weights": None if params is None or cand.name == "stacking" else [float(v) for v in params],
+               "weights": None if w is None or cand.name == "stacking" else [float(v) for v in w],
+               "temperature": params.temperature if isinstance(params, Tempered) else None,
                "val_oof": figures(oofs[cand.name], y), "val_in_sample": figures(in_sample, y)}
         if test_logits is not None:
             row["test"] = figures(cand.predict(params, np.asarray(test_logits, dtype=np.float64)), np.asarray(y_test))

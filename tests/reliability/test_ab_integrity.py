@@ -17,6 +17,7 @@ conftest.py: both tokens set).
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 
@@ -24,7 +25,8 @@ import numpy as np
 import pytest
 
 from fusion.errors import InputError, UnknownNameError
-from service.stats import Stats, check_labels
+from service.ab import Stats
+from service.feedback import check_labels
 from tests.reliability import bundles
 
 ROW = [1.0] * bundles.N_FEATURES
@@ -61,7 +63,7 @@ def test_a_client_id_names_its_record_only_for_that_client_and_while_unambiguous
         st.feedback("order-7", [1, 2], client="10.0.0.1", alias=False)  # a feedback_id lookup only
     assert st.feedback("order-7", [1, 2], client="10.0.0.1") == {"variants": ["ensemble"], "rows": 2}
     assert st.feedback("order-7", [4], client="10.0.0.2")["rows"] == 1
-    assert mine not in st.records and theirs not in st.records and not st._aliases
+    assert mine not in st.records and theirs not in st.records and not st.store._aliases
 
 
 def test_a_key_is_never_overwritten_even_when_offered_twice():
@@ -113,7 +115,7 @@ def test_eviction_takes_from_the_client_holding_the_most():
     # a third client with nothing yet: its record evicts from "big" (6 left) until the two are level
     for _ in range(3):
         st.observe("ensemble", 1, 0.001, None, [0], client="new")
-    counts = {c: len(keys) for c, keys in st._by_client.items()}
+    counts = {c: len(keys) for c, keys in st.store._by_client.items()}
     assert counts == {"small": 4, "big": 3, "new": 3}
 
 
@@ -122,8 +124,8 @@ def test_the_store_stays_bounded_with_many_clients():
     for i in range(1000):
         st.observe("ensemble", 1 + i % 3, 0.001, None, [0] * (1 + i % 3), client=f"c{i}", alias=f"a{i}")
         assert len(st.records) <= 100 and st.stored_rows <= 150
-    assert len(st._aliases) == len(st.records) and set(st._by_client) <= {r.client for r in st.records.values()}
-    assert len(st._heap) <= 4 * len(st._by_client) + 64  # the lazy heap is compacted
+    assert len(st.store._aliases) == len(st.records) and set(st.store._by_client) <= {r.client for r in st.records.values()}
+    assert len(st.store._heap) <= 4 * len(st.store._by_client) + 64  # the lazy heap is compacted
 
 
 # ---- labels ----------------------------------------------------------------------------------------
@@ -159,18 +161,20 @@ def test_string_classes_and_regression_labels():
 
 @pytest.fixture(scope="module")
 def engine(v1):
-    from service.engine import Engine, EngineConfig
+    from service.config import EngineConfig
+    from service.engine import Engine
+    from service.routing import RoutingPolicy
 
-    eng = Engine(EngineConfig(bundle=str(v1)), env={})
+    eng = Engine(EngineConfig(bundle=str(v1)), RoutingPolicy())
     eng.start()
     assert eng.ready, eng.error
     yield eng
-    eng.shadow_pool.shutdown(wait=True)
+    eng.close()
 
 
 def test_engine_feedback_refuses_bad_labels_with_what_was_expected(engine):
     X = np.ones((2, bundles.N_FEATURES), np.float32)
-    res = engine.predict(X, variant="ensemble", key=None, request_id=engine.stats.new_key())
+    res = asyncio.run(engine.predict(X, variant="ensemble", key=None, request_id=engine.stats.new_key()))
     fid = res.extra["feedback_id"]
     for labels, why in [([True, 0], "a boolean"), ([0, 1.0], "a number with a fraction"), (["0", 1], "a string"),
                         ([0, 42], "not one of them")]:
@@ -187,15 +191,15 @@ def test_engine_client_ids_are_aliases_and_the_report_covers_every_version_it_co
     X = np.ones((1, bundles.N_FEATURES), np.float32)
     before = engine.report()["covers"]["bundle_versions"]
     old = engine.current().version
-    r_old = engine.predict(X, variant="ensemble", key=None, request_id=engine.stats.new_key())
+    r_old = asyncio.run(engine.predict(X, variant="ensemble", key=None, request_id=engine.stats.new_key()))
     served = engine.current()
-    out, extra = engine.run(served, "ensemble", X)
-    r_alias = engine.finish(served, "ensemble", X, out, extra, 0.001, "client-7", client="10.0.0.9", client_chose_id=True)
+    r_alias = asyncio.run(engine.predict(X, variant="ensemble", key=None, request_id="client-7", client="10.0.0.9",
+                                         client_chose_id=True, served=served))
     assert r_alias.extra["feedback_id"] != "client-7"  # the client's id is an alias, never the key
     try:
         engine.swap(str(v2))
         new = engine.current().version
-        engine.predict(X, variant="ensemble", key=None, request_id=engine.stats.new_key())
+        asyncio.run(engine.predict(X, variant="ensemble", key=None, request_id=engine.stats.new_key()))
         rep = engine.report()
     finally:
         engine.swap(str(v1))

@@ -118,24 +118,25 @@ def test_with_a_token_host_is_checked_only_when_allowed_hosts_is_set():
 
 
 def test_settings_from_the_environment():
-    from service.auth import Tokens
+    from service import config
 
-    t = Tokens.from_env({"FUSION_ADMIN_LOOPBACK": "0", "FUSION_ALLOWED_HOSTS": " a.example, B.example:8080 ,",
-                         "FUSION_ALLOWED_ORIGINS": "https://Ops.example/"})
+    t = config.load({"FUSION_ADMIN_LOOPBACK": "0", "FUSION_ALLOWED_HOSTS": " a.example, B.example:8080 ,",
+                     "FUSION_ALLOWED_ORIGINS": "https://Ops.example/"}).tokens
     assert t.admin_loopback is False
     assert t.allowed_hosts == frozenset({"a.example", "b.example:8080"})
     assert t.allowed_origins == frozenset({"https://ops.example"})
-    assert Tokens.from_env({}).admin_loopback is True
+    assert config.load({}).tokens.admin_loopback is True
     with pytest.raises(ValueError, match="FUSION_ADMIN_LOOPBACK"):
-        Tokens.from_env({"FUSION_ADMIN_LOOPBACK": "maybe"})
+        config.load({"FUSION_ADMIN_LOOPBACK": "maybe"})
 
 
 def test_bundle_root_defaults_to_the_served_bundles_directory(tmp_path):
-    from service.engine import EngineConfig
+    from service import config
+    from service.config import EngineConfig
 
     assert EngineConfig(bundle=str(tmp_path / "b" / "v1")).root() == (tmp_path / "b").resolve()
     assert EngineConfig(bundle="x", bundle_root=str(tmp_path)).root() == tmp_path.resolve()
-    assert EngineConfig.from_env({"FUSION_BUNDLE": str(tmp_path / "v1")}).root() == tmp_path.resolve()
+    assert config.load({"FUSION_BUNDLE": str(tmp_path / "v1")}).engine.root() == tmp_path.resolve()
     shared = tmp_path / "shared"  # world-writable, like /tmp: its siblings are anyone's, so not the default root
     (shared / "v1").mkdir(parents=True)
     shared.chmod(0o1777)

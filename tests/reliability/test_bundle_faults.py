@@ -91,7 +91,9 @@ def test_06_hostile_bundles_refused_before_parsing(hostile):
     """Every hostile bundle: `runtime.load` (what the service's start and swap call) raises a
     BundleError naming the file; the engine stays not ready; no payload runs."""
     from service import runtime
-    from service.engine import Engine, EngineConfig
+    from service.config import EngineConfig
+    from service.engine import Engine
+    from service.routing import RoutingPolicy
 
     found, canary = hostile
     refused = {}
@@ -99,7 +101,7 @@ def test_06_hostile_bundles_refused_before_parsing(hostile):
         with pytest.raises(BundleError) as err:
             runtime.load(path)
         assert must_name in str(err.value), (name, str(err.value))
-        engine = Engine(EngineConfig(bundle=str(path)), env={})
+        engine = Engine(EngineConfig(bundle=str(path)), RoutingPolicy())
         engine.start()
         assert not engine.ready and must_name in engine.error
         refused[name] = f"{type(err.value).__name__}: {str(err.value)[:160]}"

@@ -16,6 +16,7 @@ limit + 1 GiB, a manifest over the size cap, a forged version, an edited manifes
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import sys
@@ -81,9 +82,13 @@ def bounded(fn, limit_s: float = BOUND_S) -> dict:
 
 
 def _engine(bundle):
-    from service.engine import Engine, EngineConfig
+    from service import config
+    from service.config import EngineConfig
+    from service.engine import Engine
+    from service.routing import RoutingPolicy
 
-    return Engine(EngineConfig(bundle=str(bundle)), env={})
+    # the service's load limits (default: half the machine's memory), as FusionService passes them
+    return Engine(EngineConfig(bundle=str(bundle)), RoutingPolicy(), load_limits=config.load().load_limits)
 
 
 # ---- (a) in process --------------------------------------------------------------------------
@@ -109,7 +114,7 @@ def test_hostile_bundle_refused_in_process(name, bombs, bomb_root, limits):
     assert must in str(err), str(err)
     assert eng.current().version == bundles.version_of(good)
     X = bundles.digits_like(8, seed=3)
-    got = eng.predict(X, variant="ensemble", key=None, request_id="after-refusal").output
+    got = asyncio.run(eng.predict(X, variant="ensemble", key=None, request_id="after-refusal")).output
     np.testing.assert_allclose(got, bundles.offline(good, "ensemble", X), atol=ATOL)
     record(f"sec6_in_process_{name}", start_refused_s=start["seconds"], swap_refused_s=swap["seconds"],
            error=str(err)[:300])
@@ -118,7 +123,7 @@ def test_hostile_bundle_refused_in_process(name, bombs, bomb_root, limits):
 def test_real_bundle_loads_under_the_default_limits(v1, bomb_root, monkeypatch):
     """The limits refuse what is hostile, not Loop or Expand as such, and never a real bundle: with
     the default limits (no settings) v1 loads, and so do a Loop of 3 iterations and a 4 MB Expand."""
-    from service import preflight
+    from service import config, preflight
 
     for k in (*LIMITS, "FUSION_MAX_MANIFEST_BYTES"):
         monkeypatch.delenv(k, raising=False)
@@ -134,11 +139,11 @@ def test_real_bundle_loads_under_the_default_limits(v1, bomb_root, monkeypatch):
     checks, opens, cpu = [], [], []
     for _ in range(3):
         t = time.perf_counter()
-        report = preflight.check(v1)
+        report = preflight.check(v1, config.load().load_limits)
         checks.append(time.perf_counter() - t)
         cpu.append(report.cpu_s)
         t = time.perf_counter()
-        _engine(v1).open(v1)
+        _engine(v1).bundles.open(v1)
         opens.append(time.perf_counter() - t)
     assert report.bundle_version == bundles.version_of(v1)
     # the child stays cheap: it never imports torch or BentoML (what it imports, from -X importtime)
@@ -147,7 +152,7 @@ def test_real_bundle_loads_under_the_default_limits(v1, bomb_root, monkeypatch):
     assert out.returncode == 0 and preflight.RESULT in out.stdout, out.stderr[-2000:]
     imported = {ln.split("|")[-1].strip().split(".")[0] for ln in out.stderr.splitlines() if ln.startswith("import time:")}
     assert "onnxruntime" in imported and not imported & {"torch", "bentoml"}, sorted(imported & {"torch", "bentoml"})
-    limits = preflight.LoadLimits.from_env()
+    limits = config.load().load_limits  # this test's environment, as the service reads it
     assert limits.max_memory_mb > report.peak_vm_mb, (limits, report)
     record("sec6_check_cost", check_s=[round(s, 3) for s in checks], check_cpu_s=cpu, open_s=[round(s, 3) for s in opens],
            child_peak_vm_mb=report.peak_vm_mb, child_peak_rss_mb=report.peak_rss_mb,
@@ -171,10 +176,12 @@ def _preflight_child(timeout_s: float = 20.0):
 def test_check_process_is_limited_and_the_first_to_be_killed(bombs, limits):
     """The child runs under RLIMIT_AS = FUSION_LOAD_MAX_MEMORY_MB and with oom_score_adj 1000; if
     it is killed (as the OOM killer would kill it) the bundle is refused naming the signal."""
-    from service import preflight
+    from service import config, preflight
 
     box: dict = {}
-    t = threading.Thread(target=lambda: box.update(bounded(lambda: preflight.check(bombs["loop_2_62"][0]))), daemon=True)
+    load_limits = config.load().load_limits  # FUSION_LOAD_* from the `limits` fixture, as the service reads them
+    t = threading.Thread(target=lambda: box.update(bounded(lambda: preflight.check(bombs["loop_2_62"][0], load_limits))),
+                         daemon=True)
     t.start()
     child = _preflight_child()
     deadline, applied = time.monotonic() + 20, None

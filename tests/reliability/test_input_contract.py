@@ -458,12 +458,12 @@ def test_10_any_json_document_is_parsed_or_an_input_error(doc, raw):
 
 
 def test_03_07_settings_are_read_from_the_environment():
-    from service.app import Settings
+    from service import config
     from service.traffic import Traffic
 
-    default = Settings.from_env({})
+    default = config.load({}).http
     assert (default.body_timeout_s, default.max_small_body_bytes) == (5.0, 65536)
-    s = Settings.from_env({"FUSION_BODY_TIMEOUT_S": "2.5", "FUSION_MAX_SMALL_BODY_BYTES": "1000"})
+    s = config.load({"FUSION_BODY_TIMEOUT_S": "2.5", "FUSION_MAX_SMALL_BODY_BYTES": "1000"}).http
     assert (s.body_timeout_s, s.max_small_body_bytes) == (2.5, 1000)
     t = Traffic.from_settings(5, 2, s.body_timeout_s)
     assert (t.limit, t.body_timeout_s, t.inflight, t.admitted) == (3, 2.5, 0, 0)

@@ -94,7 +94,7 @@ def test_01_steady_load_no_failures_bounded_memory(main_server, auth, oracle, v1
     make = requests_for(X)
     # The window starts after a short warm-up of the same load: a fresh worker's first requests
     # allocate once (buffers, pools). What is left to grow is the bounded /feedback record store
-    # (service/stats.py: 100k records) and whatever leaks. (Before service/traffic.py's
+    # (service/feedback.py: 100k records) and whatever leaks. (Before service/traffic.py's
     # patch_bentoml_timeout, BentoML's timeout timers held every request's context for 30 s: +140 MB.)
     rss_fresh = worker_rss_mb(main_server.proc.pid)
     warm = Load(main_server.url, make, concurrency=8, duration_s=WARMUP_S, max_requests=WARMUP_REQUESTS,

@@ -4,7 +4,6 @@ Every onnxruntime run has a deadline (FUSION_RUN_TIMEOUT_S, service/runtime.py R
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -64,17 +63,8 @@ def test_concurrent_runs_each_keep_their_own_deadline():
 
 
 def test_the_limit_comes_from_the_settings():
-    from service.runtime import RuntimeConfig
+    from service import config
 
-    saved = {k: os.environ.pop(k, None) for k in ("FUSION_RUN_TIMEOUT_S", "FUSION_TIMEOUT_S")}
-    try:
-        assert RuntimeConfig.from_env().run_timeout_s == 30.0
-        os.environ["FUSION_TIMEOUT_S"] = "12"
-        assert RuntimeConfig.from_env().run_timeout_s == 12.0  # follows the request timeout by default
-        os.environ["FUSION_RUN_TIMEOUT_S"] = "3"
-        assert RuntimeConfig.from_env().run_timeout_s == 3.0
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None)
-            if v is not None:
-                os.environ[k] = v
+    assert config.load({}).runtime.run_timeout_s == 30.0
+    assert config.load({"FUSION_TIMEOUT_S": "12"}).runtime.run_timeout_s == 12.0  # follows the request timeout by default
+    assert config.load({"FUSION_TIMEOUT_S": "12", "FUSION_RUN_TIMEOUT_S": "3"}).runtime.run_timeout_s == 3.0

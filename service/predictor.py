@@ -1,0 +1,128 @@
+"""One prediction, start to end: resolve the version and variant, schedule, run, check, record, shadow.
+
+`Predictor.predict` is the only way a request is answered (POST /predict, OIP infer, the BentoML twin,
+and the in-process tests), so the tests exercise the path production takes. Scheduling:
+- the adaptive batcher (FUSION_BATCH_MAX_ROWS > 0) when the variant is one onnxruntime session;
+- else on the event loop when it is one session and the call is cheap (runtime.Model.inline_ok: few
+  rows, and expected from the model's recent calls to take at most FUSION_INLINE_BUDGET_MS);
+- else in a worker thread. Members mode and cascade always run in a thread: they wait on member
+  threads up to the member deadline.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from fusion.errors import InputError, UnknownNameError
+from service.ab import Stats
+from service.batching import AdaptiveBatcher
+from service.bundles import MEMBERS, Served
+from service.config import EngineConfig
+from service.router import Router
+from service.routing import CASCADE
+from service.shadow import ShadowRunner
+
+
+@dataclass(frozen=True)
+class Result:
+    variant: str
+    output: np.ndarray  # (B, C) probabilities (or regression values)
+    version: str
+    classes: tuple
+    task: str
+    extra: dict = field(default_factory=dict)
+
+    def labels(self) -> list:
+        """The predicted class label per row (the value per row for regression); computed once."""
+        cached = self.__dict__.get("_labels")
+        if cached is None:
+            if self.task == "regression":
+                cached = self.output[:, 0].tolist()
+            else:
+                cached = np.asarray(self.classes)[self.output.argmax(-1)].tolist()  # ties -> lowest class index
+            object.__setattr__(self, "_labels", cached)  # frozen: memoised beside the fields
+        return cached
+
+
+class Predictor:
+    def __init__(self, cfg: EngineConfig, router: Router, stats: Stats, current: Callable[[], Served]):
+        self.router = router
+        self.stats = stats
+        self.current = current
+        self.shadows = ShadowRunner(stats, cfg.shadow_queue)
+        self.batcher = (AdaptiveBatcher(cfg.batch_max_rows, instances=cfg.batch_instances)
+                        if cfg.batch_max_rows > 0 else None)
+
+    async def predict(self, X: np.ndarray, *, variant: str | None, key: str | None, request_id: str,
+                      client: str = "", client_chose_id: bool = False, served: Served | None = None) -> Result:
+        """Answer X (B, F) on `served` (the version X was checked against; the current one if None).
+
+        The record awaiting feedback is keyed by the server: the request id when the server made it,
+        else a fresh id; a client's own X-Request-ID (`client_chose_id`) is only an alias of it, for the
+        same `client` (issue 13, finding 9). The key is `result.extra["feedback_id"]`.
+        """
+        served = served or self.current()
+        name = self.router.resolve(served, variant, key)
+        t0 = time.perf_counter()
+        model = served.loaded.models.get(name)  # one onnxruntime session, no waiting on other threads
+        if model is not None and self.batcher is not None:
+            out, extra = await self.batcher.run(model, X), {}
+        elif model is not None and model.inline_ok(len(X)):
+            out, extra = model(X), {}
+        else:
+            out, extra = await run_in_threadpool(self.run, served, name, X)
+        return self._finish(served, name, X, out, extra, time.perf_counter() - t0, request_id, client, client_chose_id)
+
+    def run(self, served: Served, variant: str, X: np.ndarray) -> tuple[np.ndarray, dict]:
+        """One variant on X (B, F) -> (B, C) plus extra response fields; blocking (a worker thread)."""
+        if variant == MEMBERS:
+            if served.members is None:
+                raise UnknownNameError("members mode needs an 'ensemble' variant whose members are in the bundle")
+            return served.members(X)
+        if variant == CASCADE:
+            return self._cascade(served, X)
+        return served.loaded.model(variant)(X), {}
+
+    def _cascade(self, served: Served, X: np.ndarray) -> tuple[np.ndarray, dict]:
+        c = self.router.policy.cascade
+        if c is None:
+            raise UnknownNameError("no cascade is configured (FUSION_CASCADE or POST /admin/routing)")
+        out = served.loaded.model(c.cheap)(X)
+        escalate = out.max(-1) < c.threshold  # (B,) rows the cheap model is unsure of
+        if escalate.any():
+            out = out.copy()
+            out[escalate] = self.run(served, c.fallback, np.ascontiguousarray(X[escalate]))[0]
+        n_esc = int(escalate.sum())
+        self.stats.observe_cascade(len(X) - n_esc, n_esc)
+        return out, {"escalated": escalate.tolist(), "cascade": c.to_dict()}
+
+    def _finish(self, served: Served, name: str, X: np.ndarray, out: np.ndarray, extra: dict, elapsed: float,
+                request_id: str, client: str, client_chose_id: bool) -> Result:
+        """Check the answer, record it and start the shadow runs; returns what the client gets."""
+        finite = np.isfinite(out).all(axis=tuple(range(1, out.ndim)))  # (B,): never answer 200 with NaN/Inf
+        if not finite.all():
+            raise InputError(f"rows {np.flatnonzero(~finite)[:5].tolist()}: '{name}' gave non-finite outputs; "
+                             "expected inputs within the range the model handles (finite inputs can still overflow it)")
+        manifest = served.loaded.manifest
+        result = Result(name, out, served.version, manifest.classes, manifest.task, extra)
+        labels = result.labels()
+        fid = self.stats.observe(name, len(X), elapsed, None if client_chose_id else request_id, labels, client=client,
+                                 alias=request_id if client_chose_id else None, version=served.version)
+        extra["feedback_id"] = fid
+        for shadow in self.router.policy.shadow:
+            if shadow != name:
+                self.shadows.submit(shadow, name, labels, fid, self._shadow_job(served, shadow, X))
+        return result
+
+    def _shadow_job(self, served: Served, shadow: str, X: np.ndarray) -> Callable[[], list]:
+        def run() -> list:
+            out, _ = self.run(served, shadow, X)
+            manifest = served.loaded.manifest
+            return Result(shadow, out, served.version, manifest.classes, manifest.task).labels()
+
+        return run
