@@ -41,7 +41,10 @@ class RuntimeConfig:
 
 def providers_for(cfg: RuntimeConfig, device_id: int | None) -> list:
     if device_id is not None and cfg.use_cuda():
-        return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+        # use_tf32=0: onnxruntime's CUDA provider multiplies in TF32 by default on Ampere and later,
+        # which moved probabilities by 2e-3 from the CPU's on an H200 (bench/gpu_check.py); the
+        # bundle's parity gate was passed in float32, so the service serves float32.
+        return [("CUDAExecutionProvider", {"device_id": device_id, "use_tf32": "0"}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
