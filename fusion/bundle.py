@@ -54,6 +54,35 @@ class InputSpec:
         return int(self.shape[1])
 
 
+INPUT_KINDS = ("tensor", "image", "text")
+INPUT_DTYPES = ("float32", "float16", "int64", "int32", "uint8", "bool")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named, client-facing input of a bring-your-own-models bundle (issue 15; the recipe's `[[inputs]]`).
+
+    A bundle whose `Manifest.inputs` is empty has the single flat feature input `Manifest.input`
+    (the digits default); with `inputs`, the service parses each request into these named tensors.
+    - kind "tensor": the client sends the tensor (nested lists, or OIP data) of `dtype` and `shape`;
+    - kind "image": shape ("batch", C, H, W), dtype float32; clients send encoded PNG/JPEG (base64 in
+      JSON, BYTES in OIP) or uint8 pixels; the service decodes to uint8 and resizes to (H, W); the graph
+      itself normalises, `(x * scale - mean) / std` per channel, so `image` = {"mode": "RGB",
+      "scale": ..., "mean": [...], "std": [...]} is a description, not work for the service;
+    - kind "text": clients send strings; the service tokenizes with the bundle's `text["tokenizer"]`
+      (a file named in `Manifest.files`) into `text["graph_inputs"]` (int64 ("batch", "sequence")
+      tensors, e.g. input_ids, attention_mask[, token_type_ids]), padded per request batch and
+      truncated at `text["max_length"]`.
+    """
+
+    name: str
+    dtype: str  # one of INPUT_DTYPES
+    shape: tuple  # ints, and strings naming dynamic dimensions; shape[0] == "batch"
+    kind: str = "tensor"  # one of INPUT_KINDS
+    image: dict | None = None
+    text: dict | None = None
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     """One servable ONNX file: a variant (`ensemble`, `merged`, ...) or a member."""
@@ -87,6 +116,10 @@ class Manifest:
     # how the ensemble's weights were chosen (every candidate's out-of-fold validation and test figures) and
     # the gate against its best member (`gate.warning`); absent from older manifests (None)
     ensemble_selection: dict | None = None
+    # bring-your-own-models bundles (issue 15): named inputs (empty: the single flat `input` above) and
+    # the other files the service reads (a tokenizer.json...), name -> sha256, verified before parsing
+    inputs: tuple[TensorSpec, ...] = ()
+    files: dict = field(default_factory=dict)
 
     def entry(self, name: str) -> ModelEntry:
         """A variant or a member by name."""
@@ -127,6 +160,8 @@ class Manifest:
             return cls(**{
                 **data,
                 "input": InputSpec(**inp),
+                "inputs": tuple(TensorSpec(**{**t, "shape": tuple(t["shape"])}) for t in data.get("inputs", ())),
+                "files": dict(data.get("files", {})),
                 "classes": tuple(data["classes"]),
                 "variants": entries(data["variants"]),
                 "members": entries(data["members"]),
@@ -152,6 +187,8 @@ def manifest_version(data: dict) -> str:
     written. The service recomputes it on load and refuses a manifest whose recorded version differs."""
     # `comparison` holds latencies measured at build time: a report about the bundle, not part of it
     data = {k: v for k, v in data.items() if k not in ("created", "bundle_version", "comparison")}
+    # fields added after a bundle format was in use count only when set, so older bundles keep their version
+    data = {k: v for k, v in data.items() if not (k in ("inputs", "files") and not v)}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
