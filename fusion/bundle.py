@@ -97,6 +97,13 @@ class ModelEntry:
     n_parameters: int = 0
     parity: dict | None = None  # the export gate's report
     arch: dict | None = None  # members: {"arch": ..., "args": ...}
+    # bring-your-own members (issue 15), all empty for the digits zoo's members: which bundle input feeds
+    # each of the file's own inputs ({member input: bundle input}; empty: by position), what its output is
+    # ("logits" | "probabilities"; empty: probabilities, as every exported member and variant), and which
+    # output to read when the file has several (empty: the first)
+    input_map: dict = field(default_factory=dict)
+    output: str = ""
+    output_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -179,6 +186,10 @@ def bundle_version(manifest: "Manifest") -> str:
     return manifest_version(manifest.to_dict())
 
 
+NEW_MANIFEST_FIELDS = ("inputs", "files")  # added with issue 15; count in the version only when set
+NEW_ENTRY_FIELDS = ("input_map", "output", "output_name")
+
+
 def manifest_version(data: dict) -> str:
     """`bundle_version` of a manifest given as its JSON object (what `manifest.json` holds).
 
@@ -188,7 +199,11 @@ def manifest_version(data: dict) -> str:
     # `comparison` holds latencies measured at build time: a report about the bundle, not part of it
     data = {k: v for k, v in data.items() if k not in ("created", "bundle_version", "comparison")}
     # fields added after a bundle format was in use count only when set, so older bundles keep their version
-    data = {k: v for k, v in data.items() if not (k in ("inputs", "files") and not v)}
+    data = {k: v for k, v in data.items() if not (k in NEW_MANIFEST_FIELDS and not v)}
+    for group in ("variants", "members"):
+        if isinstance(data.get(group), dict):
+            data[group] = {name: {k: v for k, v in e.items() if not (k in NEW_ENTRY_FIELDS and not v)}
+                           if isinstance(e, dict) else e for name, e in data[group].items()}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -392,3 +392,24 @@ def test_missing_recipe_file_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match="no such file"):
         load_recipe(tmp_path / "nope.toml")
+
+
+def test_fields_added_for_byo_bundles_leave_older_bundle_versions_unchanged(tiny_bundle):
+    """A manifest written before `inputs`/`files`/`input_map`/`output`/`output_name` existed hashes to the
+    same bundle_version as the same manifest with those fields empty; set, they change it."""
+    from fusion.bundle import TensorSpec, manifest_version
+
+    manifest = read_bundle(tiny_bundle).manifest
+    data = manifest.to_dict()
+    assert data["inputs"] == [] and data["files"] == {}
+    old = {k: v for k, v in data.items() if k not in ("inputs", "files")}
+    old["members"] = {n: {k: v for k, v in e.items() if k not in ("input_map", "output", "output_name")}
+                      for n, e in data["members"].items()}
+    assert manifest_version(old) == manifest_version(data) == manifest.bundle_version
+    with_inputs = replace(manifest, inputs=(TensorSpec("x", "float32", ("batch", 64)),))
+    assert manifest_version(with_inputs.to_dict()) != manifest.bundle_version
+    member = next(iter(manifest.members))
+    relabelled = replace(manifest, members={**manifest.members,
+                                            member: replace(manifest.members[member], output="logits")})
+    assert manifest_version(relabelled.to_dict()) != manifest.bundle_version
+    assert Manifest.from_dict(json.loads(with_inputs.to_json())).inputs == with_inputs.inputs
