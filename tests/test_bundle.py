@@ -401,7 +401,7 @@ def test_fields_added_for_byo_bundles_leave_older_bundle_versions_unchanged(tiny
 
     manifest = read_bundle(tiny_bundle).manifest
     data = manifest.to_dict()
-    assert data["inputs"] == [] and data["files"] == {}
+    assert not data["inputs"] and data["files"] == {}
     old = {k: v for k, v in data.items() if k not in ("inputs", "files")}
     old["members"] = {n: {k: v for k, v in e.items() if k not in ("input_map", "output", "output_name")}
                       for n, e in data["members"].items()}
