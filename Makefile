@@ -9,7 +9,7 @@ BUNDLE ?= $(or $(FUSION_BUNDLE),artifacts/bundle)
 export BENTOML_DO_NOT_TRACK := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install install-build install-dev zoo bundle serve test test-fast bench clean chromium wrk
+.PHONY: install install-build install-dev zoo bundle serve test test-fast bench clean chromium wrk postgresql
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,9 @@ $(BIN)/python:
 
 # Three dependency sets (pyproject.toml), one stamp each, so a target installs only what it needs and a
 # second run installs nothing: the base set serves a bundle (bentoml, onnxruntime, numpy; no torch),
-# [build] adds torch and the offline stack (`fusion zoo/build/...`), [dev] the test tools.
+# [build] adds torch and the offline stack (`fusion zoo/build/...`), [dev] the test tools (with [vision]: timm and
+# torchvision for the timm:/torchvision: member sources, and [text]: the hf: source's transformers and tokenizers,
+# which tests/test_sources.py and tests/test_byo_image.py use).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
@@ -27,7 +29,7 @@ $(VENV)/.installed-build: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.installed
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[build,dev]"
+	$(BIN)/pip install -q -e ".[build,vision,text,dev]"
 	touch $@ $(VENV)/.installed-build $(VENV)/.installed
 
 install: $(VENV)/.installed  ## the service alone (serve a bundle)
@@ -69,7 +71,17 @@ wrk:
 	    || echo "warning: could not install wrk; the served benchmarks use the Python client"; \
 	else echo "note: no wrk (apt-get install -y wrk as root); the served benchmarks use the Python client"; fi
 
-test: install-dev chromium wrk
+# PostgreSQL for the shared A/B store's tests (tests/pg.py runs initdb + pg_ctl in a temporary directory;
+# tests/test_abstore*.py skip, saying why, without it): Debian's package, installed like chromium.
+postgresql:
+	@if command -v pg_ctl >/dev/null 2>&1 && command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing postgresql (apt-get) for tests/test_abstore*.py"; \
+	  (apt-get install -y -qq postgresql || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql)) >/dev/null 2>&1 \
+	    || echo "warning: could not install postgresql; the PostgreSQL store tests will skip"; \
+	else echo "note: no PostgreSQL binaries (apt-get install -y postgresql as root); the PostgreSQL store tests will skip"; fi
+
+test: install-dev chromium wrk postgresql
 	$(BIN)/python -m pytest -q
 
 test-fast: install-dev

@@ -30,6 +30,7 @@ BENCHES = {
     "http": ("bench.bench_http", [], "python -m bench.bench_http --bundle artifacts/bundle"),
     "batching": ("bench.bench_batching", [], "python -m bench.bench_batching --bundle artifacts/bundle --clients 32 --wide 1024,2048,4096"),
     "merge": ("bench.bench_merge", [], "python -m bench.bench_merge --params 100000000 --models 5"),
+    "byo_image": ("bench.bench_byo_image", [], "python -m bench.bench_byo_image"),  # needs the [vision] extra
 }
 NEEDS_BUNDLE = {"fused", "payload", "http", "batching"}
 
@@ -293,6 +294,22 @@ def render(r: dict, images: list[str], smoke: bool) -> str:
         lines += ["", "Off: cheap calls on the event loop, expensive ones in worker threads (both cores). On: "
                   "`FUSION_BATCH_MAX_ROWS=256`, `FUSION_BATCH_INSTANCES=2`. Rows per call from the server's "
                   "`fusion_batch_rows` histogram."]
+    bi = r.get("byo_image", {})
+    if bi.get("rows"):
+        members = ", ".join(f"{s} ({bi['parameters'][n] / 1e6:.1f} M parameters)" for n, s in bi["members"].items())
+        lines += ["", "## Bring-your-own image ensemble: fused ÷ members loop", "",
+                  f"Soft vote over {members}, random weights, {'x'.join(map(str, bi['image']))} raw pixels normalised "
+                  f"inside the graphs; built like a recipe's `[[members]]` (each exported alone, composed into one "
+                  f"graph). Fused: the one `ensemble.onnx` session; loop: the three member sessions one after another, "
+                  f"softmaxed and soft-voted in numpy (members mode). {bi['threads']} intra-op thread(s), "
+                  + (f"measured {bi['date']} on {bi['machine']} (1-minute load average {bi['load_average']:.1f} at the "
+                     f"end: the machine was shared), " if bi.get("date") and bi.get("load_average") is not None else "") +
+                  f"
+                  f"torch {bi.get('torch', '?')}, onnxruntime {bi.get('onnxruntime', '?')}; fused vs loop max |Δprob| "
+                  f"{bi['max_abs_diff_fused_vs_loop']:.1g}.", "",
+                  "| batch | fused ms | loop ms | fused ÷ loop |", "|---|---|---|---|"]
+        for x in bi["rows"]:
+            lines.append(f"| {x['batch']} | {x['fused_ms']:.2f} | {x['loop_ms']:.2f} | {x['fused_over_loop']:.3f} |")
     lines += ["", "## How to reproduce each figure", ""]
     for name, (_, _, cmd) in BENCHES.items():
         secs = r.get(name, {}).get("seconds")

@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENTOFILES = {"cpu": "bentofile.yaml", "gpu": "deploy/bentofile.gpu.yaml"}
 # staged besides the bentofile and the bundle; the bentofiles' `include:` lists select from these
 SOURCES = ("service", "fusion/__init__.py", "fusion/errors.py", "fusion/bundle.py", "fusion/stats.py",
+           "fusion/sequential.py", "fusion/combine.py",
            "deploy/healthcheck.py", "deploy/Dockerfile.template",
            "deploy/requirements.lock.txt", "deploy/requirements.gpu.lock.txt")  # the bentofiles' requirements_txt
 BUNDLE_DEST = "artifacts/bundle"  # where the bentofiles expect the bundle, relative to the context
@@ -83,7 +84,7 @@ def bundle_files(bundle: Path) -> tuple[str, list[str]]:
     from fusion.bundle import MANIFEST, read_bundle  # torch-free
 
     checked = read_bundle(bundle)
-    files = [MANIFEST, *sorted({e.file for e in checked.manifest.entries().values()})]
+    files = [MANIFEST, *sorted({e.file for e in checked.manifest.entries().values()} | set(checked.manifest.files))]
     return checked.manifest.bundle_version, files
 
 

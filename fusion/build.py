@@ -37,13 +37,60 @@ class Member:
 
 def load_data(recipe: Recipe) -> Dataset:
     d = recipe.data
-    if d.source == "digits":
-        return load("digits")
-    return load(d.source, label_column=d.label_column, task=d.task)
+    data = load("digits") if d.source == "digits" else load(d.source, label_column=d.label_column, task=d.task)
+    if d.classes:  # names for the class indices, in label order
+        if len(d.classes) != data.n_classes:
+            raise ConfigError(f"[data].classes expected {data.n_classes} names, one per class in label order "
+                              f"({list(data.classes)}); got {len(d.classes)}")
+        data = replace(data, classes=tuple(d.classes))
+    return data
+
+
+class LogitsOfProbabilities(nn.Module):
+    """A member declared `output = "probabilities"` as logits, log p (softmax(log p) = p), so every combiner,
+    calibration and the Probabilities export wrapper take it like the others. (B, C) -> (B, C)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(self.model(x).clamp_min(1e-30))
+
+
+def source_members(recipe: Recipe) -> list[Member]:
+    """The recipe's [[members]], resolved by fusion/sources.py (instead of the [zoo] directory)."""
+    from fusion.sources import load_member, source_kind
+
+    foreign = [m.name for m in recipe.members if source_kind(m.source) == "onnx"]
+    if foreign:  # `fusion build` composes them (build_composed); steps that need torch modules cannot take them
+        raise ConfigError(f"members {foreign}: onnx: members are composed by fusion/compose.py and have no torch "
+                          f"module; expected torch sources here (zoo:, timm:, torchvision:, hf:, python:)")
+    members = []
+    for section in recipe.members:
+        loaded = load_member(section)
+        model = loaded.module if section.output == "logits" else LogitsOfProbabilities(loaded.module).eval()
+        members.append(Member(section.name, model, MemberSpec(
+            name=section.name, arch=section.source, args=dict(section.args), seed=0, scenario="byo")))
+    return members
+
+
+def _refuse_reserved_names(names: list[str]) -> None:
+    clash = [n for n in names if n in RESERVED_NAMES or n.endswith("_int8")]
+    if clash:  # a member named like a variant or a serving mode would shadow it in the service
+        raise ConfigError(f"member names {clash} are reserved ({sorted(RESERVED_NAMES)}, *_int8); rename the checkpoints")
+
+
+def _refuse_reserved(members: list[Member]) -> list[Member]:
+    _refuse_reserved_names([m.name for m in members])
+    return members
 
 
 def ensure_zoo(recipe: Recipe, data: Dataset) -> list[Member]:
-    """Load the zoo's members, training the default zoo first when the directory has none."""
+    """Load the zoo's members, training the default zoo first when the directory has none; with
+    [[members]] in the recipe, those instead (fusion/sources.py)."""
+    if recipe.members:
+        return _refuse_reserved(source_members(recipe))
     zoo_dir = Path(recipe.zoo.dir)
     if not any(zoo_dir.glob("*.safetensors")):
         log.info("no members in %s: training the default zoo", zoo_dir)
@@ -57,10 +104,7 @@ def ensure_zoo(recipe: Recipe, data: Dataset) -> list[Member]:
         members = [by_name[n] for n in recipe.zoo.members]
     if not members:
         raise ConfigError(f"no members in {zoo_dir}")
-    clash = [m.name for m in members if m.name in RESERVED_NAMES or m.name.endswith("_int8")]
-    if clash:  # a member named like a variant or a serving mode would shadow it in the service
-        raise ConfigError(f"member names {clash} are reserved ({sorted(RESERVED_NAMES)}, *_int8); rename the checkpoints")
-    return members
+    return _refuse_reserved(members)
 
 
 @torch.no_grad()
@@ -187,9 +231,23 @@ def choose_ensemble(recipe: Recipe, members: list[Member], data: Dataset) -> tup
         if combiner.learned:
             combiner.fit(member_logits(members, data.X_val), data.y_val)
         return FusedEnsemble(models, combiner).eval(), None
+    raw_val = _module_logits([m.model for m in members], data.X_val)  # each member as it is served alone
+    combiner, record = select_combiner(recipe, candidates, names, weights, _module_logits(models, data.X_val),
+                                       _module_logits(models, data.X_test), raw_val, data)
+    return FusedEnsemble(models, combiner).eval(), record
+
+
+def select_combiner(recipe: Recipe, candidates, names: Sequence[str], weights: list[float] | None,
+                    val: np.ndarray, test: np.ndarray, raw_val: np.ndarray, data: Dataset):
+    """Choose among `candidates` on member logits (M, N, C) in numpy (val: as the combiner sees them, after
+    any member calibration; raw_val: each member as served alone, for the gate) and return the combiner
+    and the record. Shared by the torch path and the composed ONNX path (fusion/byo_pipeline.py), whose
+    member logits come from onnxruntime."""
+    from fusion.ensemble import selection as sel
+
+    e = recipe.ensemble
     # every candidate is fitted on the validation split, which no member trained on
-    choice = sel.choose(candidates, _module_logits(models, data.X_val), data.y_val,
-                        _module_logits(models, data.X_test), data.y_test)
+    choice = sel.choose(candidates, val, data.y_val, test, data.y_test)
     if choice.combiner == "stacking":
         combiner = choice.params
     else:
@@ -197,9 +255,8 @@ def choose_ensemble(recipe: Recipe, members: list[Member], data: Dataset) -> tup
         params = choice.params.weights if tempered else choice.params
         w = None if params is None else [float(v) for v in params]
         extra = {"temperature": choice.params.temperature} if tempered else {}
-        combiner = make_combiner(choice.combiner, len(members), w,
+        combiner = make_combiner(choice.combiner, len(names), w,
                                  **(e.params if choice.combiner == e.combiner else {}), **extra)
-    raw_val = _module_logits([m.model for m in members], data.X_val)  # each member as it is served alone
     record = {
         "weights": e.weights if isinstance(e.weights, str) else "given" if weights is not None else "equal",
         **choice.record,
@@ -207,7 +264,7 @@ def choose_ensemble(recipe: Recipe, members: list[Member], data: Dataset) -> tup
     }
     if "select" in record["candidates"]:
         record["selection"] = sel.SelectionConfig().to_dict()
-    return FusedEnsemble(models, combiner).eval(), record
+    return combiner, record
 
 
 def calibration_record(fused: FusedEnsemble, members: list[Member], data: Dataset) -> dict | None:
@@ -279,6 +336,10 @@ def export_merged(recipe: Recipe, stage: Path, data: Dataset) -> dict[str, Model
 
     cfg = recipe.merge
     if not cfg.method:
+        return {}
+    if recipe.members and not cfg.zoo:  # [merge] reads checkpoints from a zoo directory
+        log.warning("merged variant skipped: the recipe's [[members]] are not merged (set [merge] zoo to a zoo "
+                    "directory to merge its checkpoints, or method = \"\" to silence this)")
         return {}
     with timed(f"build: merged variant ({cfg.method}) exported"):
         model, record = merged_model(cfg, recipe.zoo.dir, data)
@@ -356,11 +417,90 @@ def add_comparison(recipe: Recipe, stage: Path, manifest: Manifest, data: Datase
     return replace(manifest, comparison={**report, "artifacts": {p.name: sha256_file(p) for p in paths.values()}})
 
 
+def build_composed(recipe: Recipe) -> Manifest:
+    """[[members]] with onnx: files (or with [[inputs]] and no [data]): one ensemble graph composed with
+    onnx.compose (fusion/compose.py) from the files as they are and the torch members exported alone
+    (dynamo, every named dimension dynamic), over the recipe's [[inputs]].
+
+    No data set is used: the gate runs the composed graph against the members run separately on random
+    inputs drawn from the spec, so weights are equal or given, and there is no merged, distilled or
+    calibrated variant and no comparison (each skipped with a logged note)."""
+    from fusion.compose import OnnxMember, torch_member, write_onnx_bundle
+    from fusion.sources import load_member, source_kind, split_source
+    from fusion.text import check_member, check_text_parity, files_of, graph_specs, member_inputs, tokenizer_file
+
+    if not recipe.inputs:
+        raise ConfigError("[[members]] with onnx: sources expected [[inputs]] naming the bundle's inputs (the ONNX "
+                          "files' inputs are matched against them); got none")
+    e, names = recipe.ensemble, [m.name for m in recipe.members]
+    if e.weights in ("select", "fit") or e.combiner == "stacking" or e.calibration != "none":
+        raise ConfigError(f"a bundle with onnx: members (or no data set) is built without data; expected weights 'equal', a list or a "
+                          f"table, an averaging or voting combiner and calibration 'none'; got weights {e.weights!r}, "
+                          f"combiner {e.combiner!r}, calibration {e.calibration!r}")
+    if e.weights == "auto":
+        log.warning("weights 'auto' are chosen from data; a bundle with onnx: members has none: equal weights")
+    skipped = [s for s, on in (("merged", bool(recipe.merge.method)), ("distilled", recipe.distill.enabled),
+                               ("comparison", recipe.build.compare), ("int8", recipe.build.quantize)) if on]
+    if skipped:
+        log.warning("a bundle with onnx: members has the ensemble and its members only; skipped: %s", ", ".join(skipped))
+    weights = None if isinstance(e.weights, str) else member_weights(e.weights, names)
+    combiner = make_combiner(e.combiner, len(names), weights, **e.params)
+    inputs = [i.to_tensor_spec() for i in recipe.inputs]
+    text = tokenizer_file(recipe.inputs)  # a text input: its graph feeds are input_ids, attention_mask[, token_type_ids]
+    loaded = {s.name: load_member(s).module for s in recipe.members if source_kind(s.source) != "onnx"}
+    bundle_inputs, graph = graph_specs(inputs, list(loaded.values()) if text else [])
+    members, torch_members = [], []
+    for section in recipe.members:
+        kw = {"input_map": dict(section.input_map), "output": section.output, "output_name": section.output_name}
+        if source_kind(section.source) == "onnx":
+            members.append(OnnxMember.load(section.name, split_source(section.source)[1], **kw))
+            continue
+        module = loaded[section.name]
+        if text:  # the member takes the text feeds its forward accepts, by name (hf: without token_type_ids too)
+            check_member(section.name, module, text[1], text[2])
+            own = member_inputs(module)
+            specs = [next(g for g in graph if g.name == n) for n in own]
+            om = torch_member(section.name, module, specs, output=section.output)
+            om = replace(om, input_map=dict(section.input_map) or {n: n for n in own})
+            torch_members.append((section.name, module, om))
+        else:
+            om = torch_member(section.name, module, inputs, output=section.output)
+        members.append(om)
+    if any(s.kind == "image" for s in graph):  # (x * scale - mean) / std in front of every member an image feeds
+        from fusion.imagenorm import normalize_member
+
+        members = [normalize_member(m, graph) for m in members]
+    gate = None
+    if text and len(torch_members) == len(members):  # every member in torch: the gate over every dynamic dimension
+        def gate(data: bytes) -> dict:
+            return check_text_parity(data, torch_members, combiner, graph, vocab=text[1], max_length=text[2],
+                                     kinds=[m.output for m in recipe.members])
+    with timed(f"build: {len(members)} members composed into one ONNX graph (onnx.compose, parity-checked)"):
+        return write_onnx_bundle(recipe.build.out, members, combiner, graph, classes=recipe.data.classes or None,
+                                 task=recipe.data.task, bundle_inputs=bundle_inputs if text else None,
+                                 files=files_of(text), gate=gate)
+
+
 def build_bundle(recipe: Recipe) -> Manifest:
     """Run the whole offline pipeline and write the bundle atomically to `recipe.build.out`.
 
     ensemble + members -> [merged] -> distilled -> int8 variants -> comparison report -> commit.
+    With onnx: members, `build_composed` instead.
     """
+    from fusion.sources import source_kind
+
+    no_data = bool(recipe.inputs) and not recipe.data.source  # [[inputs]] and no [data]: nothing to fit or score on
+    named_data = bool(recipe.inputs) and bool(recipe.data.source)  # [[inputs]] read from the [data] file: below
+    if recipe.members and not named_data and (no_data or any(source_kind(m.source) == "onnx" for m in recipe.members)):
+        return _refuse_reserved_names([m.name for m in recipe.members]) or build_composed(recipe)
+    if recipe.inputs:  # named inputs read from the [data] file: the composed path with data (fusion/byo_pipeline.py)
+        if not recipe.members:
+            raise ConfigError("[[inputs]] expected [[members]] that take them; got no [[members]] (the [zoo] "
+                              "directory's checkpoints take the data set's flat feature input)")
+        from fusion.byo_pipeline import build_composed_with_data
+
+        _refuse_reserved_names([m.name for m in recipe.members])
+        return build_composed_with_data(recipe)
     data = load_data(recipe)
     members = ensure_zoo(recipe, data)
     with timed(f"build: ensemble of {len(members)} members ({recipe.ensemble.combiner}) combined"):

@@ -213,7 +213,8 @@ def finalize_manifest(stage: Path, manifest: Manifest) -> Manifest:
     def digest(entries: dict[str, ModelEntry]) -> dict[str, ModelEntry]:
         return {k: replace(e, sha256=sha256_file(stage / e.file)) for k, e in entries.items()}
 
-    manifest = replace(manifest, variants=digest(manifest.variants), members=digest(manifest.members))
+    manifest = replace(manifest, variants=digest(manifest.variants), members=digest(manifest.members),
+                       files={rel: sha256_file(stage / rel) for rel in manifest.files})  # extra files (a tokenizer.json)
     return replace(manifest, bundle_version=bundle_version(manifest),
                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
@@ -270,6 +271,23 @@ class Bundle:
     manifest: Manifest
     manifest_sha256: str = ""  # of the manifest.json bytes that were parsed
     sizes: dict[str, int] = field(default_factory=dict)  # entry name -> size of the file that was verified
+    file_sizes: dict[str, int] = field(default_factory=dict)  # Manifest.files path -> size verified
+
+    def read_file(self, rel: str) -> bytes:
+        """The bytes of one of `Manifest.files` (a tokenizer.json...), checked against its sha256 as
+        `read_verified` checks a model's: the bytes returned are the bytes that were hashed."""
+        digest = self.manifest.files.get(rel)
+        if digest is None:
+            raise ManifestError(f"{rel}: expected a file listed in the manifest's 'files'; it lists {sorted(self.manifest.files)}")
+        size = self.file_sizes.get(rel)
+        with _open_regular(_safe_path(self.path, rel), rel) as fh:
+            data = fh.read() if size is None else fh.read(size + 1)
+        if size is not None and len(data) != size:
+            raise IntegrityError(f"{rel}: changed since it was verified ({size} bytes then, {len(data)}+ now)")
+        got = sha256_bytes(data)
+        if got != digest:
+            raise IntegrityError(f"{rel}: sha256 mismatch: manifest says {digest}, file has {got}")
+        return data
 
     def file(self, name: str) -> Path:
         return self.path / self.manifest.entry(name).file
@@ -393,6 +411,11 @@ def read_bundle(path: str | Path, *, max_manifest_bytes: int = MAX_MANIFEST_BYTE
             raise IntegrityError(
                 f"{entry.file}: sha256 mismatch: manifest says {entry.sha256}, file has {got}"
             )
+    file_sizes = {}
+    for rel, want in manifest.files.items():  # extra files the service reads (a tokenizer.json), checked alike
+        got, file_sizes[rel] = _sha256_regular(_safe_path(path, rel), rel)
+        if got != want:
+            raise IntegrityError(f"{rel}: sha256 mismatch: manifest says {want}, file has {got}")
     if check_version:
         verify_version(data)
-    return Bundle(path, manifest, digest, sizes)
+    return Bundle(path, manifest, digest, sizes, file_sizes)

@@ -198,10 +198,15 @@ def cmd_compare(args) -> int:
     from fusion.errors import ConfigError
 
     bundle = read_bundle(args.bundle)
-    source = args.data or bundle.manifest.dataset.get("name", "digits")
+    source = args.data or bundle.manifest.dataset.get("source") or bundle.manifest.dataset.get("name", "digits")
     if source != "digits" and not Path(source).is_file():
         raise ConfigError(f"the bundle was built on '{source}'; pass its file with --data")
-    data = load(source) if source == "digits" else load(source, label_column=args.label_column)
+    if bundle.manifest.inputs:  # named inputs (issue 15): one array per input in the .npz, plus y
+        from fusion.data import load_named
+
+        data = load_named(source, bundle.manifest.inputs, task=bundle.manifest.task)
+    else:
+        data = load(source) if source == "digits" else load(source, label_column=args.label_column)
     report = compare_models(bundle.path, bundle.manifest, data, CompareConfig(split=args.split, rounds=args.rounds))
     print(to_markdown(report), end="")
     if args.out_dir:
@@ -266,6 +271,21 @@ def cmd_barrier(args) -> int:
     for out in (args.json, args.plot):
         if out:
             print(f"wrote {out}")
+    return 0
+
+
+def cmd_recipe_schema(args) -> int:
+    from fusion.recipe import recipe_schema
+
+    print(json.dumps(recipe_schema(), indent=2))
+    return 0
+
+
+def cmd_convert_weights(args) -> int:
+    from fusion.sources import convert_weights
+
+    done = convert_weights(args.src, args.dst)
+    print(f"wrote {args.dst}: {done['tensors']} tensors, {done['bytes']} bytes (read with torch.load(weights_only=True))")
     return 0
 
 
@@ -358,6 +378,15 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--json", help="write the paths and barriers as JSON here")
     r.add_argument("--plot", help="write a PNG of loss and accuracy along the paths here")
     r.set_defaults(func=cmd_barrier)
+
+    rs = sub.add_parser("recipe-schema", help="print the JSON Schema of a build recipe (for editors: TOML as JSON)")
+    rs.set_defaults(func=cmd_recipe_schema)
+
+    cw = sub.add_parser("convert-weights", help="a torch checkpoint (.pt/.bin) as safetensors, read with "
+                                                "torch.load(weights_only=True): no arbitrary unpickling")
+    cw.add_argument("src", metavar="IN.pt", help="a state dict, or a dict holding one under 'state_dict' or 'model'")
+    cw.add_argument("dst", metavar="OUT.safetensors")
+    cw.set_defaults(func=cmd_convert_weights)
 
     v = sub.add_parser("verify", help="verify a bundle's digests")
     v.add_argument("bundle")

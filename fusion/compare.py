@@ -164,37 +164,67 @@ def _session(onnx_bytes: bytes):
     return ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
 
 
-def _run(sess, X: np.ndarray, batch: int = 512) -> np.ndarray:
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: X[i : i + batch]})[0] for i in range(0, len(X), batch)])
+def _run(sess, X, batch: int = 512, *, index: int = 0) -> np.ndarray:
+    """Output `index` of `sess` over X (N, F) (its first input), or feeds {its input: (N, ...)} (`_bind`)."""
+    feeds = X if isinstance(X, dict) else {sess.get_inputs()[0].name: X}
+    n = len(next(iter(feeds.values())))
+    return np.concatenate([sess.run(None, {k: v[i : i + batch] for k, v in feeds.items()})[index]
+                           for i in range(0, n, batch)])
+
+
+def _bind(sess, entry: ModelEntry, X: dict) -> dict:
+    """A named-input bundle's rows {bundle input: (N, ...)} as `sess`'s feeds: `entry.input_map`, else the
+    input of the same name, else the one at the same position (as service/runtime.bind_inputs)."""
+    names, out = list(X), {}
+    for i, inp in enumerate(sess.get_inputs()):
+        feed = entry.input_map.get(inp.name) or (inp.name if inp.name in X else names[i] if i < len(names) else None)
+        if feed not in X:
+            raise ConfigError(f"'{entry.file}': its input '{inp.name}' maps to {feed!r}; expected one of the data's "
+                              f"inputs {names}")
+        out[inp.name] = X[feed]
+    return out
+
+
+def _as_probabilities(out: np.ndarray, entry: ModelEntry) -> np.ndarray:
+    """A file's answer as (N, C) probabilities: flattened, softmaxed for a member declared `output = "logits"`."""
+    out = np.asarray(out).reshape(len(out), -1)
+    if entry.kind != "member" or entry.output != "logits":
+        return out
+    z = out.astype(np.float64)
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return (e / e.sum(-1, keepdims=True)).astype(np.float32)
 
 
 def measure_latency(
     sessions: dict[str, object], X: np.ndarray, *, batch_sizes: Sequence[int] = (1, 64),
-    rounds: int = 300, warmup: int = 10, seed: int = 0,
+    rounds: int = 300, warmup: int = 10, seed: int = 0, bound: dict[str, dict] | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Median and p99 wall time (ms) of `session.run` per model and batch size, measured side by side.
 
     Each round runs every (model, batch size) pair once in a fresh seeded random order, so drifts of
     a shared machine hit every model alike. Batch-1 calls cycle through the rows of X (N, F); batch-b
     calls use b consecutive rows. Returns {name: {str(b): {"median_ms", "p99_ms"}}}.
+    bound: {name: {its input: (N, ...)}} for named-input bundles (`_bind`), instead of X for every model.
     """
     if rounds < 1:
         raise ConfigError(f"expected at least 1 latency round; got {rounds}")
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    feeds = {
-        b: [np.ascontiguousarray(X[(i * b) % len(X) :][:b]) for i in range(max(1, len(X) // b))]
-        for b in batch_sizes
-    }
-    for b in batch_sizes:
-        if any(len(f) != b for f in feeds[b]):
-            feeds[b] = [np.ascontiguousarray(np.resize(X, (b, X.shape[1])))]  # fewer rows than b: repeat rows
-    names = {n: s.get_inputs()[0].name for n, s in sessions.items()}
+    if bound is None:
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        bound = {n: {s.get_inputs()[0].name: X} for n, s in sessions.items()}
+
+    def rows(arrays: dict, b: int) -> list[dict]:
+        n = len(next(iter(arrays.values())))
+        out = [{k: np.ascontiguousarray(v[(i * b) % n :][:b]) for k, v in arrays.items()} for i in range(max(1, n // b))]
+        if any(len(next(iter(f.values()))) != b for f in out):  # fewer rows than b: repeat rows
+            out = [{k: np.ascontiguousarray(np.resize(v, (b, *v.shape[1:]))) for k, v in arrays.items()}]
+        return out
+
+    feeds = {(n, b): rows(bound[n], b) for n in sessions for b in batch_sizes}
     pairs = [(n, b) for n in sessions for b in batch_sizes]
     times = {p: np.empty(rounds) for p in pairs}
     for n, b in pairs:
         for i in range(warmup):
-            sessions[n].run(None, {names[n]: feeds[b][i % len(feeds[b])]})
+            sessions[n].run(None, feeds[(n, b)][i % len(feeds[(n, b)])])
     rng = np.random.default_rng(seed)
     gc_was_enabled = gc.isenabled()
     gc.disable()
@@ -202,7 +232,7 @@ def measure_latency(
         for r in range(rounds):
             for k in rng.permutation(len(pairs)):
                 n, b = pairs[k]
-                feed = {names[n]: feeds[b][r % len(feeds[b])]}
+                feed = feeds[(n, b)][r % len(feeds[(n, b)])]
                 t0 = time.perf_counter_ns()
                 sessions[n].run(None, feed)
                 times[(n, b)][r] = (time.perf_counter_ns() - t0) / 1e6
@@ -226,7 +256,13 @@ def _split(data: Dataset, split: str) -> tuple[np.ndarray, np.ndarray]:
 def _check_data(manifest: Manifest, data: Dataset, cfg: CompareConfig) -> None:
     if manifest.task != "classification":
         raise ConfigError(f"the comparison report is for classification bundles; this bundle is {manifest.task}")
-    if data.n_features != manifest.input.n_features or len(data.classes) != len(manifest.classes):
+    if manifest.inputs:  # named inputs (issue 15): the data's arrays by input name
+        want = [s.name for s in manifest.inputs]
+        if not data.named or sorted(data.X_test) != sorted(want) or len(data.classes) != len(manifest.classes):
+            got = sorted(data.X_test) if data.named else f"flat rows of {data.n_features} features"
+            raise ConfigError(f"the data set does not fit the bundle: expected inputs {want} and {len(manifest.classes)} "
+                              f"classes; got {got} and {len(data.classes)}")
+    elif data.n_features != manifest.input.n_features or len(data.classes) != len(manifest.classes):
         raise ConfigError(
             f"the data set does not fit the bundle: expected {manifest.input.n_features} features and "
             f"{len(manifest.classes)} classes; got {data.n_features} and {len(data.classes)}"
@@ -321,17 +357,21 @@ def compare_models(root: str | Path, manifest: Manifest, data: Dataset, cfg: Com
     root = Path(root)
     _check_data(manifest, data, cfg)
     X, y = _split(data, cfg.split)
-    X = np.ascontiguousarray(X, dtype=np.float32)
+    X = X if isinstance(X, dict) else np.ascontiguousarray(X, dtype=np.float32)
     entries: dict[str, ModelEntry] = manifest.entries()
-    sessions, probs, flops, sizes = {}, {}, {}, {}
+    sessions, probs, flops, sizes, bound = {}, {}, {}, {}, {}
     for name, e in entries.items():
         blob = (root / e.file).read_bytes()
         sessions[name] = _session(blob)
-        probs[name] = _run(sessions[name], X)
+        bound[name] = _bind(sessions[name], e, X) if isinstance(X, dict) else X
+        outs = [o.name for o in sessions[name].get_outputs()]
+        index = outs.index(e.output_name) if e.output_name in outs else 0
+        probs[name] = _as_probabilities(_run(sessions[name], bound[name], index=index), e)
         flops[name] = count_flops(onnx.load_from_string(blob))
         sizes[name] = len(blob)
     latency = measure_latency(
         sessions, X, batch_sizes=cfg.batch_sizes, rounds=cfg.rounds, warmup=cfg.warmup, seed=cfg.seed,
+        bound=bound if isinstance(X, dict) else None,
     )
     ref_pred = probs[cfg.reference].argmax(-1)
     ref_correct = ref_pred == y

@@ -62,6 +62,11 @@ class Dataset:
         return int(self.X_train.shape[1])
 
     @property
+    def named(self) -> bool:
+        """Whether rows are named inputs ({input name: (n, ...) array}, `split_named`) rather than (n, F)."""
+        return isinstance(self.X_train, dict)
+
+    @property
     def n_classes(self) -> int:
         return len(self.classes)
 
@@ -109,6 +114,87 @@ def split(
         classes=tuple(c.item() for c in classes), image_shape=image_shape,
         scaling=Scaling.fit(X_train),
     )
+
+
+def split_named(
+    arrays: dict[str, np.ndarray], y: np.ndarray, *, name: str, task: str = "classification",
+    seed: int = DEFAULT_SEED,
+) -> Dataset:
+    """`split` for named inputs (a bring-your-own bundle's `[[inputs]]`): the same seeded, stratified
+    train/val/test split, applied row-wise to every array; X_* are {input name: (n_split, ...) array}.
+
+    The split is drawn on row indices, so a single input gives the rows `split` gives for that array
+    (train_test_split shuffles indices the same way whatever the rows hold). No scaling is fitted:
+    normalisation of named inputs lives in the members' own graphs."""
+    y = np.asarray(y)
+    if task == "classification":
+        classes, y = np.unique(y, return_inverse=True)
+        y = y.astype(np.int64)
+        stratify = y
+    else:
+        classes, y, stratify = (), y.astype(np.float32), None
+    idx = np.arange(len(y))
+    rest, test, y_rest, y_test = train_test_split(idx, y, test_size=TEST_FRACTION, random_state=seed, stratify=stratify)
+    train, val, y_train, y_val = train_test_split(
+        rest, y_rest, test_size=VAL_FRACTION, random_state=seed, stratify=y_rest if stratify is not None else None,
+    )
+
+    def part(rows: np.ndarray) -> dict[str, np.ndarray]:
+        return {k: np.ascontiguousarray(v[rows]) for k, v in arrays.items()}
+
+    return Dataset(
+        name=name, task=task, X_train=part(train), y_train=y_train, X_val=part(val), y_val=y_val,
+        X_test=part(test), y_test=y_test, classes=tuple(c.item() for c in classes),
+    )
+
+
+NPZ_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
+              "uint8": np.uint8, "bool": np.bool_}
+
+
+def load_named(path: str | Path, specs, *, task: str = "classification", seed: int = DEFAULT_SEED) -> Dataset:
+    """A `.npz` with one array per input (`specs`: the recipe's `[[inputs]]` / TensorSpecs, each with
+    `name`, `dtype`, `shape`) plus `y`, split by `split_named`. Every array is checked against its spec:
+    present, rows equal to y's, fixed dimensions equal, values castable to the dtype without loss."""
+    path = Path(path)
+    if not path.is_file() or path.suffix.lower() != ".npz":
+        raise DataFormatError(f"{path}: expected an existing .npz file (one array per input name, plus 'y')")
+    names = [s.name for s in specs]
+    try:
+        with np.load(path, allow_pickle=False) as npz:  # never unpickle user data
+            missing = sorted((set(names) | {"y"}) - set(npz.files))
+            if missing:
+                raise DataFormatError(f"{path}: expected arrays {names + ['y']} (one per input, plus 'y'); "
+                                      f"missing {missing}; got {sorted(npz.files)}")
+            raw = {n: npz[n] for n in names}
+            y = npz["y"]
+    except DataFormatError:
+        raise
+    except Exception as exc:  # zipfile/ValueError from a malformed archive or an object array
+        raise DataFormatError(f"{path}: not a readable .npz archive of numeric arrays ({exc})") from None
+    y = y.reshape(-1) if y.ndim > 1 and y.shape[1] == 1 else y
+    if y.ndim != 1 or len(y) < 10:
+        raise DataFormatError(f"{path}: expected y of shape (n_samples >= 10,); got {y.shape}")
+    arrays = {}
+    for s in specs:
+        a, want = raw[s.name], list(s.shape)
+        if a.ndim != len(want) or a.shape[0] != len(y) or any(
+                isinstance(d, int) and d != g for d, g in zip(want[1:], a.shape[1:])):
+            raise DataFormatError(f"{path}: input '{s.name}' expected shape {[len(y)] + want[1:]} (rows as y's; "
+                                  f"named dimensions free); got {list(a.shape)}")
+        if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+            raise DataFormatError(f"{path}: input '{s.name}' expected numbers; got dtype {a.dtype}")
+        cast = a.astype(NPZ_DTYPES[s.dtype])
+        if np.issubdtype(cast.dtype, np.floating) and not np.isfinite(cast).all():
+            raise DataFormatError(f"{path}: input '{s.name}' holds NaN or infinite values")
+        if not np.issubdtype(cast.dtype, np.floating) and not np.array_equal(cast, a):
+            raise DataFormatError(f"{path}: input '{s.name}' expected {s.dtype} values; got {a.dtype} values "
+                                  f"that change when cast")
+        arrays[s.name] = cast
+    try:
+        return split_named(arrays, y, name=path.stem, task=task, seed=seed)
+    except ValueError as exc:  # e.g. a class with one row cannot be split with stratification
+        raise DataFormatError(f"{path}: cannot make a stratified train/val/test split: {exc}") from None
 
 
 def load_digits(seed: int = DEFAULT_SEED) -> Dataset:

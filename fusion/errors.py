@@ -4,6 +4,7 @@
     ├── InputError (ValueError)                        bad user input: shapes, dtypes, values         -> 400
     │   ├── DataFormatError                            a malformed data file (names the file)         -> 400
     │   ├── ConfigError                                a bad recipe, weight vector or option          -> 400
+    │   │   └── MemberError                            a member file that cannot be composed (names it) -> 400
     │   ├── UnknownNameError (KeyError)                an unknown registry name (lists valid ones)    -> 404
     │   ├── PayloadTooLargeError                       a request body or batch over the limit         -> 413
     │   ├── UnsupportedMediaError [service.errors]     a body of a content type not accepted          -> 415
@@ -41,6 +42,12 @@ class DataFormatError(InputError):
 
 class ConfigError(InputError):
     """A recipe, a weight vector or an option that is invalid."""
+
+
+class MemberError(ConfigError):
+    """A member (an ONNX file from another exporter) that cannot join the ensemble: a fixed batch
+    dimension, a ZipMap (map) output, an input or output name that does not exist, an operator domain
+    that cannot be converted. The message names the member, what was expected and what was got."""
 
 
 class UnknownNameError(InputError, KeyError):

@@ -17,10 +17,31 @@ from fusion.data import Dataset
 from fusion.errors import ConfigError
 from fusion.zoo import MemberSpec, build_model, evaluate, save_member
 
+def refuse_onnx_members(members: Sequence, what: str) -> None:
+    """Raise ConfigError when any member is ONNX-only: merging and alignment need its weights as
+    tensors of a known architecture, and a composed ONNX file (fusion/compose.py) has neither.
+
+    members: names with sources (`("name", "onnx:PATH")` pairs, objects with `.name`/`.source`), or
+    checkpoint paths (a `.onnx` path is ONNX). The recipe's [merge] and align steps call this first."""
+    found = []
+    for m in members:
+        name, source = (m if isinstance(m, (tuple, list)) else
+                        (getattr(m, "name", m), getattr(m, "source", m)))
+        if (str(source).startswith("onnx:") or str(source).lower().endswith(".onnx")) and str(name) not in found:
+            found.append(str(name))
+    if found:
+        raise ConfigError(
+            f"{what}: expected members with weights (safetensors of a torch architecture); got ONNX-only member(s) "
+            f"{found}: an ONNX file has no weights to merge or align (it is composed into the ensemble graph "
+            "instead); leave it out of this step, or use the distilled variant to get one model"
+        )
+
+
 def read_state(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     path = Path(path)
+    refuse_onnx_members([(path.name, path)], "merge/align")
     if not path.is_file():
         raise ConfigError(f"{path}: no such checkpoint")
     try:
@@ -102,6 +123,7 @@ def merge_checkpoints(
     from fusion.merge import get_merge, merge, merge_files, streamable_methods
 
     params = dict(params or {})
+    refuse_onnx_members([(Path(p).name, p) for p in [*paths, *([base] if base else [])]], "merge")
     needs_data = get_merge(method).needs_data  # an unknown name: UnknownNameError listing the registry's names
     if len(paths) < 1:
         raise ConfigError("expected at least one --models checkpoint; got none")
@@ -147,6 +169,7 @@ def align_checkpoints(
     kind = {"weight_matching": "weight", "activation_matching": "activation"}.get(method)
     if kind is None:
         raise ConfigError(f"expected --method weight_matching or activation_matching; got '{method}'")
+    refuse_onnx_members([(Path(p).name, p) for p in [reference, *paths]], "align")
     ref_spec = read_spec(reference, arch)
     ref = read_state(reference)
     others = [read_state(p) for p in paths]

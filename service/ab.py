@@ -2,7 +2,10 @@
 feedback, and significance tests; mirrored as the Prometheus metrics of service/metrics.py, labelled by
 variant. The records awaiting labels are service/feedback.py's store; the tests are fusion/stats.py's.
 
-In-process figures (`/ab/report`) cover the worker that computes them, since it started, over every
+With a shared store (service/abstore.py, issue 20: FUSION_AB_STORE, SQLite by default in the server),
+observations and labels go to it and `/ab/report` is computed from it: the same figures whichever worker
+or replica answers, across restarts and hot swaps. Without one (`Stats()`, in-process tests,
+FUSION_AB_STORE=memory) the figures cover the worker that computes them, since it started, over every
 bundle version it served (the report's `covers` says which); the Prometheus counters are aggregated
 across workers and replicas by the scraper (see deploy/README.md for the queries).
 """
@@ -23,19 +26,29 @@ import numpy as np
 # wilson_interval, mcnemar_exact and two_proportion_test live in fusion/stats.py, shared with the offline
 # comparison report (issue 14): imported, not re-implemented, so the two halves cannot drift.
 from fusion.stats import mcnemar_exact, two_proportion_test, wilson_interval
+# the verdict: anytime-valid non-inferiority (issue 20), valid however often the report is read
+from fusion.sequential import Decision, NonInferiority, decide
+from service.abstore import ABStore
 from service.feedback import FeedbackStore, Record
 from service.metrics import AGREEMENT, CASCADE_ROWS, FEEDBACK, LATENCY, REQUESTS, ROWS, SHADOW_FAILURES, SHADOW_LATENCY
 
 ENSEMBLE = "ensemble"
-MIN_LABELS = 30  # below this, no verdict
 
 
-def verdict(acc_v: float, acc_e: float, p: float | None, n: int, alpha: float = 0.05) -> str:
-    if p is None or n < MIN_LABELS:
-        return f"collecting: {n} labelled rows (a verdict needs {MIN_LABELS})"
-    if p >= alpha:
-        return f"no significant difference from the ensemble (p = {p:.3g})"
-    return f"{'better' if acc_v > acc_e else 'worse'} than the ensemble (p = {p:.3g})"
+def verdict(d: Decision) -> str:
+    """The verdict's text: the decision word first (`collecting`, `non-inferior (can replace)`, `inferior (keep
+    the ensemble)`, `superior`: the dashboard and service/rollout.py read it), then what it rests on: the
+    estimate and the confidence sequence's bounds (fusion/sequential.py; they hold at every look at once)."""
+    level = f"{1 - d.alpha:.0%}"
+    if d.analysis is None:
+        return f"{d.decision}: no labelled rows and no rows compared with the ensemble yet"
+    if d.analysis == "agreement":
+        est = "—" if d.estimate is None else f"{d.estimate:.2%}"
+        return (f"{d.decision}: agreement with the ensemble {est}, {level} confidence sequence "
+                f"[{d.ci_low:.2%}, {d.ci_high:.2%}], needs > {d.threshold:.2%} ({d.n:,} rows, no labels)")
+    est = "—" if d.estimate is None else f"{d.estimate * 100:+.2f} pp"
+    return (f"{d.decision}: accuracy vs the ensemble {est}, {level} confidence sequence "
+            f"[{d.ci_low * 100:+.2f}, {d.ci_high * 100:+.2f}] pp, margin {d.margin_pp:g} pp ({d.analysis}, {d.n:,} rows)")
 
 
 # ---- the live figures -----------------------------------------------------------------------------------
@@ -93,7 +106,15 @@ class Stats:
     the store can be replaced by a shared one (issue 20) without touching the statistics.
     """
 
-    def __init__(self, max_records: int = 100_000, max_rows: int = 200_000):
+    # the verdict's rule (margin, agreement margin, alpha): FUSION_AB_* via config.load() -> EngineConfig.ab_test,
+    # set on the instance by the Engine; a class default so that every Stats() has one
+    rule: NonInferiority = NonInferiority()
+
+    def __init__(self, max_records: int = 100_000, max_rows: int = 200_000, store: ABStore | None = None):
+        """store: the shared, durable A/B store (service/abstore.py); None keeps everything in this process.
+        With one, the records awaiting labels and every figure of the report live in it (the bounded,
+        fair in-memory FeedbackStore is then unused: the store is bounded by its retention instead)."""
+        self.shared = store
         self._lock = threading.Lock()
         self._children: dict[str, tuple] = {}  # variant -> (requests, rows, latency) Prometheus children
         self.variants: dict[str, VariantStats] = defaultdict(VariantStats)
@@ -134,6 +155,11 @@ class Stats:
         requests.inc()
         rows_counter.inc(rows)
         latency.observe(seconds)
+        if self.shared is not None:  # queued: written by the store's thread, off the request path
+            key = key or self.new_key()
+            self.shared.observe(key, variant=variant, version=version, client=client, alias=alias, latency=seconds,
+                                predictions=predictions)
+            return key
         with self._lock:
             s = self.variants[variant]
             s.requests += 1
@@ -159,11 +185,20 @@ class Stats:
         if requests:
             v["last_request"] = now
 
-    def observe_shadow(self, request_id: str, primary: str, shadow: str, primary_pred: list, shadow_pred: list, seconds: float) -> None:
+    def observe_shadow(self, request_id: str, primary: str, shadow: str, primary_pred: list, shadow_pred: list, seconds: float,
+                       version: str | None = None) -> None:
         """A shadow run finished: record its latency and, against the ensemble, the agreement.
-        `request_id`: the record's key (the feedback id)."""
+        `request_id`: the record's key (the feedback id); `version`: the bundle version it ran on."""
         SHADOW_LATENCY.labels(shadow).observe(seconds)
         pair = (shadow, primary_pred, shadow_pred) if primary == ENSEMBLE else (primary, shadow_pred, primary_pred) if shadow == ENSEMBLE else None
+        if self.shared is not None:
+            agree = sum(int(a == b) for a, b in zip(pair[1], pair[2])) if pair else 0
+            self.shared.observe_shadow(request_id, variant=shadow, version=version, latency=seconds, predictions=shadow_pred,
+                                       pair_variant=pair[0] if pair else None, agree=agree, compared=len(pair[1]) if pair else 0)
+            if pair is not None:
+                AGREEMENT.labels(pair[0], "true").inc(agree)
+                AGREEMENT.labels(pair[0], "false").inc(len(pair[1]) - agree)
+            return
         self.store.attach(request_id, shadow, shadow_pred)
         with self._lock:
             self.variants[shadow].shadow_latencies.append(seconds)
@@ -179,12 +214,19 @@ class Stats:
 
     def shadow_failed(self, variant: str, reason: str) -> None:
         SHADOW_FAILURES.labels(variant, reason).inc()
+        if self.shared is not None:
+            self.shared.event("shadow_failure", f"{variant}:{reason}", 1)
+            return
         with self._lock:
             self.shadow_failures[f"{variant}:{reason}"] += 1
 
     def observe_cascade(self, answered: int, escalated: int) -> None:
         CASCADE_ROWS.labels("answered").inc(answered)
         CASCADE_ROWS.labels("escalated").inc(escalated)
+        if self.shared is not None:
+            self.shared.event("cascade", "answered", answered)
+            self.shared.event("cascade", "escalated", escalated)
+            return
         with self._lock:
             self.cascade["answered"] += answered
             self.cascade["escalated"] += escalated
@@ -194,8 +236,14 @@ class Stats:
 
         request_id: the record's feedback id or, with `alias`, the X-Request-ID that `client` sent with it.
         Raises KeyError if unknown (or already labelled, or evicted), ValueError if ambiguous or of the wrong
-        length (the record stays).
+        length (the record stays); with a shared store, UnavailableError when it cannot be reached.
         """
+        if self.shared is not None:  # found, checked, labelled and scored in one transaction of the store
+            done = self.shared.label(request_id, labels, client=client, alias=alias)
+            for variant, correct in done["correct"].items():
+                FEEDBACK.labels(variant, "true").inc(correct)
+                FEEDBACK.labels(variant, "false").inc(len(labels) - correct)
+            return {"variants": done["variants"], "rows": done["rows"]}
         rec = self.store.pop(request_id, client=client, alias=alias, rows=len(labels))
         with self._lock:
             if rec.version is not None:
@@ -220,15 +268,19 @@ class Stats:
 
     def report(self) -> dict:
         """The figures of `/ab/report`. The lock is held only to copy counters and the latency windows
-        (microseconds); percentiles and tests run outside it, so no /predict or /feedback waits on them."""
-        with self._lock:
-            variants = {name: (copy.copy(s), s.latencies.values(), s.shadow_latencies.values())
-                        for name, s in sorted(self.variants.items())}
-            paired = {name: list(t) for name, t in self.paired.items()}
-            cascade, shadow_failures = dict(self.cascade), dict(self.shadow_failures)
-            versions = {v: dict(d) for v, d in self.versions.items()}
-            dropped = self.versions_dropped
-        pending = self.store.summary()
+        (microseconds); percentiles and tests run outside it, so no /predict or /feedback waits on them.
+        With a shared store, the same figures summed over the store (`_shared_figures`)."""
+        if self.shared is not None:
+            variants, paired, cascade, shadow_failures, versions, dropped, pending, since = self._shared_figures()
+        else:
+            with self._lock:
+                variants = {name: (copy.copy(s), s.latencies.values(), s.shadow_latencies.values())
+                            for name, s in sorted(self.variants.items())}
+                paired = {name: list(t) for name, t in self.paired.items()}
+                cascade, shadow_failures = dict(self.cascade), dict(self.shadow_failures)
+                versions = {v: dict(d) for v, d in self.versions.items()}
+                dropped = self.versions_dropped
+            pending, since = self.store.summary(), self.started
         out: dict = {}
         ens = variants.get(ENSEMBLE, (None,))[0]
         for name, (s, lat, sh) in variants.items():
@@ -245,43 +297,78 @@ class Stats:
                 "labelled_rows": s.labelled,
             }
             if name != ENSEMBLE and ens is not None:
-                entry["vs_ensemble"] = _test(paired.get(name, [0, 0, 0, 0]), s, ens)
+                entry["vs_ensemble"] = _test(paired.get(name, [0, 0, 0, 0]), s, ens, self.rule)
             out[name] = entry
         total = cascade["answered"] + cascade["escalated"]
         for d in versions.values():
             d["first_request"], d["last_request"] = _iso(d["first_request"]), _iso(d["last_request"])
+        scope = ("this worker process only (worker_pid), since it started (since): every figure above "
+                 "counts the requests and labels of every bundle version listed in bundle_versions, "
+                 "hot swaps included; across workers and replicas, use the Prometheus counters")
+        if self.shared is not None:
+            scope = ("every worker and replica writing to the shared A/B store (store), since the store was created "
+                     "(since) and within its retention: every figure above counts the requests and labels of every "
+                     "bundle version listed in bundle_versions, across restarts and hot swaps; worker_pid is the "
+                     "worker that answered")
         return {
             "variants": out,
             "cascade": {**cascade, "escalation_rate": cascade["escalated"] / total if total else None},
             "shadow_failures": shadow_failures,
             "uptime_s": time.time() - self.started,
             "covers": {
-                "scope": ("this worker process only (worker_pid), since it started (since): every figure above "
-                          "counts the requests and labels of every bundle version listed in bundle_versions, "
-                          "hot swaps included; across workers and replicas, use the Prometheus counters"),
+                "scope": scope,
                 "worker_pid": os.getpid(),
-                "since": _iso(self.started),
+                "since": _iso(since),
                 "bundle_versions": versions,
                 **({"earlier_versions_not_listed": dropped} if dropped else {}),
                 "pending_feedback": pending,
+                **({"store": self.shared.describe()} if self.shared is not None else {}),
             },
         }
 
+    def _shared_figures(self) -> tuple:
+        """The report's inputs from the shared store, in the in-memory shapes (VariantStats per variant,
+        the paired tables), so the formatting and the tests (`_test`, `verdict`) are the same code. This
+        worker's queued observations are written first: a report read right after a request counts it."""
+        self.shared.flush(timeout=2.0)
+        f = self.shared.figures()
+        variants = {}
+        for name, d in f["variants"].items():
+            s = VariantStats(requests=d["requests"], rows=d["rows"], agree=d["agree"], compared=d["compared"],
+                             correct=d["correct"], labelled=d["labelled"])
+            variants[name] = (s, array("d", d["latencies"]), array("d", d["shadow_latencies"]))
+        return (variants, f["paired"], f["cascade"], f["shadow_failures"], f["versions"], f["versions_dropped"],
+                f["pending"], f["since"])
 
-def _test(paired: list[int], s: VariantStats, ens: VariantStats) -> dict:
-    """The variant against the ensemble: McNemar on paired labelled rows, else a two-proportion z-test."""
-    both, only_v, only_e, neither = paired
+    def close(self) -> None:
+        """Write what the shared store still has queued and stop its writer (service shutdown, tests)."""
+        if self.shared is not None:
+            self.shared.close()
+
+
+def _test(paired: list[int], s: VariantStats, ens: VariantStats, rule: NonInferiority = NonInferiority()) -> dict:
+    """The variant against the ensemble, from counts only (so a shared store can supply them).
+
+    The verdict (`decision`, `verdict`) is anytime-valid non-inferiority (fusion/sequential.py `decide`): on
+    paired labelled rows (both answered: a shadow) if any, else on each side's labelled rows (a traffic
+    split), else, without labels, on the agreement with the ensemble; `ci_low`/`ci_high` are the confidence
+    sequence's current bounds (the accuracy difference, or the agreement rate), `margin_pp` and `alpha` the
+    rule. The fixed-sample test of the same rows (`test`, `p_value`: exact McNemar or a two-proportion
+    z-test) is kept for reference only: it is valid for one look at a sample size fixed in advance, and the
+    report is read continuously (docs/AB.md).
+    """
+    both, only_v, only_e, neither = (int(v) for v in paired)  # a database's SUM may come back as Decimal
     n_paired = both + only_v + only_e + neither
-    if n_paired:
-        p = mcnemar_exact(only_v, only_e)
+    d = decide(rule, paired=(n_paired, only_v, only_e),
+               unpaired=(int(s.correct), int(s.labelled), int(ens.correct), int(ens.labelled)),
+               agreement=(int(s.agree), int(s.compared)))
+    anytime = {**d.as_dict(), "verdict": verdict(d)}
+    if d.analysis == "paired":
         acc_v, acc_e = (both + only_v) / n_paired, (both + only_e) / n_paired
         return {"test": "mcnemar_exact", "paired_rows": n_paired, "discordant": [only_v, only_e],
-                "accuracy": acc_v, "ensemble_accuracy": acc_e, "p_value": p,
-                "verdict": verdict(acc_v, acc_e, p, n_paired)}
-    if s.labelled and ens.labelled:
-        p = two_proportion_test(s.correct, s.labelled, ens.correct, ens.labelled)
-        acc_v, acc_e = s.correct / s.labelled, ens.correct / ens.labelled
-        n = min(s.labelled, ens.labelled)
-        return {"test": "two_proportion_z", "rows": [s.labelled, ens.labelled], "accuracy": acc_v,
-                "ensemble_accuracy": acc_e, "p_value": p, "verdict": verdict(acc_v, acc_e, p, n)}
-    return {"test": None, "verdict": verdict(0, 0, None, 0)}
+                "accuracy": acc_v, "ensemble_accuracy": acc_e, "p_value": mcnemar_exact(only_v, only_e), **anytime}
+    if d.analysis == "unpaired":
+        return {"test": "two_proportion_z", "rows": [s.labelled, ens.labelled], "accuracy": s.correct / s.labelled,
+                "ensemble_accuracy": ens.correct / ens.labelled,
+                "p_value": two_proportion_test(s.correct, s.labelled, ens.correct, ens.labelled), **anytime}
+    return {"test": None, **({"compared_rows": s.compared} if d.analysis == "agreement" else {}), **anytime}

@@ -32,7 +32,7 @@ from starlette.responses import Response
 from starlette.routing import Match, Route
 
 from fusion.errors import InputError, PayloadTooLargeError, UnknownNameError
-from service import config, oip, openapi, patches, payload
+from service import config, inputs, oip, openapi, patches, payload, rollout
 from service import ui  # the A/B dashboard: GET /ui
 from service.engine import Engine
 from service.errors import UnsupportedMediaError, error_response, json_response, request_id_from
@@ -171,15 +171,35 @@ async def json_body(request: Request, svc: "FusionService", *, small: bool = Fal
 
 @endpoint("inference")
 async def predict(request: Request, svc: "FusionService", rid: str) -> Response:
-    require_json(request)
-    body = await read_body(request, svc.settings.max_body_bytes)
-    served = svc.engine.current()
-    req = await off_loop(len(body), payload.parse_predict, body, served.loaded.manifest.input.n_features, svc.settings.max_rows)
+    if content_type(request) in inputs.IMAGE_MEDIA_TYPES:  # one image row, for a bundle whose one input is an image
+        served, req = await predict_image_body(request, svc)
+    else:
+        require_json(request)
+        body = await read_body(request, svc.settings.max_body_bytes)
+        served = svc.engine.current()
+        named = served.loaded.inputs  # None: the single flat input (the digits default), parsed as always
+        if named is None:
+            req = await off_loop(len(body), payload.parse_predict, body, served.loaded.manifest.input.n_features, svc.settings.max_rows)
+        else:
+            req = await off_loop(len(body), payload.parse_predict_named, body, named, svc.settings.input_limits())
     variant = req.variant or request.headers.get("x-variant") or None
     key = req.routing_key or request.headers.get("x-routing-key") or None
     out, headers = await predict_answer(svc, served, req.X, variant, key, rid, client=client_of(request, svc),
                                         client_chose_id=rid == request.headers.get("x-request-id"))
     return json_response(out, headers=headers)
+
+
+async def predict_image_body(request: Request, svc: "FusionService") -> tuple:
+    """A raw image/png or image/jpeg /predict body: one row of a bundle whose one input is an image
+    (service/inputs.py decodes it); variant and routing key from the X-Variant / X-Routing-Key headers."""
+    body = await read_body(request, svc.settings.max_body_bytes)
+    served = svc.engine.current()
+    named = served.loaded.inputs
+    if named is None:
+        raise UnsupportedMediaError(f"expected Content-Type application/json; got {content_type(request)} (this bundle "
+                                    "takes rows of features, not images)")
+    feeds = await off_loop(len(body), named.parse_image_body, body, svc.settings.input_limits())
+    return served, payload.PredictRequest(feeds, None, None)  # the version the image was checked against, and it
 
 
 async def predict_answer(svc: "FusionService", served, X: np.ndarray, variant: str | None, key: str | None, rid: str, *,
@@ -199,7 +219,8 @@ async def predict_answer(svc: "FusionService", served, X: np.ndarray, variant: s
 @endpoint("inference")
 async def feedback(request: Request, svc: "FusionService", rid: str) -> Response:
     data = await json_body(request, svc, small=True)
-    return json_response(feedback_answer(svc, data, rid, client=client_of(request, svc)))
+    # in a thread: the shared A/B store is a database, and may wait briefly for another worker's write
+    return json_response(await run_in_threadpool(feedback_answer, svc, data, rid, client=client_of(request, svc)))
 
 
 def feedback_answer(svc: "FusionService", data: dict, rid: str, *, client: str) -> dict:
@@ -238,7 +259,11 @@ async def info(request: Request, svc: "FusionService", rid: str) -> Response:
 async def echo(request: Request, svc: "FusionService", rid: str) -> Response:
     """The framework floor for benchmarks: parse and return the JSON body, no model (as many values as /predict takes)."""
     served = svc.engine.served
-    limit = svc.settings.max_rows * served.loaded.manifest.input.n_features if served else None
+    limit = None
+    if served is not None and served.loaded.inputs is None:
+        limit = svc.settings.max_rows * served.loaded.manifest.input.n_features
+    elif served is not None and served.loaded.inputs.values_per_row() is not None:
+        limit = svc.settings.max_rows * served.loaded.inputs.values_per_row()
     return json_response(await json_body(request, svc, max_values=limit))
 
 
@@ -260,6 +285,25 @@ async def admin_routing(request: Request, svc: "FusionService", rid: str) -> Res
     if request.method == "POST":  # in a thread: it takes a lock a hot swap also takes (never on the event loop)
         await run_in_threadpool(svc.engine.set_policy, await json_body(request, svc, small=True, admin=True))
     return json_response({**svc.engine.policy.to_dict(), "request_id": rid})
+
+
+@endpoint("admin")
+async def admin_rollout(request: Request, svc: "FusionService", rid: str) -> Response:
+    """GET: the rollout's state; POST {"action": "pause"|"resume"|"abort"} (service/rollout.py)."""
+    if request.method == "POST":  # in a thread: the state store may be a database
+        data = await json_body(request, svc, small=True, admin=True)
+        unknown = sorted(set(data) - {"action"})
+        if unknown:
+            raise InputError(f"unexpected fields {unknown}; expected only 'action' (one of {list(rollout.ACTIONS)})")
+        action = data.get("action")
+        if not isinstance(action, str) or action not in rollout.ACTIONS:
+            raise InputError(f"expected 'action' to be one of {list(rollout.ACTIONS)}; got {action!r:.60}")
+        state = await run_in_threadpool(svc.engine.rollout_action, action)
+    else:
+        if svc.engine.rollout is None:
+            raise UnknownNameError("no rollout is configured; set FUSION_ROLLOUT (e.g. distilled:1,5,25,50,100)")
+        state = await run_in_threadpool(svc.engine.rollout.state)
+    return json_response({**state, "request_id": rid})
 
 
 # ---- Open Inference Protocol v2 ----------------------------------------------------------------
@@ -306,7 +350,8 @@ async def v2_model(request: Request, svc: "FusionService", rid: str) -> Response
     served, _ = _oip_model(svc, request)
     m = served.loaded.manifest
     return json_response(oip.metadata(request.path_params["name"], served.version, m.input.n_features,
-                                      m.classes if m.task == "classification" else ()))
+                                      m.classes if m.task == "classification" else (),
+                                      inputs=served.loaded.inputs.oip_metadata() if served.loaded.inputs else None))
 
 
 @endpoint("inference")
@@ -327,7 +372,10 @@ async def v2_infer(request: Request, svc: "FusionService", rid: str) -> Response
     elif ctype not in ("", "application/octet-stream", "application/json"):
         raise UnsupportedMediaError(f"expected Content-Type application/octet-stream (binary tensors) or application/json; got {ctype}")
     body = await read_body(request, svc.settings.max_body_bytes)
-    req = await off_loop(len(body), oip.parse, body, header_len, served.loaded.manifest.input.n_features, svc.settings.max_rows)
+    if served.loaded.inputs is None:
+        req = await off_loop(len(body), oip.parse, body, header_len, served.loaded.manifest.input.n_features, svc.settings.max_rows)
+    else:  # named inputs: one tensor each (BYTES for encoded images and strings)
+        req = await off_loop(len(body), oip.parse_named, body, header_len, served.loaded.inputs, svc.settings.input_limits())
     result = await svc.engine.predict(req.X, variant=variant, key=request.headers.get("x-routing-key"), request_id=rid,
                                       client=client_of(request, svc),
                                       client_chose_id=rid == request.headers.get("x-request-id"), served=served)
@@ -378,7 +426,8 @@ async def docs_json(request: Request, svc: "FusionService", rid: str) -> Respons
     Open, and so the same whatever tokens are set: it must not tell anyone which are."""
     served = svc.engine.served
     return json_response(openapi.document(
-        n_features=served.loaded.manifest.input.n_features if served else None, max_rows=svc.settings.max_rows,
+        n_features=served.loaded.manifest.input.n_features if served and not served.loaded.inputs else None,
+        inputs=served.loaded.inputs.describe() if served and served.loaded.inputs else None, max_rows=svc.settings.max_rows,
         max_body_bytes=svc.settings.max_body_bytes, version=served.version if served else None,
     ))
 
@@ -416,6 +465,7 @@ routes = Starlette(routes=[
     Route("/echo", echo, methods=["POST"]),
     Route("/admin/bundle", admin_bundle, methods=["POST"]),
     Route("/admin/routing", admin_routing, methods=["GET", "POST"]),
+    Route("/admin/rollout", admin_rollout, methods=["GET", "POST"]),
     Route("/v2", v2_server, methods=["GET"]),
     Route("/v2/health/live", v2_live, methods=["GET"]),
     Route("/v2/health/ready", v2_ready, methods=["GET"]),
@@ -461,8 +511,11 @@ class FusionService:
         self.cfg = cfg  # the whole ServiceConfig (service/config.py)
         self.settings = cfg.http
         self.tokens = cfg.tokens
-        self.engine = Engine(cfg.engine, cfg.routing, runtime=cfg.runtime, load_limits=cfg.load_limits)
+        self.engine = Engine(cfg.engine, cfg.routing, runtime=cfg.runtime, load_limits=cfg.load_limits, rollout=cfg.rollout)
         self.engine.start()  # a bundle that fails to load leaves the service up and not ready
+        # the admission middleware was built with the import-time settings; this instance's own rule
+        limits = Traffic.from_settings(cfg.http.max_concurrency, cfg.http.workers, cfg.http.body_timeout_s)
+        TRAFFIC.limit, TRAFFIC.body_timeout_s = limits.limit, limits.body_timeout_s
         # SIGTERM: readiness 503 while in-flight requests finish (service/traffic.py)
         install_drain(TRAFFIC, cfg.http.drain_s, cfg.http.drain_max_s)
         if not self.settings.tracing:
@@ -470,6 +523,17 @@ class FusionService:
 
     def __is_ready__(self) -> bool:
         return self.engine.ready and not TRAFFIC.draining
+
+    @bentoml.on_shutdown
+    def close_ab_store(self) -> None:
+        """SIGTERM: write the A/B observations still queued to the shared store (service/abstore.py)."""
+        self.engine.stats.close()
+
+    @bentoml.on_shutdown
+    def stop_rollout(self) -> None:
+        """SIGTERM: stop the rollout's evaluator (service/rollout.py); the stored stage stays for the other workers."""
+        if self.engine.rollout is not None:
+            self.engine.rollout.stop()
 
     # ---- BentoML's clients: twins of POST /predict and POST /feedback -------------------------------
     # They put the two endpoints in /schema.json, so that bentoml.SyncHTTPClient / AsyncHTTPClient,
@@ -489,8 +553,12 @@ class FusionService:
             body = orjson.dumps({"inputs": inputs, "variant": variant, "routing_key": routing_key},
                                 option=orjson.OPT_SERIALIZE_NUMPY)
             served = self.engine.current()
-            req = await off_loop(len(body), payload.parse_predict, body, served.loaded.manifest.input.n_features,
-                                 self.settings.max_rows)
+            if served.loaded.inputs is not None:  # named inputs (service/inputs.py)
+                req = await off_loop(len(body), payload.parse_predict_named, body, served.loaded.inputs,
+                                     self.settings.input_limits())
+            else:
+                req = await off_loop(len(body), payload.parse_predict, body, served.loaded.manifest.input.n_features,
+                                     self.settings.max_rows)
             out, _ = await predict_answer(self, served, req.X, req.variant, req.routing_key, rid, client=IN_PROCESS,
                                           client_chose_id=False)
             return orjson.loads(orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY))  # the values an HTTP client gets
@@ -504,8 +572,8 @@ class FusionService:
         `request_id`, and exactly one of `label` (one row) or `labels` (one per row)."""
         rid = request_id_from(None)
         try:
-            return feedback_answer(self, {"feedback_id": feedback_id, "request_id": request_id, "label": label,
-                                          "labels": labels}, rid, client=IN_PROCESS)
+            return await run_in_threadpool(feedback_answer, self, {"feedback_id": feedback_id, "request_id": request_id,
+                                                                   "label": label, "labels": labels}, rid, client=IN_PROCESS)
         except Exception as exc:  # noqa: BLE001
             raise bentoml_error(exc, rid) from None
 

@@ -1,9 +1,10 @@
 """The records awaiting feedback: what each answered request predicted, kept until its true labels
 arrive in `/feedback` (or until evicted), and the check of those labels.
 
-This module only stores and finds records; scoring them is service/ab.py's. The store's interface is
-small on purpose (`put`, `find`, `pop`, `attach`, `len`, `rows`, `evicted`, `summary`) so that a shared,
-durable store can later stand behind it (issue 20).
+This module only stores and finds records; scoring them is service/ab.py's. It is the per-process
+store (`Stats()` without a shared store: in-process use, FUSION_AB_STORE=memory); the server's default is
+the shared, durable store of service/abstore.py (issue 20), which keeps the same rules for keys, aliases,
+row counts and labelling once, and is bounded by its retention instead of by eviction.
 
 A record is keyed by a server-generated id (`feedback_id`), never by a client's string: a client's
 X-Request-ID is only an alias that the same client may use while it names one pending record, so a

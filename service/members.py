@@ -38,13 +38,49 @@ class FailurePolicy:
         return cls(int(k), deadline_ms / 1e3)
 
 
+def _chosen_output(model, output_name: str):
+    """`model` itself when it answers with `output_name` first (or none is named); otherwise a callable
+    that runs it under the same deadline and returns that output (ModelEntry.output_name)."""
+    session = getattr(model, "session", None)
+    if not output_name or session is None or hasattr(model, "output_index"):
+        return model  # a runtime.Model already answers with the manifest's output_name (runtime.output_index)
+    names = [o.name for o in session.get_outputs()]
+    if output_name not in names:
+        raise ConfigError(f"member '{model.name}': the manifest names output '{output_name}'; the file has {names}")
+    index = names.index(output_name)
+    if index == 0:
+        return model
+
+    def run(X: np.ndarray) -> np.ndarray:
+        return model.deadline.run(model.session, {model.input_name: X}, model.name)[index]
+
+    return run
+
+
+def _probabilities(out: np.ndarray, logits: bool) -> np.ndarray:
+    """A member's answer as (B, C) probabilities: (B, C, 1, 1) outputs flattened, logits softmaxed."""
+    out = np.asarray(out).reshape(len(out), -1)
+    if not logits:
+        return out
+    z = out.astype(np.float64)
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+
+
 class MembersEnsemble:
     """Run every member of the ensemble in its own session, concurrently; combine with the bundle's combiner."""
 
     def __init__(self, loaded, policy: FailurePolicy):
         entry = loaded.manifest.variants["ensemble"]
         self.names = list(entry.members)
-        self.models = [loaded.model(n) for n in self.names]
+        # bring-your-own members (issue 15): a member file may output logits, or several outputs of which
+        # the manifest names one; every member hands over (B, C) probabilities to combine()
+        records = getattr(loaded.manifest, "members", {}) or {}
+        self.models = [_chosen_output(loaded.model(n), getattr(records.get(n), "output_name", "")) for n in self.names]
+        classify = getattr(loaded.manifest, "task", "classification") == "classification"
+        # a runtime.Model of a logits member already answers probabilities (runtime.Model.softmax)
+        self.softmax = [classify and getattr(records.get(n), "output", "") == "logits"
+                        and not getattr(loaded.model(n), "softmax", False) for n in self.names]
         self.combiner = entry.combiner or {"name": "soft_vote", "weights": None}
         # temperature-calibrated ensembles divide each member's logits by T inside the fused graph;
         # on probabilities that is softmax(log p / T) (the per-row log-softmax offset cancels)
@@ -99,7 +135,7 @@ class MembersEnsemble:
             DEGRADED.labels(name).inc()
         if self.weights[idx].sum() <= 0:
             raise UnavailableError(f"the members that answered ({[self.names[i] for i in idx]}) all have weight 0")
-        probs = np.stack([outputs[i] for i in idx])  # (M', B, C)
+        probs = np.stack([_probabilities(outputs[i], self.softmax[i]) for i in idx])  # (M', B, C)
         if self.temperatures is not None:
             probs = calibrate(probs, self.temperatures[idx])
         combined = combine(self.combiner, probs, self.weights[idx])

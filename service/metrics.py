@@ -184,6 +184,16 @@ CASCADE_ROWS = Counter("fusion_cascade_rows", "Cascade rows by outcome", ["outco
 SHADOW_FAILURES = Counter("fusion_shadow_failures", "Shadow runs that failed or were dropped", ["variant", "reason"])
 DEGRADED = Counter("fusion_degraded", "Members-mode answers from a quorum (some members failed)", ["member"])
 BUNDLE = Gauge("fusion_bundle_info", "The bundle version being served (value 1)", ["version"], multiprocess_mode="liveall")
+# the candidate's share of routed traffic under FUSION_ROLLOUT (service/rollout.py); every worker sets the
+# stored stage's percent when it follows it: the most recent write is the decision (one series per variant)
+ROLLOUT_PERCENT = Gauge("fusion_rollout_percent", "Progressive rollout: the candidate's percent of routed traffic",
+                        ["variant"], multiprocess_mode="livemostrecent")
+# The shared A/B store (service/abstore.py, issue 20): what reached it late (spooled while it was
+# unreachable, replayed) and what never will (lost, by reason: queue_full, spool_full, spool_unreadable).
+AB_STORE_LOST = Counter("fusion_ab_store_lost", "A/B observations that never reached the store, by reason", ["reason"])
+AB_STORE_SPOOLED = Counter("fusion_ab_store_spooled", "A/B observations spooled to local disk while the store was unreachable")
+AB_STORE_REPLAYED = Counter("fusion_ab_store_replayed", "Spooled A/B observations written to the store once it answered")
+AB_STORE_WRITE_ERRORS = Counter("fusion_ab_store_write_errors", "Batched writes to the A/B store that failed (then spooled)")
 # Label values (issue 13, finding 2): variant and member names are the served bundle's (a request's
 # variant is checked against it before any metric is touched), status is the code we answer with,
 # reason is "queue_full" or an exception class name, the rest are literals; none is a client's string.
@@ -191,3 +201,4 @@ BUNDLE = Gauge("fusion_bundle_info", "The bundle version being served (value 1)"
 # left unbounded: one version per hot swap (admin only), and "other" would hide which one is served.
 REQUESTS, ROWS, ERRORS, LATENCY, SHADOW_LATENCY, AGREEMENT, FEEDBACK, SHADOW_FAILURES, DEGRADED = (
     Bounded(m) for m in (REQUESTS, ROWS, ERRORS, LATENCY, SHADOW_LATENCY, AGREEMENT, FEEDBACK, SHADOW_FAILURES, DEGRADED))
+AB_STORE_LOST = Bounded(AB_STORE_LOST)  # reason: three literals

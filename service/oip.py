@@ -15,6 +15,7 @@ import orjson
 
 from fusion.errors import InputError
 from service import payload
+from service.inputs import OIP_DATATYPE
 
 HEADER_LENGTH = "inference-header-content-length"
 DTYPES = {
@@ -135,6 +136,127 @@ def _tensor(t: dict, binary: memoryview, n_features: int, max_rows: int, maybe_b
     return payload.finite_float32(arr.reshape(shape), name), 0
 
 
+def parse_named(body: bytes, header_length: str | None, named, limits) -> InferRequest:
+    """An inference request for a bundle with named inputs (service/inputs.py): one tensor per input, by
+    name; encoded images and strings as BYTES (JSON: strings, images base64; binary: each element
+    4-byte little-endian length-prefixed, images raw). `X` is the graph's feeds."""
+    if header_length is not None:
+        n = payload.ascii_int(header_length, "Inference-Header-Content-Length")
+        if n > len(body):
+            raise InputError(f"expected Inference-Header-Content-Length <= body size {len(body)}; got '{header_length}'")
+        head, binary = body[:n], memoryview(body)[n:]
+    else:
+        head, binary = body, memoryview(b"")
+    per_row = named.values_per_row()
+    if per_row is not None:
+        payload.check_value_count(head, limits.max_rows * per_row, f"{limits.max_rows} rows (FUSION_MAX_ROWS) of the bundle's inputs")
+    req = payload.parse_json(head)
+    if not isinstance(req, dict):
+        raise InputError(f"expected an inference request object; got {_kind(req)}")
+    tensors = req.get("inputs")
+    expected = ", ".join(f"{t['name']} ({t['datatype']} {t['shape']})" for t in named.oip_metadata())
+    if not isinstance(tensors, list) or not tensors or not all(isinstance(t, dict) for t in tensors):
+        raise InputError(f"expected 'inputs' to be a list of tensor objects: {expected}; got {_kind(tensors)}")
+    values, offset = {}, 0
+    for k, t in enumerate(tensors):
+        name = t.get("name")
+        if not isinstance(name, str) or name not in named.specs:
+            raise InputError(f"inputs[{k}]: unknown input {name!r:.60}; expected the inputs {expected}")
+        if name in values:
+            raise InputError(f"inputs[{k}]: input '{name}' given twice; expected each of {expected} once")
+        values[name], used = _named_tensor(t, name, named.specs[name], binary[offset:], limits.max_rows)
+        offset += used
+    if offset != len(binary):
+        raise InputError(f"expected {offset} bytes of binary tensor data after the JSON header; got {len(binary)}")
+    feeds = named.convert(values, limits)
+    requested = req.get("outputs")
+    if requested is not None and not isinstance(requested, list):
+        raise InputError(f"expected 'outputs' to be a list of {{\"name\": ...}} objects; got {_kind(requested)}")
+    outputs = {}
+    for k, o in enumerate(requested or []):
+        if not isinstance(o, dict) or o.get("name") not in (OUTPUT_PROBS, OUTPUT_LABEL):
+            raise InputError(f"expected requested outputs named '{OUTPUT_PROBS}' or '{OUTPUT_LABEL}'; got {o!r:.80}")
+        outputs[o["name"]] = _flag(_parameters(o, f"outputs[{k}]"), "binary_data", f"outputs[{k}]")
+    params = _parameters(req, "the request")
+    rid = req.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise InputError(f"expected 'id' to be a string; got {_kind(rid)}")
+    return InferRequest(rid, feeds, outputs, _flag(params, "binary_data_output", "the request"), params)
+
+
+def _named_tensor(t: dict, name: str, spec, binary: memoryview, max_rows: int):
+    """One named input tensor -> (the value service/inputs.py converts: a list of str/bytes or an array,
+    bytes of binary data used)."""
+    shape, dtype = t.get("shape"), t.get("datatype")
+    if not (isinstance(shape, list) and shape and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise InputError(f"input '{name}': expected 'shape' a list of non-negative integers; got {shape!r:.60}")
+    n = int(np.prod(shape, dtype=np.int64))
+    if not 1 <= shape[0] <= max_rows:
+        raise InputError(f"input '{name}': expected between 1 and {max_rows} rows; got shape {shape}")
+    size = _parameters(t, f"input '{name}'").get("binary_data_size")
+    if spec.kind in ("image", "text") and dtype == "BYTES":
+        if len(shape) != 1 and not (len(shape) == 2 and shape[1] == 1):
+            raise InputError(f"input '{name}': expected BYTES of shape [batch] (one {spec.kind} per row); got {shape}")
+        if size is not None:
+            return _bytes_elements(binary, size, n, name), size
+        data = t.get("data")
+        if not isinstance(data, list) or len(data) != n or not all(isinstance(v, str) for v in data):
+            raise InputError(f"input '{name}': expected 'data' a list of {n} strings (BYTES {shape}); got {_kind(data)}")
+        return data, 0
+    if spec.kind == "text":
+        raise InputError(f"input '{name}': expected datatype BYTES (strings); got {dtype!r:.40}")
+    allowed = ("UINT8", "FP32") if spec.kind == "image" else (OIP_DATATYPE[spec.dtype],)
+    if dtype not in allowed:
+        want = "BYTES (encoded PNG/JPEG), UINT8 or FP32 pixels" if spec.kind == "image" else allowed[0]
+        raise InputError(f"input '{name}': expected datatype {want}; got {dtype!r:.40}")
+    np_dtype = np.dtype(np.bool_ if dtype == "BOOL" else DTYPES[dtype])
+    if size is not None:
+        nbytes = n * np_dtype.itemsize
+        if not isinstance(size, int) or isinstance(size, bool) or size != nbytes or len(binary) < nbytes:
+            raise InputError(f"input '{name}': expected {nbytes} bytes for {dtype} {shape}; got binary_data_size "
+                             f"{size!r:.40} and {len(binary)} bytes")
+        return np.frombuffer(binary[:nbytes], dtype=np_dtype.newbyteorder("<") if np_dtype.itemsize > 1 else np_dtype).reshape(shape), nbytes
+    data = t.get("data")
+    if not isinstance(data, list):
+        raise InputError(f"input '{name}': expected 'data' (a flat or nested list of {n} values) or binary data; got {_kind(data)}")
+    try:
+        arr = np.asarray(data)
+    except (ValueError, TypeError):
+        raise InputError(f"input '{name}': expected 'data' as a flat or regularly nested list of {n} values; got irregular lists") from None
+    if arr.size != n:
+        raise InputError(f"input '{name}': expected {n} values in 'data' for shape {shape}; got {arr.size}")
+    if (dtype == "BOOL") != (arr.dtype.kind == "b") or (arr.dtype.kind not in "iufb"):
+        raise InputError(f"input '{name}': expected 'data' of {dtype} values; got values of dtype {arr.dtype}")
+    if dtype.startswith(("INT", "UINT")) and arr.dtype.kind == "f":
+        raise InputError(f"input '{name}': expected integers ({dtype}); got floats")
+    if dtype != "BOOL" and payload_has_boolean(data):
+        raise InputError(f"input '{name}': expected {dtype} numbers; got a boolean among them")
+    return arr.reshape(shape), 0
+
+
+def payload_has_boolean(data: list) -> bool:
+    return any(isinstance(v, bool) or (isinstance(v, list) and payload_has_boolean(v)) for v in data)
+
+
+def _bytes_elements(binary: memoryview, size, n: int, name: str) -> list[bytes]:
+    """BYTES in the binary extension: n elements, each a 4-byte little-endian length then its bytes."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0 or size > len(binary):
+        raise InputError(f"input '{name}': expected binary_data_size within the {len(binary)} bytes after the header; got {size!r:.40}")
+    out, pos, blob = [], 0, binary[:size]
+    for i in range(n):
+        if pos + 4 > size:
+            raise InputError(f"input '{name}': expected {n} length-prefixed BYTES elements in {size} bytes; element {i} is cut short")
+        length = int.from_bytes(blob[pos:pos + 4], "little")
+        pos += 4
+        if pos + length > size:
+            raise InputError(f"input '{name}': element {i} declares {length} bytes; only {size - pos} remain")
+        out.append(bytes(blob[pos:pos + length]))
+        pos += length
+    if pos != size:
+        raise InputError(f"input '{name}': expected {n} BYTES elements filling binary_data_size {size}; {size - pos} bytes left over")
+    return out
+
+
 def _refuse_booleans(data: list, name: str, dtype: str) -> None:
     """numpy reads `true` as 1: refuse booleans among the numbers of a numeric datatype, as /predict does."""
     rows = data if data and isinstance(data[0], list) else [data]
@@ -181,15 +303,17 @@ def response(model: str, version: str, req: InferRequest, probs: np.ndarray, lab
     return head + b"".join(blobs), {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))}
 
 
-def metadata(model: str, version: str, n_features: int, classes: tuple, platform: str = "onnxruntime_onnx") -> dict:
+def metadata(model: str, version: str, n_features: int, classes: tuple, platform: str = "onnxruntime_onnx", *,
+             inputs: list[dict] | None = None) -> dict:
     """`probabilities` (FP32 [batch, classes]; regression: the predictions) and, for classification,
-    `label`: the class labels (INT64 for integer classes, BYTES otherwise), as /predict's predictions."""
+    `label`: the class labels (INT64 for integer classes, BYTES otherwise), as /predict's predictions.
+    `inputs`: a named-input bundle's tensors (service/inputs.Inputs.oip_metadata); None: the flat FP32 input."""
     outputs = [{"name": OUTPUT_PROBS, "datatype": "FP32", "shape": [-1, max(len(classes), 1)]}]
     if classes:
         ints = all(isinstance(c, int) and not isinstance(c, bool) for c in classes)
         outputs.append({"name": OUTPUT_LABEL, "datatype": "INT64" if ints else "BYTES", "shape": [-1]})
     return {
         "name": model, "versions": [version], "platform": platform,
-        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, n_features]}],
+        "inputs": inputs if inputs is not None else [{"name": "input", "datatype": "FP32", "shape": [-1, n_features]}],
         "outputs": outputs,
     }

@@ -76,12 +76,48 @@ STR = {"type": "string"}
 ANY_OBJECT = {"type": "object"}
 
 
-def document(*, n_features: int | None, max_rows: int, max_body_bytes: int, version: str | None) -> dict:
-    """The OpenAPI 3.0 document for the current limits and served bundle (never for the tokens set)."""
+def _named_inputs(inputs: list[dict], max_rows: int) -> dict:
+    """The schema of /predict's `inputs` for a bundle with named inputs (service/inputs.Inputs.describe)."""
+
+    def value(d: dict) -> dict:
+        if d["kind"] == "text":
+            strings = {"type": "array", "items": STR, "minItems": 1, "maxItems": max_rows}
+            return {"anyOf": [strings, STR], "description": f"text ({d['text'].get('max_length')} tokens at most)"}
+        scalar = {"bool": {"type": "boolean"}, "float32": NUMBER, "float16": {"type": "number"}}.get(
+            d["dtype"], {"type": "integer"} if d["kind"] == "tensor" else NUMBER)
+        for dim in reversed(d["shape"][1:]):
+            scalar = {"type": "array", "items": scalar, **({"minItems": dim, "maxItems": dim} if isinstance(dim, int) else {"minItems": 1})}
+        tensor = {"type": "array", "items": scalar, "minItems": 1, "maxItems": max_rows}
+        if d["kind"] == "image":
+            encoded = {"type": "array", "items": {"type": "string", "format": "byte"}, "minItems": 1, "maxItems": max_rows}
+            return {"anyOf": [encoded, tensor], "description": "base64 PNG/JPEG images, or uint8/float pixels (batch, C, H, W)"}
+        return {**tensor, "description": f"{d['dtype']} {d['shape']}"}
+
+    named = _object({d["name"]: value(d) for d in inputs}, required=[d["name"] for d in inputs], additional=False)
+    if len(inputs) == 1:  # a bundle with one input also takes its value as `inputs` itself
+        return {"anyOf": [named, value(inputs[0])]}
+    return named
+
+
+def _predict_body(schema: dict, inputs: list[dict] | None) -> dict:
+    """/predict's request body: JSON, and for a bundle whose one input is an image, a raw PNG or JPEG (one row)."""
+    body = _json_body(schema)
+    if inputs and len(inputs) == 1 and inputs[0]["kind"] == "image":
+        raw = {"schema": {"type": "string", "format": "binary"}, "description": "one image: a row of the one input"}
+        body["content"] |= {"image/png": raw, "image/jpeg": raw}
+    return body
+
+
+def document(*, n_features: int | None, max_rows: int, max_body_bytes: int, version: str | None,
+             inputs: list[dict] | None = None) -> dict:
+    """The OpenAPI 3.0 document for the current limits and served bundle (never for the tokens set);
+    `inputs`: a bundle's named inputs (service/inputs.Inputs.describe), None for the flat feature rows."""
     row = {"type": "array", "items": NUMBER, "description": "one row of raw features"}
     if n_features:
         row |= {"minItems": n_features, "maxItems": n_features}
     rows = {"type": "array", "items": row, "minItems": 1, "maxItems": max_rows}
+    if inputs:
+        rows = _named_inputs(inputs, max_rows)
     variant_headers = {
         "X-Variant": {"schema": STR, "description": "the variant that answered"},
         "X-Bundle-Version": {"schema": STR, "description": "the bundle version that answered"},
@@ -127,12 +163,16 @@ def document(*, n_features: int | None, max_rows: int, max_body_bytes: int, vers
         "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 2, "maxItems": 2},
         "datatype": {"type": "string", "enum": ["FP32", "FP64", "FP16", "INT8", "INT16", "INT32", "INT64",
                                                   "UINT8", "UINT16", "UINT32", "UINT64"]},
+        **({"name": {"type": "string", "enum": [d["name"] for d in inputs]},  # named inputs: one tensor each, any rank
+            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+            "datatype": {"type": "string", "enum": ["BYTES", "FP32", "FP16", "INT64", "INT32", "UINT8", "BOOL"]}}
+           if inputs else {}),
         "data": {"type": "array"},
         "parameters": ANY_OBJECT,
     }, required=["name", "shape", "datatype"])
     infer_request = _object({
         "id": STR,
-        "inputs": {"type": "array", "items": tensor, "minItems": 1, "maxItems": 1},
+        "inputs": {"type": "array", "items": tensor, "minItems": len(inputs or [1]), "maxItems": len(inputs or [1])},
         "outputs": {"type": "array", "items": _object({"name": {"type": "string", "enum": ["probabilities", "label"]},
                                                        "parameters": ANY_OBJECT}, required=["name"])},
         "parameters": ANY_OBJECT,
@@ -171,7 +211,7 @@ def document(*, n_features: int | None, max_rows: int, max_body_bytes: int, vers
             "Predict with the routed (or the named) variant",
             {"200": {**_ok(predict_response)["200"], "headers": variant_headers},
              **_errors(*body_errors, *inf_auth, 404, 503, 504)},
-            security=inference_sec, body=_json_body(predict_request),
+            security=inference_sec, body=_predict_body(predict_request, inputs),
             params=[{"name": "X-Variant", "in": "header", "schema": STR, "required": False},
                     {"name": "X-Routing-Key", "in": "header", "schema": STR, "required": False}],
         )},
@@ -200,6 +240,13 @@ def document(*, n_features: int | None, max_rows: int, max_body_bytes: int, vers
             "get": op("The routing policy", {**_ok(routing), **_errors(429, *adm_auth)}, security=admin_sec, tags=("admin",)),
             "post": op("Replace (part of) the routing policy atomically", {**_ok(routing), **_errors(*body_errors, *adm_auth, 404, 503)},
                        security=admin_sec, body=_json_body(routing), tags=("admin",)),
+        },
+        "/admin/rollout": {
+            "get": op("The progressive rollout: stage, percent, status and history", {**_ok(ANY_OBJECT), **_errors(429, *adm_auth, 404)},
+                      security=admin_sec, tags=("admin",)),
+            "post": op("Pause, resume or abort the progressive rollout", {**_ok(ANY_OBJECT), **_errors(*body_errors, *adm_auth, 404, 503)},
+                       security=admin_sec, body=_json_body(_object({"action": {"type": "string", "enum": ["pause", "resume", "abort"]}},
+                                                                   required=["action"])), tags=("admin",)),
         },
         "/v2": {"get": op("OIP server metadata", {**_ok(_object({"name": STR, "version": STR, "extensions": {"type": "array", "items": STR}},
                                                                  required=["name", "version", "extensions"])), **_errors(429)},

@@ -71,7 +71,7 @@ def ascii_int(text: str, what: str, max_digits: int = 18) -> int:
 class PredictRequest:
     """A checked /predict body: the batch and the optional routing fields (None when absent or empty)."""
 
-    X: np.ndarray  # (n, F) float32, finite
+    X: np.ndarray  # (n, F) float32, finite; a bundle with named inputs: {graph input: array} (service/inputs.py)
     variant: str | None
     routing_key: str | None
 
@@ -94,6 +94,27 @@ def parse_predict(body: bytes, n_features: int, max_rows: int) -> PredictRequest
         if data.get(name) is not None and not isinstance(data[name], str):
             raise InputError(f"expected '{name}' to be a string; got {_describe(data[name])}")
     return PredictRequest(X, data.get("variant") or None, data.get("routing_key") or None)
+
+
+def parse_predict_named(body: bytes, named, limits) -> PredictRequest:
+    """A /predict body for a bundle with named inputs (service/inputs.py): `{"inputs": {name: value, ...}}`,
+    or the one input's value itself when the bundle has one input; `X` is then the graph's feeds."""
+    per_row = named.values_per_row()
+    if per_row is not None:  # dynamic dimensions: the body limit bounds what is parsed
+        check_value_count(body, limits.max_rows * per_row, f"{limits.max_rows} rows (FUSION_MAX_ROWS) of the bundle's inputs")
+    data = parse_json(body)
+    if not isinstance(data, dict):
+        raise InputError(f"expected a JSON object like {{\"inputs\": {{name: value, ...}}}}; got {_describe(data)}")
+    unknown = sorted(set(data) - set(PREDICT_FIELDS))
+    if unknown:
+        raise InputError(f"unexpected fields {unknown}; expected 'inputs' and optionally 'variant', 'routing_key'")
+    if "inputs" not in data:
+        raise InputError("expected a field 'inputs' with the bundle's named inputs; got none")
+    for name in ("variant", "routing_key"):
+        if data.get(name) is not None and not isinstance(data[name], str):
+            raise InputError(f"expected '{name}' to be a string; got {_describe(data[name])}")
+    feeds = named.parse(data["inputs"], limits)
+    return PredictRequest(feeds, data.get("variant") or None, data.get("routing_key") or None)
 
 
 def _describe(v) -> str:

@@ -23,8 +23,9 @@ from service.ab import Stats
 from service.batching import AdaptiveBatcher
 from service.bundles import MEMBERS, Served
 from service.config import EngineConfig
+from service.inputs import n_rows, take
 from service.router import Router
-from service.routing import CASCADE
+from service.routing import CASCADE, RoutingPolicy
 from service.shadow import ShadowRunner
 
 
@@ -59,50 +60,58 @@ class Predictor:
                         if cfg.batch_max_rows > 0 else None)
 
     async def predict(self, X: np.ndarray, *, variant: str | None, key: str | None, request_id: str,
-                      client: str = "", client_chose_id: bool = False, served: Served | None = None) -> Result:
-        """Answer X (B, F) on `served` (the version X was checked against; the current one if None).
+                      client: str = "", client_chose_id: bool = False, served: Served | None = None,
+                      policy: RoutingPolicy | None = None) -> Result:
+        """Answer X (B, F), or named feeds {graph input: (B, ...)} (service/inputs.py), on `served` (the
+        version X was checked against; the current one if None).
 
         The record awaiting feedback is keyed by the server: the request id when the server made it,
         else a fresh id; a client's own X-Request-ID (`client_chose_id`) is only an alias of it, for the
         same `client` (issue 13, finding 9). The key is `result.extra["feedback_id"]`.
         """
         served = served or self.current()
-        name = self.router.resolve(served, variant, key)
+        policy = policy or self.router.policy  # read once: a policy change mid-request never mixes two policies
+        name = self.router.resolve(served, variant, key, policy)
         t0 = time.perf_counter()
         model = served.loaded.models.get(name)  # one onnxruntime session, no waiting on other threads
-        if model is not None and self.batcher is not None:
+        # named feeds (Manifest.inputs) bypass the batcher and run per request: coalescing them would need
+        # re-padding text rows of different lengths (and every feed concatenated); a flat batch is one array
+        if model is not None and self.batcher is not None and type(X) is not dict:
             out, extra = await self.batcher.run(model, X), {}
-        elif model is not None and model.inline_ok(len(X)):
+        elif model is not None and model.inline_ok(len(X) if type(X) is not dict else n_rows(X)):
             out, extra = model(X), {}
         else:
-            out, extra = await run_in_threadpool(self.run, served, name, X)
-        return self._finish(served, name, X, out, extra, time.perf_counter() - t0, request_id, client, client_chose_id)
+            out, extra = await run_in_threadpool(self.run, served, name, X, policy)
+        return self._finish(served, name, X, out, extra, time.perf_counter() - t0, request_id, client, client_chose_id,
+                            policy)
 
-    def run(self, served: Served, variant: str, X: np.ndarray) -> tuple[np.ndarray, dict]:
-        """One variant on X (B, F) -> (B, C) plus extra response fields; blocking (a worker thread)."""
+    def run(self, served: Served, variant: str, X: np.ndarray,
+            policy: RoutingPolicy | None = None) -> tuple[np.ndarray, dict]:
+        """One variant on X (B, F) -> (B, C) plus extra response fields; blocking (a worker thread).
+        `policy`: the routing policy the request read (its cascade); the live one if None."""
         if variant == MEMBERS:
             if served.members is None:
                 raise UnknownNameError("members mode needs an 'ensemble' variant whose members are in the bundle")
             return served.members(X)
         if variant == CASCADE:
-            return self._cascade(served, X)
+            return self._cascade(served, X, policy or self.router.policy)
         return served.loaded.model(variant)(X), {}
 
-    def _cascade(self, served: Served, X: np.ndarray) -> tuple[np.ndarray, dict]:
-        c = self.router.policy.cascade
+    def _cascade(self, served: Served, X: np.ndarray, policy: RoutingPolicy) -> tuple[np.ndarray, dict]:
+        c = policy.cascade
         if c is None:
             raise UnknownNameError("no cascade is configured (FUSION_CASCADE or POST /admin/routing)")
         out = served.loaded.model(c.cheap)(X)
         escalate = out.max(-1) < c.threshold  # (B,) rows the cheap model is unsure of
         if escalate.any():
             out = out.copy()
-            out[escalate] = self.run(served, c.fallback, np.ascontiguousarray(X[escalate]))[0]
+            out[escalate] = self.run(served, c.fallback, take(X, escalate))[0]  # text rows keep this request's padding
         n_esc = int(escalate.sum())
-        self.stats.observe_cascade(len(X) - n_esc, n_esc)
+        self.stats.observe_cascade(len(out) - n_esc, n_esc)
         return out, {"escalated": escalate.tolist(), "cascade": c.to_dict()}
 
     def _finish(self, served: Served, name: str, X: np.ndarray, out: np.ndarray, extra: dict, elapsed: float,
-                request_id: str, client: str, client_chose_id: bool) -> Result:
+                request_id: str, client: str, client_chose_id: bool, policy: RoutingPolicy) -> Result:
         """Check the answer, record it and start the shadow runs; returns what the client gets."""
         finite = np.isfinite(out).all(axis=tuple(range(1, out.ndim)))  # (B,): never answer 200 with NaN/Inf
         if not finite.all():
@@ -111,17 +120,17 @@ class Predictor:
         manifest = served.loaded.manifest
         result = Result(name, out, served.version, manifest.classes, manifest.task, extra)
         labels = result.labels()
-        fid = self.stats.observe(name, len(X), elapsed, None if client_chose_id else request_id, labels, client=client,
+        fid = self.stats.observe(name, len(out), elapsed, None if client_chose_id else request_id, labels, client=client,
                                  alias=request_id if client_chose_id else None, version=served.version)
         extra["feedback_id"] = fid
-        for shadow in self.router.policy.shadow:
-            if shadow != name:
-                self.shadows.submit(shadow, name, labels, fid, self._shadow_job(served, shadow, X))
+        for shadow in policy.shadow:
+            if shadow != name and shadow in served.names():  # a policy for a newer version may name more
+                self.shadows.submit(shadow, name, labels, fid, self._shadow_job(served, shadow, X), version=served.version)
         return result
 
     def _shadow_job(self, served: Served, shadow: str, X: np.ndarray) -> Callable[[], list]:
         def run() -> list:
-            out, _ = self.run(served, shadow, X)
+            out, _ = self.run(served, shadow, X)  # a shadow is a variant or members, never the cascade
             manifest = served.loaded.manifest
             return Result(shadow, out, served.version, manifest.classes, manifest.task).labels()
 

@@ -18,20 +18,28 @@ class Router:
         self.policy: RoutingPolicy = policy
         self._install_lock = install_lock  # shared with BundleHolder: held by a swap for its install step only
 
-    def choose(self, explicit: str | None, key: str | None) -> str:
-        return explicit or self.policy.choose(key)
+    def choose(self, explicit: str | None, key: str | None, policy: RoutingPolicy | None = None) -> str:
+        return explicit or (policy or self.policy).choose(key)
 
-    def resolve(self, served: Served, variant: str | None, key: str | None) -> str:
-        """The variant a request on `served` will use (fixed for the whole request). An explicit variant
-        that cannot answer is refused here, with every name that can."""
+    def resolve(self, served: Served, variant: str | None, key: str | None,
+                policy: RoutingPolicy | None = None) -> str:
+        """The variant a request on `served` will use (fixed for the whole request), under `policy` (the
+        one the request read once; the live one if None). An explicit variant that cannot answer is
+        refused here, with every name that can. A variant the policy chose that `served` lacks (a policy
+        installed for a newer version while this request holds the older one) falls back to `ensemble`."""
+        policy = policy or self.policy
         if variant:
-            self.check_variant(served, variant)
-        return self.choose(variant, key)
+            self.check_variant(served, variant, policy)
+            return variant
+        name = policy.choose(key)
+        if name not in served.names() and not (name == CASCADE and policy.cascade is not None):
+            return "ensemble"
+        return name
 
-    def check_variant(self, served: Served, name: str) -> None:
-        """Raise UnknownNameError unless `name` answers on `served` under the current policy; the error
-        lists the variants and members, `members` when members mode runs, `cascade` when configured."""
-        cascade = self.policy.cascade is not None
+    def check_variant(self, served: Served, name: str, policy: RoutingPolicy | None = None) -> None:
+        """Raise UnknownNameError unless `name` answers on `served` under `policy` (the live one if None);
+        the error lists the variants and members, `members` when members mode runs, `cascade` when configured."""
+        cascade = (policy or self.policy).cascade is not None
         valid = served.names() | ({CASCADE} if cascade else set())
         if name not in valid:
             unavailable = {} if served.members else {MEMBERS: "an 'ensemble' variant whose members are all in the bundle"}

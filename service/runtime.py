@@ -13,6 +13,7 @@ import onnxruntime as ort
 
 from fusion.bundle import MAX_MANIFEST_BYTES, Bundle, Manifest, read_bundle
 from fusion.errors import BundleError, UnavailableError
+from service.inputs import Inputs, n_rows
 from service.onnx_check import check_model
 
 log = logging.getLogger("fusion.service")
@@ -29,6 +30,7 @@ class RuntimeConfig:
     max_manifest_bytes: int = MAX_MANIFEST_BYTES  # a larger manifest.json is refused before it is parsed
     run_timeout_s: float = 30.0  # one onnxruntime run past this is stopped (RunDeadline); <= 0: never
     inline_budget_s: float = 0.5e-3  # a small call may run on the event loop if expected to take at most this (CallCost)
+    cuda_tf32: bool = False  # TF32 matmuls/convolutions on the CUDA provider: faster, not float32 (providers_for)
 
     def use_cuda(self) -> bool:
         if self.device == "cpu":
@@ -41,10 +43,12 @@ class RuntimeConfig:
 
 def providers_for(cfg: RuntimeConfig, device_id: int | None) -> list:
     if device_id is not None and cfg.use_cuda():
-        # use_tf32=0: onnxruntime's CUDA provider multiplies in TF32 by default on Ampere and later,
-        # which moved probabilities by 2e-3 from the CPU's on an H200 (bench/gpu_check.py); the
-        # bundle's parity gate was passed in float32, so the service serves float32.
-        return [("CUDAExecutionProvider", {"device_id": device_id, "use_tf32": "0"}), "CPUExecutionProvider"]
+        # onnxruntime's CUDA provider multiplies in TF32 by default on Ampere and later. On an H200 that
+        # moved a synthetic MLP ensemble's probabilities by 2e-3 from the CPU's (bench/gpu_check.py) and
+        # an image ensemble's by 2.5e-5 while halving its batch-32 time (bench/gpu_models.py). The
+        # bundle's parity gate was passed in float32, so float32 is the default; FUSION_CUDA_TF32=1 opts in.
+        return [("CUDAExecutionProvider", {"device_id": device_id, "use_tf32": "1" if cfg.cuda_tf32 else "0"}),
+                "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
@@ -153,6 +157,13 @@ def run_deadline(limit_s: float) -> RunDeadline:
     return _DEADLINES.setdefault(limit_s, RunDeadline(limit_s))
 
 
+def softmax_rows(out: np.ndarray) -> np.ndarray:
+    """(B, C) probabilities from a logits output ((B, C, 1, 1) flattened), in float64, returned as float32."""
+    z = np.asarray(out, dtype=np.float64).reshape(len(out), -1)
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+
+
 @dataclass
 class Model:
     """One servable ONNX model: a variant or a member."""
@@ -164,13 +175,23 @@ class Model:
     cost: CallCost = field(default_factory=CallCost)
     deadline: RunDeadline = field(default_factory=lambda: run_deadline(0.0))
     inline_budget_s: float = RuntimeConfig.inline_budget_s  # from the RuntimeConfig the model was loaded with
+    # named-input bundles (Manifest.inputs): [(the file's input, the bundle feed it reads)], and which output to return
+    binds: tuple[tuple[str, str], ...] | None = None
+    output_index: int = 0
+    # a member whose file answers logits (ModelEntry.output "logits", classification): answered as (B, C)
+    # probabilities, like every other variant, whether served alone (X-Variant) or in members mode
+    softmax: bool = False
 
-    def __call__(self, X: np.ndarray) -> np.ndarray:
-        # X: (B, F) float32 C-contiguous -> (B, C) float32
+    def __call__(self, X) -> np.ndarray:
+        # X: (B, F) float32 C-contiguous, or named feeds {graph input: (B, ...)} -> (B, C) float32
         t0 = time.perf_counter()
-        out = self.deadline.run(self.session, {self.input_name: X}, self.name)[0]
-        self.cost.observe(len(X), time.perf_counter() - t0)
-        return out
+        if self.binds is None:
+            out = self.deadline.run(self.session, {self.input_name: X}, self.name)[self.output_index]
+            self.cost.observe(len(X), time.perf_counter() - t0)
+            return softmax_rows(out) if self.softmax else out
+        out = self.deadline.run(self.session, {mine: X[feed] for mine, feed in self.binds}, self.name)[self.output_index]
+        self.cost.observe(n_rows(X), time.perf_counter() - t0)
+        return softmax_rows(out) if self.softmax else out
 
     def inline_ok(self, rows: int, budget_s: float | None = None) -> bool:
         """Whether a call on `rows` rows is cheap enough to run on the event loop (see CallCost); the
@@ -185,6 +206,7 @@ class LoadedBundle:
 
     bundle: Bundle
     models: dict[str, Model] = field(default_factory=dict)
+    inputs: Inputs | None = None  # named inputs (Manifest.inputs) and their tokenizers; None: the flat `input`
 
     @property
     def manifest(self) -> Manifest:
@@ -222,6 +244,8 @@ def load(path: str | Path, cfg: RuntimeConfig | None = None, *, manifest_sha256:
     gpus = cfg.gpu_ids or ((0,) if cuda else ())
     loaded = LoadedBundle(bundle)
     manifest = bundle.manifest
+    if manifest.inputs:
+        loaded.inputs = Inputs.load(bundle)  # tokenizers parsed once per bundle version, from verified bytes
     for i, (name, entry) in enumerate(manifest.entries().items()):
         is_member = entry.kind == "member"
         # members spread round-robin over the visible GPUs; variants on the first one
@@ -238,20 +262,48 @@ def load(path: str | Path, cfg: RuntimeConfig | None = None, *, manifest_sha256:
         if cfg.device == "cuda" and device == "cpu":  # onnxruntime falls back to CPU silently (no GPU, no CUDA libs)
             raise UnavailableError(f"FUSION_DEVICE=cuda but '{name}' got only {sess.get_providers()}")
         loaded.models[name] = Model(name, sess, sess.get_inputs()[0].name, device, deadline=run_deadline(cfg.run_timeout_s),
-                                    inline_budget_s=cfg.inline_budget_s)
+                                    inline_budget_s=cfg.inline_budget_s,
+                                    binds=bind_inputs(name, entry, sess, loaded.inputs) if loaded.inputs else None,
+                                    output_index=output_index(name, entry, sess),
+                                    softmax=is_member and entry.output == "logits" and manifest.task == "classification")
     warm_up(loaded)
     return loaded
 
 
+def bind_inputs(name: str, entry, sess: ort.InferenceSession, inputs: Inputs) -> tuple[tuple[str, str], ...]:
+    """Which bundle feed each of a file's inputs reads: `entry.input_map` ({file input: bundle feed}),
+    else the feed of the same name, else the feed at the same position (a foreign member's own names)."""
+    feeds, pairs = inputs.feed_names, []
+    for i, inp in enumerate(sess.get_inputs()):
+        feed = entry.input_map.get(inp.name) or (inp.name if inp.name in feeds else feeds[i] if i < len(feeds) else None)
+        if feed not in feeds:
+            raise BundleError(f"'{name}' ({entry.file}): its input '{inp.name}' maps to {feed!r:.60}; expected one of "
+                              f"the bundle's inputs {list(feeds)} (ModelEntry.input_map)")
+        pairs.append((inp.name, feed))
+    return tuple(pairs)
+
+
+def output_index(name: str, entry, sess: ort.InferenceSession) -> int:
+    """The position of `entry.output_name` among the file's outputs (the first when unset)."""
+    if not entry.output_name:
+        return 0
+    outs = [o.name for o in sess.get_outputs()]
+    if entry.output_name not in outs:
+        raise BundleError(f"'{name}' ({entry.file}): expected an output named '{entry.output_name}'; it has {outs}")
+    return outs.index(entry.output_name)
+
+
 def warm_up(loaded: LoadedBundle) -> None:
-    """Run every model at batch 1 and 8 on zeros; a model that fails makes the bundle unusable. The
-    last calls (batch 1, after the first-call allocations) seed each model's CallCost."""
-    n = loaded.manifest.input.n_features
+    """Run every model at batch 1 and 8 on zeros (named inputs: Inputs.example); a model that fails makes
+    the bundle unusable. The last calls (batch 1, after the first-call allocations) seed each model's CallCost."""
+    named = loaded.inputs
+    n = loaded.manifest.input.n_features if named is None else 0
+    examples = {b: named.example(b) if named else np.zeros((b, n), dtype=np.float32) for b in (1, 8)}
     for name, model in loaded.models.items():
         for i, b in enumerate((1, 8, 1, 1)):
             if i == 2:
                 model.cost = CallCost()  # forget the first calls' one-off allocations
-            out = model(np.zeros((b, n), dtype=np.float32))
+            out = model(examples[b])
             if out.shape[0] != b or not np.isfinite(out).all():
                 raise UnavailableError(f"warm-up of '{name}' gave {out.shape} / non-finite output")
 
@@ -268,7 +320,8 @@ def check_probe(loaded: LoadedBundle) -> None:
     probe = getattr(loaded.manifest, "probe", None)
     if not probe:
         return
-    X = np.asarray(probe["inputs"], dtype=np.float32)
+    inputs = probe["inputs"]
+    X = loaded.inputs.feeds_from_lists(inputs) if loaded.inputs else np.asarray(inputs, dtype=np.float32)
     for name, expected in probe["outputs"].items():
         if name not in loaded.models:
             continue

@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from fusion.errors import ConfigError
 from service import config
 from service.auth import Tokens
 from service.config import ServeSettings
@@ -85,7 +86,11 @@ def announce_when_ready(url: str, bundle: Path, tokens: Tokens, out=None, poll_s
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = config.load()  # a bad setting stops here, before BentoML starts; the service reads them again
+    try:
+        cfg = config.load()  # a bad setting stops here, before BentoML starts; the service reads them again
+    except ConfigError as exc:  # one line naming the variable, not a traceback
+        print(f"fusion-serve: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     threading.Thread(target=announce_when_ready, args=(address(argv, cfg.serve), Path(cfg.engine.bundle), cfg.tokens),
                      name="ready-line", daemon=True).start()
     from bentoml_cli.cli import cli  # what `python -m bentoml` runs

@@ -23,9 +23,11 @@ class ShadowRunner:
         self._pending = 0
         self._lock = threading.Lock()
 
-    def submit(self, shadow: str, primary: str, labels: list, rid: str, run: Callable[[], list]) -> bool:
+    def submit(self, shadow: str, primary: str, labels: list, rid: str, run: Callable[[], list],
+               version: str | None = None) -> bool:
         """Run `run()` (the shadow's labels for the request's rows) in the shadow thread and record the
-        comparison with the primary's `labels`; False when the queue was full (the drop is counted)."""
+        comparison with the primary's `labels` (on bundle `version`); False when the queue was full (the
+        drop is counted)."""
         with self._lock:
             if self._pending >= self.limit:
                 self.stats.shadow_failed(shadow, "queue_full")
@@ -36,7 +38,8 @@ class ShadowRunner:
             try:
                 t0 = time.perf_counter()
                 shadow_labels = run()
-                self.stats.observe_shadow(rid, primary, shadow, labels, shadow_labels, time.perf_counter() - t0)
+                self.stats.observe_shadow(rid, primary, shadow, labels, shadow_labels, time.perf_counter() - t0,
+                                          version=version)
             except Exception as exc:  # noqa: BLE001 - a failing shadow never reaches the client
                 log.warning("shadow %s failed for request %s: %s", shadow, rid, exc)
                 self.stats.shadow_failed(shadow, type(exc).__name__)

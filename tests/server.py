@@ -37,8 +37,11 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.home = tempfile.mkdtemp(prefix="bentoml-home-")  # own home: two servers must not share metrics
         self.log_path = Path(tempfile.mkstemp(prefix="bentoml-serve-", suffix=".log")[1])
+        # own state directory too (the default SQLite A/B store, service/abstore.py): two servers of one bundle
+        # root must not add up each other's counts; a test of restarts passes the same FUSION_STATE_DIR again
+        self.state_dir = tempfile.mkdtemp(prefix="fusion-state-")
         self.env = {
-            **os.environ, "BENTOML_DO_NOT_TRACK": "true", "BENTOML_HOME": self.home,
+            **os.environ, "FUSION_STATE_DIR": self.state_dir, "BENTOML_DO_NOT_TRACK": "true", "BENTOML_HOME": self.home,
             "FUSION_DEVICE": os.environ.get("FUSION_DEVICE", "cpu"), "PYTHONUNBUFFERED": "1",
             **({"FUSION_BUNDLE": str(bundle)} if bundle is not None else {}), **(env or {}),
         }

@@ -36,7 +36,9 @@ def documented_names() -> set[str]:
 
 def test_defaults_are_the_dataclasses_defaults():
     cfg = config.load({})
-    assert cfg.http == Settings() and cfg.engine == EngineConfig() and cfg.runtime == RuntimeConfig()
+    # the one difference: a server's A/B store is SQLite (`sqlite:`, in the state directory) unless
+    # FUSION_AB_STORE says otherwise; an EngineConfig built in-process keeps per-process figures ("memory")
+    assert cfg.http == Settings() and cfg.engine == EngineConfig(ab_store="sqlite:") and cfg.runtime == RuntimeConfig()
     assert cfg.tokens == Tokens() and cfg.routing == RoutingPolicy() and cfg.serve == ServeSettings()
     assert (cfg.load_limits.timeout_s, cfg.load_limits.max_memory_mb) == (20.0, default_memory_mb())
     assert cfg.runtime.run_timeout_s == cfg.http.timeout_s == 30.0 and cfg.runtime.inline_budget_s == 0.5e-3
@@ -48,9 +50,11 @@ def test_every_variable_reaches_its_setting():
         "FUSION_MAX_ROWS": "7", "FUSION_MAX_BODY_BYTES": "1000", "FUSION_MAX_SMALL_BODY_BYTES": "99",
         "FUSION_BODY_TIMEOUT_S": "1.5", "FUSION_WORKERS": "3", "FUSION_TIMEOUT_S": "9", "FUSION_MAX_CONCURRENCY": "0",
         "FUSION_TRACING": "yes", "FUSION_ACCESS_LOG": "off", "FUSION_LOG_LEVEL": "debug", "FUSION_DRAIN_S": "2",
-        "FUSION_DRAIN_MAX_S": "4", "FUSION_BUNDLE": "b/v2", "FUSION_FAILURE_POLICY": "quorum:2",
+        "FUSION_DRAIN_MAX_S": "4", "FUSION_MAX_IMAGE_PIXELS": "1000", "FUSION_MAX_TEXT_CHARS": "50", "FUSION_BUNDLE": "b/v2", "FUSION_FAILURE_POLICY": "quorum:2",
         "FUSION_MEMBER_DEADLINE_MS": "250", "FUSION_SHADOW_QUEUE": "8", "FUSION_BATCH_MAX_ROWS": "64",
         "FUSION_BATCH_INSTANCES": "3", "FUSION_BUNDLE_ROOT": "/srv/b", "FUSION_INTRA_OP_THREADS": "4",
+        "FUSION_AB_STORE": "postgresql://db/ab", "FUSION_STATE_DIR": "/var/lib/fusion", "FUSION_AB_RETENTION_DAYS": "7",
+        "FUSION_AB_QUEUE": "99", "FUSION_AB_FEEDBACK_WAIT_MS": "250", "FUSION_AB_SPOOL_MAX_MB": "8",
         "FUSION_MEMBER_THREADS": "2", "FUSION_DEVICE": "CPU", "FUSION_GPU_IDS": "0, 2", "FUSION_MAX_MANIFEST_BYTES": "5000",
         "FUSION_INLINE_BUDGET_MS": "0", "FUSION_LOAD_TIMEOUT_S": "11", "FUSION_LOAD_MAX_MEMORY_MB": "0",
         "FUSION_INFERENCE_TOKEN": "i", "FUSION_ADMIN_TOKEN": "a", "FUSION_ADMIN_LOOPBACK": "0",
@@ -59,8 +63,9 @@ def test_every_variable_reaches_its_setting():
         "BENTOML_HOST": "10.0.0.1", "BENTOML_PORT": "4000", "PROMETHEUS_MULTIPROC_DIR": "/tmp/m", "OTHER": "x",
     }
     cfg = config.load(env)
-    assert cfg.http == Settings(7, 1000, 99, 1.5, 3, 9.0, 0, True, False, "DEBUG", 2.0, 4.0)
-    assert cfg.engine == EngineConfig("b/v2", "quorum:2", 250.0, 8, 64, 3, "/srv/b")
+    assert cfg.http == Settings(7, 1000, 99, 1.5, 3, 9.0, 0, True, False, "DEBUG", 2.0, 4.0, 1000, 50)
+    assert cfg.engine == EngineConfig("b/v2", "quorum:2", 250.0, 8, 64, 3, "/srv/b", "postgresql://db/ab", "/var/lib/fusion",
+                                      7.0, 99, 250.0, 8.0)
     assert cfg.runtime == RuntimeConfig(4, 2, "cpu", (0, 2), 5000, 9.0, 0.0)  # run timeout follows FUSION_TIMEOUT_S
     assert (cfg.load_limits.timeout_s, cfg.load_limits.max_memory_mb) == (11.0, 0)
     # the bundle check's child gets the service's environment, less the metrics directory
@@ -107,6 +112,10 @@ def test_documented_variables_are_the_ones_config_reads():
     ("FUSION_ADMIN_LOOPBACK", "maybe", "expected 1 or 0"),
     ("FUSION_AB_WEIGHTS", "ensemble=x", "FUSION_AB_WEIGHTS"),
     ("FUSION_CASCADE", "mlp_0:2", "FUSION_CASCADE"),
+    ("FUSION_AB_STORE", "mysql://db", "expected 'sqlite:///path/ab.db'"),
+    ("FUSION_AB_RETENTION_DAYS", "-1", "non-negative number of days"),
+    ("FUSION_AB_QUEUE", "0", "positive integer"),
+    ("FUSION_AB_FEEDBACK_WAIT_MS", "x", "non-negative number of milliseconds"),
     ("BENTOML_PORT", "99999", "TCP port"),
 ])
 def test_a_bad_value_names_the_variable_and_what_was_expected(name, value, expected):
@@ -146,8 +155,8 @@ def test_the_installed_bentoml_is_in_the_range_and_the_floor_matches_pyproject()
     import bentoml
 
     assert patches.check_bentoml_version() == bentoml.__version__
-    floor = re.search(r'"bentoml>=([0-9.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
-    assert floor == patches.BENTOML_RANGE[0]
+    floor, ceiling = re.search(r'"bentoml>=([0-9.]+),<([0-9.]+)"', (ROOT / "pyproject.toml").read_text()).groups()
+    assert (floor, ceiling) == tuple(patches.BENTOML_RANGE)  # pip never installs a BentoML the patches refuse
 
 
 PROBE = """
@@ -185,3 +194,25 @@ def test_cuda_provider_turns_tf32_off(monkeypatch):
     assert providers[0] == ("CUDAExecutionProvider", {"device_id": 1, "use_tf32": "0"})
     assert providers[-1] == "CPUExecutionProvider"
     assert runtime.providers_for(runtime.RuntimeConfig(device="cpu"), 1) == ["CPUExecutionProvider"]
+    opted_in = runtime.RuntimeConfig(device="cuda", gpu_ids=(0,), cuda_tf32=True)
+    assert runtime.providers_for(opted_in, 0)[0] == ("CUDAExecutionProvider", {"device_id": 0, "use_tf32": "1"})
+    from service import config
+    assert config.load({"FUSION_CUDA_TF32": "1"}).runtime.cuda_tf32 is True
+    assert config.load({}).runtime.cuda_tf32 is False
+
+
+@pytest.mark.parametrize("name,value", [
+    ("FUSION_MEMBER_DEADLINE_MS", "1e13"),   # threading's TIMEOUT_MAX: every members-mode request was a 500
+    ("FUSION_LOAD_TIMEOUT_S", "5e9"),        # subprocess timeout overflow: every bundle refused as "malformed"
+    ("FUSION_LOAD_MAX_MEMORY_MB", "99999999999999999999"),  # setrlimit overflow in the load check
+    ("FUSION_WORKERS", "100000"),
+    ("FUSION_MAX_ROWS", "1e22"),
+    ("FUSION_TIMEOUT_S", "1e300"),
+    ("FUSION_RUN_TIMEOUT_S", "1e12"),
+    ("BENTOML_PORT", "70000"),
+])
+def test_values_past_what_the_runtime_can_take_are_refused_at_start(name, value):
+    """Review of issue 14: these were accepted, then failed at the first request or bundle load."""
+    with pytest.raises(ConfigError, match=name) as err:
+        config.load({name: value})
+    assert "at most" in str(err.value) or "expected" in str(err.value)

@@ -121,3 +121,70 @@ def test_app_knows_nothing_of_sessions_batchers_or_inline_budgets():
     found = [word for word in ("inline_ok", "batcher", "INLINE_BUDGET", "loaded.models", "engine.run", "engine.finish")
              if word in source]
     assert not found, f"expected service/app.py to only parse, call engine.predict and format; it mentions {found}"
+
+
+# ---- the routing policy is read once per request (review of issue 14) ---------------------------------
+
+
+def test_policy_change_between_resolve_and_run_does_not_fail_the_request(tmp_path):
+    """POST /admin/routing landing after a request chose `cascade` but before the cascade ran used to
+    answer 404 ('no cascade is configured'): the request now runs under the policy it read."""
+    import asyncio
+
+    from service.config import EngineConfig
+    from service.engine import Engine
+    from service.routing import Cascade, RoutingPolicy
+    from tests.reliability import bundles
+
+    bundles.make_bundle(tmp_path / "b", seed=3)
+    X = bundles.digits_like(4, seed=5)
+    eng = Engine(EngineConfig(bundle=str(tmp_path / "b")),
+                 RoutingPolicy(weights={"cascade": 1.0}, cascade=Cascade("mlp_0", 0.5, "ensemble")))
+    eng.start()
+    try:
+        assert eng.ready, eng.error
+        resolve = eng.router.resolve
+
+        def resolve_then_change(*a, **k):
+            name = resolve(*a, **k)
+            eng.set_policy({"weights": {"ensemble": 1}, "cascade": None})
+            return name
+
+        eng.router.resolve = resolve_then_change
+        result = asyncio.run(eng.predict(X, variant=None, key=None, request_id="r1"))
+        assert result.variant == "cascade" and "escalated" in result.extra
+        eng.router.resolve = resolve
+        assert asyncio.run(eng.predict(X, variant=None, key=None, request_id="r2")).variant == "ensemble"
+    finally:
+        eng.close()
+
+
+def test_request_on_an_older_version_falls_back_when_the_new_policy_names_a_newer_variant(tmp_path):
+    """A request holding v1 while v2 is swapped in and the policy routes everyone to a v2-only member:
+    it answers from v1's ensemble instead of 404 (an explicit X-Variant is still checked strictly)."""
+    import asyncio
+
+    from fusion.errors import UnknownNameError
+    from service.config import EngineConfig
+    from service.engine import Engine
+    from service.routing import RoutingPolicy
+    from tests.reliability import bundles
+
+    bundles.make_bundle(tmp_path / "v1", seed=3, members=("mlp_0", "mlp_1"))
+    bundles.make_bundle(tmp_path / "v2", seed=4)
+    X = bundles.digits_like(2, seed=5)
+    eng = Engine(EngineConfig(bundle=str(tmp_path / "v1")), RoutingPolicy())
+    eng.start()
+    try:
+        assert eng.ready, eng.error
+        old = eng.current()
+        eng.swap(str(tmp_path / "v2"))
+        new_only = sorted(eng.current().names() - old.names())
+        assert new_only, "v2 should have a variant v1 lacks"
+        eng.set_policy({"weights": {new_only[0]: 1}})
+        assert asyncio.run(eng.predict(X, variant=None, key=None, request_id="a", served=old)).variant == "ensemble"
+        assert asyncio.run(eng.predict(X, variant=None, key=None, request_id="b")).variant == new_only[0]
+        with pytest.raises(UnknownNameError):
+            asyncio.run(eng.predict(X, variant=new_only[0], key=None, request_id="c", served=old))
+    finally:
+        eng.close()

@@ -19,15 +19,36 @@ EXAMPLE = ROOT / "examples" / "recipe.toml"
 
 
 def test_example_recipe_has_every_field():
-    from fusion.recipe import Recipe
+    from fusion.recipe import ARRAYS, SECTIONS
 
     data = tomllib.loads(EXAMPLE.read_text())
-    expected = {s.name: [f.name for f in fields(s.type if isinstance(s.type, type) else type(getattr(Recipe(), s.name)))]
-                for s in fields(Recipe)}
+    expected = {name: [f.name for f in fields(cls)] for name, cls in SECTIONS.items() if name not in ARRAYS}
     assert sorted(data) == sorted(expected)
     for section, keys in expected.items():
         assert set(data[section]) == set(keys), (
             f"[{section}]: expected every field {keys}; missing {sorted(set(keys) - set(data[section]))}")
+
+
+def commented_arrays() -> str:
+    """The example's commented-out [[members]] / [[inputs]] block, uncommented."""
+    text = EXAMPLE.read_text()
+    block = text[text.index("# [[members]]"):]
+    return "\n".join(line[2:] if line.startswith("# ") else "" for line in block.splitlines()) + "\n"
+
+
+def test_example_recipe_documents_every_member_and_input_field():
+    """The arrays of tables have no default entry, so the example shows one of each, commented out: every
+    field of fusion/recipe.py's MemberSection / InputSection, and the block is a valid recipe."""
+    from fusion.recipe import ARRAYS, SECTIONS, parse_recipe
+
+    block = tomllib.loads(commented_arrays())
+    assert sorted(block) == sorted(ARRAYS)
+    for name in ARRAYS:
+        keys = [f.name for f in fields(SECTIONS[name])]
+        assert len(block[name]) == 1 and set(block[name][0]) == set(keys), (name, keys, block[name])
+    recipe = parse_recipe(block)
+    assert recipe.members[0].source == "timm:resnet10t" and recipe.inputs[0].kind == "image"
+    assert recipe.data.source == ""  # [[inputs]] and no [data]: no data set
 
 
 def test_example_recipe_comments_every_key():

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom, binomtest
 
+from fusion.sequential import NonInferiority, decide_paired
 from tests.server import Server
 from tests.serving_util import Oracle, assert_error_shape, rows_json, wait_for
 
@@ -335,10 +336,11 @@ def test_feedback_gives_accuracy_interval_and_mcnemar_verdict(client, oracle, xy
     assert test["discordant"] == [only_m1, only_ens]
     p = 1.0 if only_m1 + only_ens == 0 else binomtest(only_m1, only_m1 + only_ens, 0.5).pvalue
     assert test["p_value"] == pytest.approx(p, rel=1e-9)
-    if p >= 0.05:
-        assert test["verdict"].startswith("no significant difference")
-    else:
-        assert test["verdict"].startswith("better" if k_m1 > k_ens else "worse")
+    # the verdict: anytime-valid non-inferiority on the same paired counts (fusion/sequential.py)
+    ref = decide_paired(n, only_m1, only_ens, NonInferiority())
+    assert test["analysis"] == "paired" and test["decision"] == ref.decision
+    assert (test["ci_low"], test["ci_high"], test["margin_pp"]) == (ref.ci_low, ref.ci_high, 1.0)
+    assert test["verdict"].startswith(ref.decision)
     # latency figures per variant
     assert e["latency_ms"]["p50"] > 0 and e["latency_ms"]["p99"] >= e["latency_ms"]["p50"]
 

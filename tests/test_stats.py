@@ -12,7 +12,8 @@ import pytest
 from prometheus_client import REGISTRY
 from scipy.stats import binom, binomtest, chi2_contingency, norm
 
-from service.ab import MIN_LABELS, Stats, mcnemar_exact, two_proportion_test, verdict, wilson_interval
+from fusion.sequential import COLLECTING, DECISIONS, NonInferiority, decide, decide_paired, decide_unpaired
+from service.ab import Stats, mcnemar_exact, two_proportion_test, verdict, wilson_interval
 
 # ---- intervals and tests vs scipy -------------------------------------------------------------------
 
@@ -160,11 +161,18 @@ def test_two_proportion_degenerate_cases():
 
 
 def test_verdict_wording():
-    assert verdict(0.9, 0.8, 0.01, MIN_LABELS - 1).startswith("collecting")
-    assert verdict(0.9, 0.8, None, 1000).startswith("collecting")
-    assert verdict(0.9, 0.8, 0.2, 1000).startswith("no significant difference")
-    assert verdict(0.9, 0.8, 0.001, 1000).startswith("better")
-    assert verdict(0.7, 0.8, 0.001, 1000).startswith("worse")
+    """The text starts with the anytime-valid decision (the dashboard and the rollout read it), then the
+    bounds it rests on (fusion/sequential.py; tests/test_sequential.py tests the statistics)."""
+    rule = NonInferiority()
+    assert verdict(decide(rule)).startswith(f"{COLLECTING}: no labelled rows")
+    for counts in [(20_000, 200, 200), (20_000, 200, 800), (20_000, 800, 200), (200, 2, 2)]:
+        d = decide_paired(*counts, rule)
+        text = verdict(d)
+        assert text.startswith(d.decision + ":") and "margin 1 pp" in text and f"{d.ci_low * 100:+.2f}" in text, text
+    assert {decide_paired(*c, rule).decision for c in [(20_000, 200, 200), (20_000, 200, 800), (20_000, 800, 200),
+                                                       (200, 2, 2)]} == set(DECISIONS)
+    text = verdict(decide(rule, agreement=(9_960, 10_000)))
+    assert text.startswith("non-inferior (can replace): agreement with the ensemble 99.60%") and "needs > 98.00%" in text
 
 
 # ---- Stats: feedback, agreement, paired tables ---------------------------------------------------------
@@ -260,7 +268,11 @@ def test_paired_table_and_mcnemar_on_a_hand_made_example():
     assert test["accuracy"] == pytest.approx(sum(a == y for a, y in zip(shadow, truth)) / 40)
     assert test["ensemble_accuracy"] == pytest.approx(sum(a == y for a, y in zip(ens, truth)) / 40)
     assert test["p_value"] == pytest.approx(binomtest(2, 14, 0.5).pvalue)
-    assert test["verdict"].startswith("worse")  # p ~ 0.013 < 0.05, 40 >= MIN_LABELS rows
+    # McNemar's p ~ 0.013 < 0.05 holds for one look; the anytime-valid verdict on 40 rows cannot yet tell
+    # the difference (-25 pp) from the 1 pp margin: collecting
+    ref = decide_paired(40, 2, 12, NonInferiority())
+    assert test["analysis"] == "paired" and test["decision"] == ref.decision == COLLECTING
+    assert (test["ci_low"], test["ci_high"]) == (ref.ci_low, ref.ci_high) and test["verdict"].startswith(COLLECTING)
     # both variants' accuracy came from the same feedback
     rep = s.report()["variants"]
     assert rep["mlp_1"]["labelled_rows"] == rep["ensemble"]["labelled_rows"] == 40
@@ -278,6 +290,8 @@ def test_two_proportion_test_used_when_traffic_is_split_without_shadow():
     assert test["rows"] == [40, 40]
     assert test["p_value"] == pytest.approx(chi2_contingency([[30, 10], [36, 4]], correction=False).pvalue, rel=1e-6)
     assert test["accuracy"] == 0.75 and test["ensemble_accuracy"] == 0.9
+    ref = decide_unpaired(30, 40, 36, 40, NonInferiority())
+    assert test["analysis"] == "unpaired" and test["decision"] == ref.decision and test["ci_low"] == ref.ci_low
 
 
 def test_no_test_without_labels():
@@ -285,7 +299,7 @@ def test_no_test_without_labels():
     s.observe("ensemble", 1, 0.001, "a", [1])
     s.observe("merged", 1, 0.001, "b", [1])
     test = s.report()["variants"]["merged"]["vs_ensemble"]
-    assert test["test"] is None and test["verdict"].startswith("collecting")
+    assert test["test"] is None and test["verdict"].startswith("collecting") and test["analysis"] is None
 
 
 def test_latency_percentiles_and_cascade_rate():

@@ -308,7 +308,9 @@ def test_dashboard_with_token_shows_variants_and_verdict(browser, compared_bundl
             assert r.status_code == 200, r.text
         report = c.get("/ab/report").json()
         verdicts = {name: report["variants"][name]["vs_ensemble"]["verdict"] for name in others}
-        assert not any(v.startswith("collecting") for v in verdicts.values()), verdicts
+        # every variant has labelled rows beside an ensemble shadow: the paired anytime-valid analysis
+        # (whose decision may well still be `collecting` on a few hundred rows with a 1 pp margin)
+        assert all(report["variants"][n]["vs_ensemble"]["analysis"] == "paired" for n in others), verdicts
         for name in counts:
             acc = report["variants"][name]["accuracy"]
             expect(page.locator(f'#variants tr[data-variant="{name}"] [data-col="accuracy"]')).to_contain_text(

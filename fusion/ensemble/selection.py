@@ -33,26 +33,21 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from fusion import combine as shared
+from fusion.combine import AVERAGING, _softmax
 from fusion.errors import ConfigError
 from fusion.stats import mcnemar_exact
 
 PROB_EPS = 1e-12  # as fusion/compare.py: probabilities clipped before the log
-AVERAGING = ("soft_vote", "logit_mean", "geometric_mean")  # combiners whose weights these methods choose
 METRICS = ("log_loss", "accuracy")
 TIE_TOL = 1e-9  # out-of-fold NLLs closer than this are equal (summation order alone moves the last digits)
 MODES = ("equal", "select", "fit", "auto")  # `[ensemble] weights = "..."` (besides a list or a table)
 
 
-# ---- combining in numpy (the same arithmetic as fusion/ensemble/classification.py) ---------------
+# ---- combining in numpy: fusion/combine.py's functions (members mode uses the same), in float64 -------
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(-1, keepdims=True)
-
-
-def _log_softmax(z: np.ndarray) -> np.ndarray:
+def _log_softmax(z: np.ndarray) -> np.ndarray:  # the NLL of a mean of log-probabilities, without exp/log round trips
     z = z - z.max(-1, keepdims=True)
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
@@ -78,16 +73,12 @@ def contributions(logits: np.ndarray, combiner: str) -> np.ndarray:
     log-probabilities (geometric_mean). (K, N, C)."""
     _check_combiner(combiner)
     z, _ = _check(logits)
-    if combiner == "soft_vote":
-        return _softmax(z)
-    if combiner == "logit_mean":
-        return z
-    return _log_softmax(z)
+    return shared.contributions(_softmax(z), combiner)
 
 
 def _finish(mean: np.ndarray, combiner: str) -> np.ndarray:
     """The weighted mean of the contributions -> probabilities."""
-    return mean if combiner == "soft_vote" else _softmax(mean)
+    return shared.finish(mean, combiner)
 
 
 def combine(logits: np.ndarray, weights: Sequence[float] | None, combiner: str = "soft_vote") -> np.ndarray:
@@ -245,10 +236,7 @@ def fit_weights(logits: np.ndarray, y: np.ndarray, combiner: str = "soft_vote", 
 def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     """softmax(log p / T): the ensemble's probabilities (N, C) at output temperature T (the soft vote's
     probabilities floored at 1e-30 before the log, as fusion/ensemble/classification.py's graph)."""
-    p = np.asarray(probs, dtype=np.float64)
-    if temperature == 1.0:
-        return p
-    return _softmax(np.log(np.maximum(p, 1e-30)) / temperature)
+    return shared.apply_temperature(np.asarray(probs, dtype=np.float64), temperature)
 
 
 def fit_output_temperature(probs: np.ndarray, y: np.ndarray) -> float:

@@ -136,11 +136,12 @@ function variantNames(report) {
   return [...names].sort((a, b) => (a === "ensemble" ? -1 : b === "ensemble" ? 1 : a.localeCompare(b)));
 }
 
-function verdictClass(v) {
-  if (!v) return "verdict-none";
-  if (v.startsWith("better")) return "verdict-better";
-  if (v.startsWith("worse")) return "verdict-worse";
-  if (v.startsWith("no significant")) return "verdict-same";
+// the anytime-valid decision (fusion/sequential.py): valid however often this page re-reads it
+function verdictClass(vs) {
+  const d = vs && vs.decision;
+  if (!d) return "verdict-none";
+  if (d === "superior" || d.startsWith("non-inferior")) return "verdict-better";
+  if (d.startsWith("inferior")) return "verdict-worse";
   return "verdict-collecting";
 }
 
@@ -166,7 +167,7 @@ function renderReport(report) {
   $("total-requests").textContent = String(requests);
   const verdicts = names.filter((n) => variants[n] && variants[n].vs_ensemble).map((n) =>
     el("div", { "data-variant": n, title: variants[n].vs_ensemble.verdict }, el("span", { class: "swatch" }), n + ": ",
-      el("span", { class: verdictClass(variants[n].vs_ensemble.verdict), text: variants[n].vs_ensemble.verdict })));
+      el("span", { class: verdictClass(variants[n].vs_ensemble), text: variants[n].vs_ensemble.verdict })));
   verdicts.forEach((d) => { d.querySelector(".swatch").style.background = colorOf(d.dataset.variant); });
   if (verdicts.length) $("verdicts").replaceChildren(...verdicts);
 
@@ -193,6 +194,7 @@ function renderReport(report) {
     key.append(item);
   }
   $("routing-detail").textContent = "shadow: " + (shadow.length ? shadow.join(", ") : "none");
+  renderRollout(report.rollout);
 
   // table
   const tbody = $("variants").tBodies[0];
@@ -233,8 +235,8 @@ function renderReport(report) {
     let verdict;
     if (isEnsemble) verdict = el("td", { "data-col": "verdict", class: "muted", text: "reference" });
     else if (vs) {
-      verdict = el("td", { "data-col": "verdict" }, el("span", { class: verdictClass(vs.verdict), text: vs.verdict }));
-      if (vs.test) verdict.append(el("span", { class: "small", text: `${vs.test.replace(/_/g, " ")} · ${vs.paired_rows ?? (vs.rows || []).join(" vs ")} rows` }));
+      verdict = el("td", { "data-col": "verdict" }, el("span", { class: verdictClass(vs), text: vs.verdict }));
+      if (vs.analysis) verdict.append(el("span", { class: "small", text: `${vs.analysis} · ${vs.n} rows · margin ${vs.margin_pp} pp · anytime-valid` }));
     } else verdict = el("td", { "data-col": "verdict", class: "muted", text: "—" });
 
     rows.push(el("tr", { "data-variant": name },
@@ -253,6 +255,21 @@ function renderReport(report) {
   latencyChart(withData, variants);
   accuracyChart(withData, variants);
   agreementChart();
+}
+
+// The progressive rollout (service/rollout.py): the candidate's stage and percent, then every transition
+// with its time and reason, newest first (a rollback says why).
+function renderRollout(r) {
+  $("rollout-card").hidden = !r;
+  if (!r) return;
+  const stages = (r.stages || []).map((p) => `${p} %`).join(" → ");
+  $("rollout-stage").textContent = `${r.candidate} ${r.percent} % · ${r.status.replace("_", " ")}`;
+  $("rollout-detail").textContent = `stage ${r.stage + 1} of ${(r.stages || []).length}: ${stages}`;
+  const items = (r.history || []).slice().reverse().map((h) =>
+    el("li", { "data-status": h.status },
+      el("span", { class: "small", text: new Date(h.time * 1000).toISOString().slice(11, 19) + " " }),
+      `${h.percent} % ${h.status.replace("_", " ")}: ${h.reason}`));
+  $("rollout-history").replaceChildren(...items);
 }
 
 // ---- charts (hand-drawn SVG) --------------------------------------------------------------------

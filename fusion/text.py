@@ -1,0 +1,177 @@
+"""Text inputs of composed bundles (issue 15): a recipe's `[[inputs]] kind = "text"` and `hf:` members.
+
+The service keeps the tokenizer (service/inputs.py reads the bundle's tokenizer.json with `tokenizers`) and
+feeds the graph int64 ("batch", "sequence") tensors named `input_ids`, `attention_mask` and, for members
+that take them, `token_type_ids` (zeros). So a text input is one client-facing `TensorSpec` in the manifest
+(kind "text", `text.graph_inputs` the union of what the members take) and two or three graph inputs of the
+composed ensemble, each member fed the ones its forward accepts by name.
+
+The members are exported with the dynamo exporter and every named dimension dynamic
+(fusion.compose.torch_member): the TorchScript exporter bakes the sequence length into attention reshapes
+(NOTES-byo.md). `check_text_parity` is the gate for that: every member's ONNX file and the composed graph
+against the torch modules at batch 1, 2, 7 and sequence lengths 1, 7 and `max_length`, on token ids below
+the tokenizer's vocabulary with padded rows (masks with zeros), to `ATOL`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from fusion.bundle import TensorSpec
+from fusion.errors import ConfigError, ExportError
+
+GRAPH_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # service/inputs.py TEXT_GRAPH_INPUTS
+BATCHES = (1, 2, 7)
+ATOL = 1e-5
+
+
+def sequence_lengths(max_length: int) -> tuple[int, ...]:
+    """The gate's sequence lengths: 1, 7 and max_length (the ones that exist, each once)."""
+    return tuple(sorted({n for n in (1, 7, int(max_length)) if 1 <= n <= max_length}))
+
+
+def load_tokenizer(path: str | Path):
+    """The `tokenizers.Tokenizer` of a recipe's tokenizer.json, with a clear error for a missing or bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"[[inputs]] tokenizer: expected a tokenizer.json file at {path}; got no such file")
+    try:
+        from tokenizers import Tokenizer
+    except ModuleNotFoundError:
+        raise ConfigError("a text input needs the `tokenizers` library: pip install 'fusion-serve[text]'") from None
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - the library raises plain Exception on a bad file
+        raise ConfigError(f"[[inputs]] tokenizer: {path} is not a tokenizer.json the `tokenizers` library loads: "
+                          f"{str(exc):.200}") from None
+
+
+def member_inputs(module) -> tuple[str, ...]:
+    """The text graph inputs a torch member takes, in its forward's order (the hf: wrapper's `input_names`)."""
+    names = tuple(getattr(module, "input_names", ()) or ())
+    if not names or "input_ids" not in names or not set(names) <= set(GRAPH_INPUTS):
+        raise ConfigError(f"a member over a text input expected a module whose input_names are some of "
+                          f"{list(GRAPH_INPUTS)} with input_ids (an hf: sequence classifier); got {list(names)}")
+    return names
+
+
+def graph_specs(inputs: Sequence[TensorSpec], modules: Sequence) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """(the manifest's inputs with each text spec's `graph_inputs` set to what the members take,
+    the composed graph's inputs: each text spec replaced by its int64 ("batch", "sequence") feeds)."""
+    texts = [s for s in inputs if s.kind == "text"]
+    if len(texts) > 1:
+        raise ConfigError(f"expected at most one [[inputs]] of kind 'text' (their graph inputs share the names "
+                          f"{list(GRAPH_INPUTS)}); got {[s.name for s in texts]}")
+    if not texts:
+        return list(inputs), list(inputs)
+    taken = {n for m in modules for n in member_inputs(m)}
+    names = [n for n in GRAPH_INPUTS if n in taken]
+    clash = [s.name for s in inputs if s.kind != "text" and s.name in GRAPH_INPUTS]
+    if clash:
+        raise ConfigError(f"[[inputs]] {clash}: expected names other than {list(GRAPH_INPUTS)} beside a text input "
+                          f"(the text input feeds the graph under those names); got them")
+    seq = texts[0].shape[1]
+    bundle, graph = [], []
+    for s in inputs:
+        if s.kind == "text":
+            bundle.append(TensorSpec(name=s.name, dtype="int64", shape=s.shape, kind="text",
+                                     text={**(s.text or {}), "graph_inputs": names}))
+            graph += [TensorSpec(name=n, dtype="int64", shape=("batch", seq)) for n in names]
+        else:
+            bundle.append(s)
+            graph.append(s)
+    return bundle, graph
+
+
+def check_member(name: str, module, vocab: int, max_length: int) -> None:
+    """A member's embedding must have a row for every id the tokenizer gives, and a position for max_length."""
+    config = getattr(getattr(module, "model", None), "config", None)
+    rows = getattr(config, "vocab_size", None)
+    if rows is not None and rows < vocab:
+        raise ConfigError(f"member '{name}': expected a vocabulary of at least the tokenizer's {vocab} ids; "
+                          f"got vocab_size {rows} in its config.json")
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and positions < max_length:
+        raise ConfigError(f"member '{name}': expected max_position_embeddings >= the text input's max_length "
+                          f"{max_length}; got {positions} in its config.json")
+
+
+def token_feeds(names: Sequence[str], batch: int, length: int, vocab: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Token ids below `vocab`; every other row padded (mask zeros after a random length >= 1); zero token types."""
+    ids = rng.integers(0, vocab, (batch, length)).astype(np.int64)
+    mask = np.ones((batch, length), np.int64)
+    for r in range(1, batch, 2):
+        mask[r, int(rng.integers(1, length + 1)):] = 0
+    made = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    return {n: made[n] for n in names}
+
+
+def check_text_parity(composed: bytes, members: Sequence[tuple[str, object, object]], combiner, graph: Sequence[TensorSpec],
+                      *, vocab: int, max_length: int, kinds: Sequence[str], atol: float = ATOL, seed: int = 3) -> dict:
+    """The gate over every dynamic dimension: at batch 1/2/7 x sequence 1/7/max_length, each member's ONNX
+    file (members: (name, torch module, OnnxMember)) equals its torch module, and the composed graph equals
+    the torch modules combined by `combiner` (probabilities members through log, as the composed head)."""
+    import torch
+
+    from fusion.compose import SMALLEST, session
+    from fusion.export import OUTPUT_NAME
+
+    rng = np.random.default_rng(seed)
+    other = {s.name: s for s in graph if s.name not in GRAPH_INPUTS}
+    names = [s.name for s in graph if s.name in GRAPH_INPUTS]
+    sessions = [(n, module, om, session(om.model)) for n, module, om in members]
+    fused = session(composed)
+    worst_member, worst, agree, cases = 0.0, 0.0, 1.0, []
+    for length in sequence_lengths(max_length):
+        for b in BATCHES:
+            feeds = token_feeds(names, b, length, vocab, rng)
+            if other:
+                from fusion.compose import random_feeds
+
+                feeds |= random_feeds(other, b, rng)
+            scores = []
+            for (name, module, om, sess), kind in zip(sessions, kinds):
+                own = member_inputs(module)
+                try:
+                    with torch.no_grad():
+                        want = module(*(torch.from_numpy(feeds[n]) for n in own)).float().numpy()
+                    got = sess.run(None, {n: feeds[n] for n in own})[0]
+                except Exception as exc:  # noqa: BLE001 - a length past max_position_embeddings, a bad id
+                    raise ExportError(f"member '{name}': the text gate failed at batch {b}, sequence {length}: "
+                                      f"{type(exc).__name__}: {str(exc)[:240]}") from None
+                d = float(np.abs(got - want).max())
+                if not d <= atol:
+                    raise ExportError(f"member '{name}': its ONNX export differs from torch by {d:.3g} at batch {b}, "
+                                      f"sequence {length} (allowed {atol:g}): an export that fixed a dimension")
+                worst_member = max(worst_member, d)
+                z = want.reshape(b, -1)
+                scores.append(np.log(np.maximum(z, SMALLEST)) if kind == "probabilities" else z)
+            with torch.no_grad():
+                want = combiner(torch.from_numpy(np.stack(scores).astype(np.float32))).numpy()
+            got = fused.run([OUTPUT_NAME], feeds)[0]
+            d = float(np.abs(got - want).max())
+            worst, agree = max(worst, d), min(agree, float((got.argmax(-1) == want.argmax(-1)).mean()))
+            cases.append([b, length])
+    report = {"cases": cases, "max_abs_diff": worst, "members_max_abs_diff": worst_member, "argmax_agreement": agree,
+              "atol": atol, "reference": "the torch members on token ids below the vocabulary, padded rows, combined in torch"}
+    if not worst <= atol or agree < 1.0:
+        raise ExportError(f"the composed text ensemble disagrees with its torch members: max |Δ| = {worst:.3g} "
+                          f"(allowed {atol:g}), argmax agreement {agree:.2%} (required 100%)")
+    return report
+
+
+def tokenizer_file(inputs_sections: Sequence) -> tuple[Path, int, int] | None:
+    """(tokenizer path, its vocabulary size, max_length) of the recipe's text input, or None without one."""
+    for s in inputs_sections:
+        if s.kind == "text":
+            tok = load_tokenizer(s.tokenizer)
+            return Path(s.tokenizer), tok.get_vocab_size(), int(s.max_length)
+    return None
+
+
+def files_of(text: tuple[Path, int, int] | None) -> Mapping[str, Path]:
+    """{name in the bundle: source path} of the files a text bundle carries (its tokenizer.json)."""
+    return {text[0].name: text[0]} if text else {}
