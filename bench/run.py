@@ -303,9 +303,9 @@ def render(r: dict, images: list[str], smoke: bool) -> str:
                   f"graph). Fused: the one `ensemble.onnx` session; loop: the three member sessions one after another, "
                   f"softmaxed and soft-voted in numpy (members mode). {bi['threads']} intra-op thread(s), "
                   + (f"measured {bi['date']} on {bi['machine']} (1-minute load average {bi['load_average']:.1f} at the "
-                     f"end: the machine was shared), " if bi.get("date") and bi.get("load_average") is not None else "") +
-                  f"
-                  f"torch {bi.get('torch', '?')}, onnxruntime {bi.get('onnxruntime', '?')}; fused vs loop max |Δprob| "
+                     f"end: the machine was shared), " if bi.get("date") and bi.get("load_average") is not None else "")
+                  + f"torch {bi.get('torch', '?')}" + ("" if bi.get("machine") else f", onnxruntime {bi.get('onnxruntime', '?')}")
+                  + f"; fused vs loop max |Δprob| "
                   f"{bi['max_abs_diff_fused_vs_loop']:.1g}.", "",
                   "| batch | fused ms | loop ms | fused ÷ loop |", "|---|---|---|---|"]
         for x in bi["rows"]:

@@ -427,7 +427,8 @@ def build_composed(recipe: Recipe) -> Manifest:
     calibrated variant and no comparison (each skipped with a logged note)."""
     from fusion.compose import OnnxMember, torch_member, write_onnx_bundle
     from fusion.sources import load_member, source_kind, split_source
-    from fusion.text import check_member, check_text_parity, files_of, graph_specs, member_inputs, tokenizer_file
+    from fusion.text import (check_member, check_text_parity, files_of, graph_specs, member_inputs, onnx_inputs,
+                             tokenizer_file)
 
     if not recipe.inputs:
         raise ConfigError("[[members]] with onnx: sources expected [[inputs]] naming the bundle's inputs (the ONNX "
@@ -448,12 +449,18 @@ def build_composed(recipe: Recipe) -> Manifest:
     inputs = [i.to_tensor_spec() for i in recipe.inputs]
     text = tokenizer_file(recipe.inputs)  # a text input: its graph feeds are input_ids, attention_mask[, token_type_ids]
     loaded = {s.name: load_member(s).module for s in recipe.members if source_kind(s.source) != "onnx"}
-    bundle_inputs, graph = graph_specs(inputs, list(loaded.values()) if text else [])
-    members, torch_members = [], []
+    taken = [member_inputs(loaded[s.name]) if s.name in loaded else onnx_inputs(s.name, split_source(s.source)[1])
+             for s in recipe.members] if text else []
+    bundle_inputs, graph = graph_specs(inputs, taken)
+    members, text_members = [], []
     for section in recipe.members:
         kw = {"input_map": dict(section.input_map), "output": section.output, "output_name": section.output_name}
         if source_kind(section.source) == "onnx":
+            if text and not kw["input_map"]:  # a foreign text model takes the text feeds by their names
+                kw["input_map"] = {n: n for n in onnx_inputs(section.name, split_source(section.source)[1])}
             members.append(OnnxMember.load(section.name, split_source(section.source)[1], **kw))
+            if text:
+                text_members.append((section.name, None, members[-1]))
             continue
         module = loaded[section.name]
         if text:  # the member takes the text feeds its forward accepts, by name (hf: without token_type_ids too)
@@ -462,7 +469,7 @@ def build_composed(recipe: Recipe) -> Manifest:
             specs = [next(g for g in graph if g.name == n) for n in own]
             om = torch_member(section.name, module, specs, output=section.output)
             om = replace(om, input_map=dict(section.input_map) or {n: n for n in own})
-            torch_members.append((section.name, module, om))
+            text_members.append((section.name, module, om))
         else:
             om = torch_member(section.name, module, inputs, output=section.output)
         members.append(om)
@@ -471,9 +478,9 @@ def build_composed(recipe: Recipe) -> Manifest:
 
         members = [normalize_member(m, graph) for m in members]
     gate = None
-    if text and len(torch_members) == len(members):  # every member in torch: the gate over every dynamic dimension
+    if text:  # the gate over every dynamic dimension (torch members against torch, onnx: files in onnxruntime)
         def gate(data: bytes) -> dict:
-            return check_text_parity(data, torch_members, combiner, graph, vocab=text[1], max_length=text[2],
+            return check_text_parity(data, text_members, combiner, graph, vocab=text[1], max_length=text[2],
                                      kinds=[m.output for m in recipe.members])
     with timed(f"build: {len(members)} members composed into one ONNX graph (onnx.compose, parity-checked)"):
         return write_onnx_bundle(recipe.build.out, members, combiner, graph, classes=recipe.data.classes or None,

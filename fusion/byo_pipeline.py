@@ -73,6 +73,10 @@ def _members(recipe: Recipe, inputs) -> list:
             members.append(OnnxMember.load(section.name, split_source(section.source)[1], **kw))
         else:
             members.append(torch_member(section.name, load_member(section).module, inputs, output=section.output))
+    if any(s.kind == "image" for s in inputs):  # (x * scale - mean) / std in front of every member an image feeds,
+        from fusion.imagenorm import normalize_member  # as build_composed does: scored, composed and served on raw pixels
+
+        members = [normalize_member(m, inputs) for m in members]
     return members
 
 
@@ -145,6 +149,20 @@ class Reshaped(nn.Module):
         return self.inner(x.reshape(len(x), *self.shape))
 
 
+class ImageNormalized(nn.Module):
+    """A student over raw pixels (0..255): `(x * scale - mean) / std` per channel, then the student, so the
+    distilled file takes what the members' graphs take (fusion/imagenorm.py) and learns on normalised pixels."""
+
+    def __init__(self, inner: nn.Module, scale, mean: np.ndarray, std: np.ndarray):
+        super().__init__()
+        self.inner, self.scale = inner, float(scale)
+        self.register_buffer("mean", torch.from_numpy(np.asarray(mean, np.float32)), persistent=False)
+        self.register_buffer("std", torch.from_numpy(np.asarray(std, np.float32)), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner((x * self.scale - self.mean) / self.std)
+
+
 def export_distilled(recipe: Recipe, stage: Path, data: Dataset, inputs) -> dict:
     """The `distilled` variant with the composed graph in onnxruntime as the teacher ({} when skipped).
 
@@ -153,6 +171,7 @@ def export_distilled(recipe: Recipe, stage: Path, data: Dataset, inputs) -> dict
     from fusion.bundle import ModelEntry
     from fusion.distill import OnnxTeacher, distill, make_student, method_record, student_args
     from fusion.export import Probabilities, count_parameters, export_onnx
+    from fusion.imagenorm import image_constants
     from fusion.sources import resolve
     from fusion.zoo import init_scaler
 
@@ -175,6 +194,9 @@ def export_distilled(recipe: Recipe, stage: Path, data: Dataset, inputs) -> dict
         if cfg.source and scaler is not None and tuple(getattr(scaler, "mean", torch.empty(0)).shape) == (flat.n_features,):
             with torch.no_grad():
                 init_scaler(student, flat.scaling)
+        consts = image_constants(inputs[0])
+        if consts is not None:  # raw pixels in, like every member's graph: the recipe's normalisation inside the student
+            student = ImageNormalized(student, *consts)
         trained = student
         if len(shape) > 1:  # the student and the teacher take the input's own shape
             trained, teacher = Reshaped(student, shape), Reshaped(teacher, shape)
@@ -225,8 +247,10 @@ def build_composed_with_data(recipe: Recipe):
         method = dict(ens.method or {})
         if temps is not None:
             method["fit_on"] = "validation"
-        variants = {"ensemble": replace(ens, metrics=_accuracy(probs["val"], probs["test"], data), method=method)}
-        members_out = {n: replace(e, metrics=_accuracy(raw_val[i], raw_test[i], data))
+        classify = data.task == "classification"  # accuracy is the figure recorded (regression: none yet)
+        variants = {"ensemble": replace(ens, metrics=_accuracy(probs["val"], probs["test"], data) if classify else {},
+                                        method=method)}
+        members_out = {n: replace(e, metrics=_accuracy(raw_val[i], raw_test[i], data)) if classify else e
                        for i, (n, e) in enumerate(manifest.members.items())}
         if data.task == "classification":
             variants |= export_distilled(recipe, stage, data, inputs)

@@ -146,7 +146,9 @@ def cmd_build(args) -> int:
     manifest = build_bundle(recipe)
     print(f"bundle {manifest.bundle_version} written to {recipe.build.out}")
     for name, v in manifest.entries().items():
-        print(f"  {name:14s} {v.kind:9s} test accuracy {v.metrics.get('test_accuracy', float('nan')):.4f}  {v.file}")
+        acc = v.metrics.get("test_accuracy")
+        figure = f"test accuracy {acc:.4f}" if acc is not None else "no data set: no accuracy"
+        print(f"  {name:14s} {v.kind:9s} {figure}  {v.file}")
     ens = manifest.variants["ensemble"]
     weights = (ens.combiner or {}).get("weights") or [1.0] * len(ens.members)
     print("  weights by member: " + ", ".join(f"{n}={w:g}" for n, w in zip(ens.members, weights)))

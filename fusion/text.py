@@ -8,9 +8,10 @@ composed ensemble, each member fed the ones its forward accepts by name.
 
 The members are exported with the dynamo exporter and every named dimension dynamic
 (fusion.compose.torch_member): the TorchScript exporter bakes the sequence length into attention reshapes
-(NOTES-byo.md). `check_text_parity` is the gate for that: every member's ONNX file and the composed graph
-against the torch modules at batch 1, 2, 7 and sequence lengths 1, 7 and `max_length`, on token ids below
-the tokenizer's vocabulary with padded rows (masks with zeros), to `ATOL`.
+(NOTES-byo.md). `check_text_parity` is the gate for that: at batch 1, 2, 7 and sequence lengths 1, 7 and
+`max_length`, on token ids below the tokenizer's vocabulary with padded rows (masks with zeros), every torch
+member's ONNX file against its torch module, and the composed graph against the members combined in torch
+(an `onnx:` text model, fed by its own input names, run alone in onnxruntime), to `ATOL`.
 """
 
 from __future__ import annotations
@@ -58,17 +59,28 @@ def member_inputs(module) -> tuple[str, ...]:
     return names
 
 
-def graph_specs(inputs: Sequence[TensorSpec], modules: Sequence) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """(the manifest's inputs with each text spec's `graph_inputs` set to what the members take,
-    the composed graph's inputs: each text spec replaced by its int64 ("batch", "sequence") feeds)."""
+def onnx_inputs(name: str, path: str | Path) -> tuple[str, ...]:
+    """The text graph inputs an `onnx:` member's file takes (its inputs named input_ids, attention_mask...)."""
+    from fusion.compose import OnnxMember, graph_inputs
+
+    model = OnnxMember.load(name, path).model  # a missing or unreadable file: MemberError naming the member
+    return tuple(i.name for i in graph_inputs(model) if i.name in GRAPH_INPUTS)
+
+
+def graph_specs(inputs: Sequence[TensorSpec], taken: Sequence[Sequence[str]]) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """(the manifest's inputs with each text spec's `graph_inputs` set to what the members take (`taken`: each
+    member's text graph inputs), the composed graph's inputs: each text spec replaced by its int64
+    ("batch", "sequence") feeds)."""
     texts = [s for s in inputs if s.kind == "text"]
     if len(texts) > 1:
         raise ConfigError(f"expected at most one [[inputs]] of kind 'text' (their graph inputs share the names "
                           f"{list(GRAPH_INPUTS)}); got {[s.name for s in texts]}")
     if not texts:
         return list(inputs), list(inputs)
-    taken = {n for m in modules for n in member_inputs(m)}
-    names = [n for n in GRAPH_INPUTS if n in taken]
+    names = [n for n in GRAPH_INPUTS if any(n in own for own in taken)]
+    if "input_ids" not in names:
+        raise ConfigError(f"a text input expected members that take input_ids (hf: sequence classifiers, or ONNX "
+                          f"files with inputs named {list(GRAPH_INPUTS)}); got members taking {[list(t) for t in taken]}")
     clash = [s.name for s in inputs if s.kind != "text" and s.name in GRAPH_INPUTS]
     if clash:
         raise ConfigError(f"[[inputs]] {clash}: expected names other than {list(GRAPH_INPUTS)} beside a text input "
@@ -112,8 +124,9 @@ def token_feeds(names: Sequence[str], batch: int, length: int, vocab: int, rng: 
 def check_text_parity(composed: bytes, members: Sequence[tuple[str, object, object]], combiner, graph: Sequence[TensorSpec],
                       *, vocab: int, max_length: int, kinds: Sequence[str], atol: float = ATOL, seed: int = 3) -> dict:
     """The gate over every dynamic dimension: at batch 1/2/7 x sequence 1/7/max_length, each member's ONNX
-    file (members: (name, torch module, OnnxMember)) equals its torch module, and the composed graph equals
-    the torch modules combined by `combiner` (probabilities members through log, as the composed head)."""
+    file (members: (name, torch module or None, OnnxMember)) equals its torch module, and the composed graph
+    equals the members combined by `combiner` in torch (probabilities members through log, as the composed
+    head): each torch member run in torch, an `onnx:` member (module None) run alone in onnxruntime."""
     import torch
 
     from fusion.compose import SMALLEST, session
@@ -134,19 +147,23 @@ def check_text_parity(composed: bytes, members: Sequence[tuple[str, object, obje
                 feeds |= random_feeds(other, b, rng)
             scores = []
             for (name, module, om, sess), kind in zip(sessions, kinds):
-                own = member_inputs(module)
+                imap = om.input_map or {i.name: i.name for i in sess.get_inputs()}
                 try:
-                    with torch.no_grad():
-                        want = module(*(torch.from_numpy(feeds[n]) for n in own)).float().numpy()
-                    got = sess.run(None, {n: feeds[n] for n in own})[0]
+                    got = sess.run([om.output_name] if om.output_name else None, {k: feeds[v] for k, v in imap.items()})[0]
+                    if module is not None:
+                        with torch.no_grad():
+                            want = module(*(torch.from_numpy(feeds[n]) for n in member_inputs(module))).float().numpy()
                 except Exception as exc:  # noqa: BLE001 - a length past max_position_embeddings, a bad id
                     raise ExportError(f"member '{name}': the text gate failed at batch {b}, sequence {length}: "
                                       f"{type(exc).__name__}: {str(exc)[:240]}") from None
-                d = float(np.abs(got - want).max())
-                if not d <= atol:
-                    raise ExportError(f"member '{name}': its ONNX export differs from torch by {d:.3g} at batch {b}, "
-                                      f"sequence {length} (allowed {atol:g}): an export that fixed a dimension")
-                worst_member = max(worst_member, d)
+                if module is None:
+                    want = np.asarray(got, np.float32)
+                else:
+                    d = float(np.abs(got - want).max())
+                    if not d <= atol:
+                        raise ExportError(f"member '{name}': its ONNX export differs from torch by {d:.3g} at batch {b}, "
+                                          f"sequence {length} (allowed {atol:g}): an export that fixed a dimension")
+                    worst_member = max(worst_member, d)
                 z = want.reshape(b, -1)
                 scores.append(np.log(np.maximum(z, SMALLEST)) if kind == "probabilities" else z)
             with torch.no_grad():
@@ -156,7 +173,8 @@ def check_text_parity(composed: bytes, members: Sequence[tuple[str, object, obje
             worst, agree = max(worst, d), min(agree, float((got.argmax(-1) == want.argmax(-1)).mean()))
             cases.append([b, length])
     report = {"cases": cases, "max_abs_diff": worst, "members_max_abs_diff": worst_member, "argmax_agreement": agree,
-              "atol": atol, "reference": "the torch members on token ids below the vocabulary, padded rows, combined in torch"}
+              "atol": atol, "reference": "the members (torch; onnx: files in onnxruntime) on token ids below the vocabulary, padded rows, "
+                           "combined in torch"}
     if not worst <= atol or agree < 1.0:
         raise ExportError(f"the composed text ensemble disagrees with its torch members: max |Δ| = {worst:.3g} "
                           f"(allowed {atol:g}), argmax agreement {agree:.2%} (required 100%)")

@@ -28,9 +28,10 @@ import numpy as np
 from fusion.stats import mcnemar_exact, two_proportion_test, wilson_interval
 # the verdict: anytime-valid non-inferiority (issue 20), valid however often the report is read
 from fusion.sequential import Decision, NonInferiority, decide
-from service.abstore import ABStore
+from service.abstore import ABStore, due_point
 from service.feedback import FeedbackStore, Record
-from service.metrics import AGREEMENT, CASCADE_ROWS, FEEDBACK, LATENCY, REQUESTS, ROWS, SHADOW_FAILURES, SHADOW_LATENCY
+from service.metrics import (AB_BOUND, AB_DECISION, AGREEMENT, CASCADE_ROWS, DECISION_VALUES, FEEDBACK, LATENCY, REQUESTS,
+                             ROWS, SHADOW_FAILURES, SHADOW_LATENCY)
 
 ENSEMBLE = "ensemble"
 
@@ -97,6 +98,14 @@ class VariantStats:
 
 
 MAX_VERSIONS = 16  # bundle versions listed in the report's `covers` (one per hot swap; the oldest go first)
+# The confidence sequence over time (`vs_ensemble.history`: the dashboard's chart): a point (time, rows,
+# estimate, bounds, decision) per variant when a report is computed (a dashboard poll, a rollout
+# evaluation) and its decision or analysis changed, or its rows grew by HISTORY_STEP (1 %, at least one
+# row) since the newest point; the newest HISTORY_MAX kept (500 points at 1 % span a 145x range of rows).
+# Driven by the data, not by the clock, so reads with no new labels never change the report: it stays the
+# same whichever worker answers and however often it is read.
+HISTORY_STEP = 0.01
+HISTORY_MAX = 500
 
 
 class Stats:
@@ -109,6 +118,8 @@ class Stats:
     # the verdict's rule (margin, agreement margin, alpha): FUSION_AB_* via config.load() -> EngineConfig.ab_test,
     # set on the instance by the Engine; a class default so that every Stats() has one
     rule: NonInferiority = NonInferiority()
+    history_step: float = HISTORY_STEP
+    history_max: int = HISTORY_MAX
 
     def __init__(self, max_records: int = 100_000, max_rows: int = 200_000, store: ABStore | None = None):
         """store: the shared, durable A/B store (service/abstore.py); None keeps everything in this process.
@@ -126,6 +137,9 @@ class Stats:
         self.versions: OrderedDict[str, dict] = OrderedDict()  # bundle version -> what was counted on it
         self.versions_dropped = 0
         self.started = time.time()
+        # requests whose variant was chosen, answered or failed: variant -> bundle version -> [answered, failed]
+        self.outcomes: dict[str, dict[str, list[int]]] = defaultdict(dict)
+        self.history: dict[str, list[dict]] = {}  # variant -> confidence sequence points (HISTORY_STEP)
 
     # The store's figures, read here by the callers and by the invariant tests
     # (tests/reliability/test_ab_integrity.py, tests/test_stats.py).
@@ -168,6 +182,16 @@ class Stats:
             if version is not None:
                 self._count_version(version, requests=1, rows=rows)
         return self.store.put(key, Record(variant, predictions, client, alias, version))
+
+    def observe_outcome(self, variant: str, failed: bool, version: str | None = None) -> None:
+        """A request whose variant was chosen (service/engine.py), answered or failed: the report's
+        `outcomes`, which the rollout's error-rate guardrail reads (with a shared store: every worker's
+        and replica's, written off the request path by the store's batched writer)."""
+        if self.shared is not None:
+            self.shared.outcome(variant=variant, version=version, failed=failed)
+            return
+        with self._lock:
+            self.outcomes[variant].setdefault(version or "", [0, 0])[1 if failed else 0] += 1
 
     def _count_version(self, version: str, *, requests: int = 0, rows: int = 0, labelled: int = 0) -> None:
         v = self.versions.get(version)
@@ -271,7 +295,8 @@ class Stats:
         (microseconds); percentiles and tests run outside it, so no /predict or /feedback waits on them.
         With a shared store, the same figures summed over the store (`_shared_figures`)."""
         if self.shared is not None:
-            variants, paired, cascade, shadow_failures, versions, dropped, pending, since = self._shared_figures()
+            (variants, paired, cascade, shadow_failures, versions, dropped, pending, since, outcomes,
+             history) = self._shared_figures()
         else:
             with self._lock:
                 variants = {name: (copy.copy(s), s.latencies.values(), s.shadow_latencies.values())
@@ -280,6 +305,11 @@ class Stats:
                 cascade, shadow_failures = dict(self.cascade), dict(self.shadow_failures)
                 versions = {v: dict(d) for v, d in self.versions.items()}
                 dropped = self.versions_dropped
+                outcomes = {name: {v: list(c) for v, c in by.items()} for name, by in self.outcomes.items()}
+                history = {name: list(points) for name, points in self.history.items()}
+                for name in outcomes.keys() - variants.keys():  # failed requests only: still a variant of the report
+                    variants[name] = (VariantStats(), array("d"), array("d"))
+                variants = dict(sorted(variants.items()))
             pending, since = self.store.summary(), self.started
         out: dict = {}
         ens = variants.get(ENSEMBLE, (None,))[0]
@@ -295,10 +325,16 @@ class Stats:
                 "compared_rows": s.compared if name != ENSEMBLE else None,
                 "accuracy": acc, "accuracy_ci95": list(wilson_interval(s.correct, s.labelled)) if s.labelled else None,
                 "labelled_rows": s.labelled,
+                "outcomes": _outcomes(outcomes.get(name, {})),
             }
             if name != ENSEMBLE and ens is not None:
                 entry["vs_ensemble"] = _test(paired.get(name, [0, 0, 0, 0]), s, ens, self.rule)
             out[name] = entry
+        history = self._history(out, history)
+        for name, entry in out.items():
+            if "vs_ensemble" in entry:
+                entry["vs_ensemble"]["history"] = history.get(name, [])
+                _set_gauges(name, entry["vs_ensemble"])
         total = cascade["answered"] + cascade["escalated"]
         for d in versions.values():
             d["first_request"], d["last_request"] = _iso(d["first_request"]), _iso(d["last_request"])
@@ -338,12 +374,54 @@ class Stats:
                              correct=d["correct"], labelled=d["labelled"])
             variants[name] = (s, array("d", d["latencies"]), array("d", d["shadow_latencies"]))
         return (variants, f["paired"], f["cascade"], f["shadow_failures"], f["versions"], f["versions_dropped"],
-                f["pending"], f["since"])
+                f["pending"], f["since"], f["outcomes"], f["history"])
+
+    def _history(self, out: dict, history: dict[str, list]) -> dict[str, list]:
+        """Each variant's confidence sequence over time: `history` (what is stored), with this report's point
+        added where `due_point` says so; in the shared store (one series for every worker: it decides again
+        under its write lock), else in this process."""
+        now, due = time.time(), {}
+        for name, entry in out.items():
+            t = entry.get("vs_ensemble")
+            if t is None or t["analysis"] is None:
+                continue
+            point = {"t": now, "analysis": t["analysis"], "n": t["n"], "estimate": t["estimate"], "ci_low": t["ci_low"],
+                     "ci_high": t["ci_high"], "decision": t["decision"]}
+            if due_point((history.get(name) or [None])[-1], point, self.history_step):
+                due[name] = point
+        if not due:
+            return history
+        if self.shared is not None:
+            return self.shared.record_history(due, self.history_step, self.history_max)
+        with self._lock:
+            for name, point in due.items():
+                points = self.history.setdefault(name, [])
+                if due_point(points[-1] if points else None, point, self.history_step):
+                    points.append(point)
+                    del points[:-self.history_max]
+            return {name: list(points) for name, points in self.history.items()}
 
     def close(self) -> None:
         """Write what the shared store still has queued and stop its writer (service shutdown, tests)."""
         if self.shared is not None:
             self.shared.close()
+
+
+def _outcomes(by_version: dict[str, list[int]]) -> dict:
+    """A variant's requests once chosen, answered and failed, in all and per bundle version (the rollout's
+    error-rate guardrail: service/rollout.py)."""
+    answered, failed = (sum(c[i] for c in by_version.values()) for i in (0, 1))
+    return {"answered": answered, "failed": failed,
+            "error_rate": failed / (answered + failed) if answered + failed else None,
+            "by_version": {v: {"answered": c[0], "failed": c[1]} for v, c in sorted(by_version.items())}}
+
+
+def _set_gauges(variant: str, t: dict) -> None:
+    """fusion_ab_bound / fusion_ab_decision: the verdict the report computed (service/metrics.py)."""
+    for bound, key in (("low", "ci_low"), ("high", "ci_high"), ("estimate", "estimate"), ("threshold", "threshold")):
+        if t.get(key) is not None:
+            AB_BOUND.labels(variant, bound).set(t[key])
+    AB_DECISION.labels(variant).set(DECISION_VALUES.get(str(t["decision"]).split(" ")[0], 0))
 
 
 def _test(paired: list[int], s: VariantStats, ens: VariantStats, rule: NonInferiority = NonInferiority()) -> dict:

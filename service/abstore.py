@@ -37,6 +37,7 @@ import atexit
 import contextlib
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -135,6 +136,28 @@ CREATE INDEX shadows_pair ON shadows (pair_variant, agree, compared);
 CREATE INDEX observations_variant_rows ON observations (variant, n_rows);
 CREATE INDEX observations_version ON observations (version, t, n_rows);
 CREATE INDEX observations_pending ON observations (client, n_rows) WHERE labels IS NULL;
+"""),
+    (3, "request outcomes (the rollout's fleet-wide error rate) and the confidence sequence's history", """
+CREATE TABLE outcomes (
+    id TEXT PRIMARY KEY,             -- made at enqueue: a replay inserts nothing twice
+    t DOUBLE PRECISION NOT NULL,
+    version TEXT NOT NULL,           -- the bundle version that served (or failed) it
+    variant TEXT NOT NULL,
+    failed INTEGER NOT NULL          -- 1: the request failed once its variant was chosen, 0: answered
+);
+CREATE INDEX outcomes_variant ON outcomes (variant, version, failed);
+CREATE INDEX outcomes_t ON outcomes (t);
+CREATE TABLE cs_history (
+    variant TEXT NOT NULL,
+    t DOUBLE PRECISION NOT NULL,     -- when the report (or a rollout evaluation) computed it
+    analysis TEXT,                   -- paired | unpaired | agreement
+    n BIGINT NOT NULL,
+    estimate DOUBLE PRECISION,
+    ci_low DOUBLE PRECISION,
+    ci_high DOUBLE PRECISION,
+    decision TEXT NOT NULL,
+    PRIMARY KEY (variant, t)
+);
 """),
 ]
 _SCHEMA_TABLE = ("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, "
@@ -311,6 +334,25 @@ def _storable(text: str) -> bool:
     return True
 
 
+POINT_KEYS = ("t", "analysis", "n", "estimate", "ci_low", "ci_high", "decision")  # one point of the confidence sequence
+
+
+def _point(row: tuple) -> dict:
+    """A cs_history row (POINT_KEYS order) as the report's dict; a database's numbers as floats/ints."""
+    t, analysis, n, est, lo, hi, decision = row
+    f = lambda x: None if x is None else float(x)  # noqa: E731
+    return {"t": float(t), "analysis": analysis, "n": int(n), "estimate": f(est), "ci_low": f(lo), "ci_high": f(hi),
+            "decision": decision}
+
+
+def due_point(last: dict | None, point: dict, step: float) -> bool:
+    """Whether `point` joins a confidence sequence's history whose newest point is `last`: the first, a new
+    decision or analysis, or rows grown by `step` (a fraction of the last point's, at least one row)."""
+    if last is None or (last["analysis"], last["decision"]) != (point["analysis"], point["decision"]):
+        return True
+    return point["n"] >= last["n"] + max(1, math.ceil(last["n"] * step))
+
+
 def score(variant: str, predictions: list, others: dict[str, list], labels: list) -> dict[str, tuple]:
     """Per variant scored on `labels` (the primary `variant` and the shadows in `others`): (rows, correct,
     paired) with paired = [both right, only the variant right, only the ensemble right, neither] against
@@ -412,6 +454,12 @@ class ABStore:
         """A counted event (cascade rows answered/escalated, shadow failures by reason)."""
         if n:
             self._put({"op": "event", "id": uuid.uuid4().hex, "t": time.time(), "kind": kind, "name": name, "n": n})
+
+    def outcome(self, *, variant: str, version: str | None, failed: bool) -> None:
+        """A request whose variant was chosen: answered or failed (the rollout's error-rate guardrail,
+        summed over every worker and replica)."""
+        self._put({"op": "outcome", "id": uuid.uuid4().hex, "t": time.time(), "version": version or "",
+                   "variant": variant, "failed": int(bool(failed))})
 
     def _put(self, op: dict) -> None:
         try:
@@ -557,7 +605,10 @@ class ABStore:
                 o["latency"], _j(o["predictions"])) for o in ops if o["op"] == "obs"]
         shadows = [o for o in ops if o["op"] == "shadow"]
         events = [(o["id"], o["t"], o["kind"], o["name"], o["n"]) for o in ops if o["op"] == "event"]
+        outcomes = [(o["id"], o["t"], o["version"], o["variant"], o["failed"]) for o in ops if o["op"] == "outcome"]
         with self.db.tx() as tx:
+            tx.many("INSERT INTO outcomes (id, t, version, variant, failed) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT (id) DO NOTHING", outcomes)
             tx.many("INSERT INTO observations (fid, t, version, variant, client, alias, n_rows, latency, predictions) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (fid) DO NOTHING", obs)
             tx.many("INSERT INTO shadows (fid, variant, t, version, latency, predictions, pair_variant, agree, compared) "
@@ -679,6 +730,17 @@ class ABStore:
             v(name).update(labelled=int(n or 0), correct=int(c or 0))
             if b is not None:
                 paired[name] = [int(b), int(ov), int(oe), int(ne)]
+        outcomes: dict[str, dict] = {}
+        for name, version, failed, n in tx.rows(
+                "SELECT variant, version, failed, COUNT(*) FROM outcomes GROUP BY variant, version, failed"):
+            by = outcomes.setdefault(name, {}).setdefault(version, [0, 0])
+            by[1 if failed else 0] += int(n)
+        for name in outcomes:
+            v(name)
+        history: dict[str, list] = {}
+        for row in tx.rows("SELECT variant, t, analysis, n, estimate, ci_low, ci_high, decision FROM cs_history "
+                           "ORDER BY variant, t"):
+            history.setdefault(row[0], []).append(_point(row[1:]))
         for name, d in variants.items():
             d["latencies"] = [x for (x,) in tx.rows(
                 "SELECT latency FROM observations WHERE variant = ? ORDER BY t DESC, fid LIMIT ?", (name, LATENCY_WINDOW))]
@@ -709,7 +771,35 @@ class ABStore:
             "pending": {"records": int(pending), "rows": int(pending_rows or 0), "clients": int(clients),
                         "reused_client_ids": int(reused)},
             "since": float(created[0][0]) if created else time.time(),
+            "outcomes": outcomes, "history": history,
         }
+
+    def record_history(self, points: dict[str, dict], step: float, keep: int) -> dict[str, list]:
+        """Add each variant's point (POINT_KEYS) where `due_point` says so against the newest
+        stored point, read under the write lock (so that workers reading at once add it once: all show the
+        same series), keep the newest `keep` per variant; returns every variant's series after the write
+        (oldest first)."""
+        try:
+            self.ensure_schema()
+            with self.db.tx(timeout=self._wait_s()) as tx:
+                for name, p in points.items():
+                    last = tx.rows("SELECT t, analysis, n, estimate, ci_low, ci_high, decision FROM cs_history "
+                                   f"WHERE variant = ? ORDER BY t DESC LIMIT 1{tx.for_update}", (name,))
+                    if not due_point(_point(last[0]) if last else None, p, step):
+                        continue
+                    tx.run("INSERT INTO cs_history (variant, t, analysis, n, estimate, ci_low, ci_high, decision) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (variant, t) DO NOTHING",
+                           (name, p["t"], p["analysis"], p["n"], p["estimate"], p["ci_low"], p["ci_high"], p["decision"]))
+                    tx.run("DELETE FROM cs_history WHERE variant = ? AND t < (SELECT MIN(t) FROM (SELECT t FROM cs_history "
+                           "WHERE variant = ? ORDER BY t DESC LIMIT ?) AS newest)", (name, name, keep))
+                history: dict[str, list] = {}
+                for row in tx.rows("SELECT variant, t, analysis, n, estimate, ci_low, ci_high, decision FROM cs_history "
+                                   "ORDER BY variant, t"):
+                    history.setdefault(row[0], []).append(_point(row[1:]))
+                return history
+        except self._errors as exc:
+            raise UnavailableError(f"the A/B store ({self.url.describe()}) cannot be reached ({type(exc).__name__}); "
+                                   "expected it to answer: retry later") from None
 
     def describe(self) -> dict:
         """The store, for the report's `covers`: where, since when, how long data is kept, its health."""
@@ -733,6 +823,8 @@ class ABStore:
             tx.run("DELETE FROM scores WHERE fid IN (SELECT fid FROM observations WHERE t < ?)", (cutoff,))
             tx.run("DELETE FROM shadows WHERE t < ?", (cutoff,))
             tx.run("DELETE FROM events WHERE t < ?", (cutoff,))
+            tx.run("DELETE FROM outcomes WHERE t < ?", (cutoff,))
+            tx.run("DELETE FROM cs_history WHERE t < ?", (cutoff,))
             return tx.run("DELETE FROM observations WHERE t < ?", (cutoff,))
 
     # ---- rollout state: compare-and-set, no leader --------------------------------------------------------

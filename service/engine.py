@@ -46,7 +46,8 @@ class Engine:
         self.bundles = BundleHolder(cfg, self.failure_policy, self._check_served, runtime_cfg=runtime, load_limits=load_limits)
         self.router = Router(policy, self.bundles.install_lock)
         self.predictor = Predictor(cfg, self.router, self.stats, self.bundles.current)
-        # [answered, failed] requests per variant in this worker: the rollout's error-rate guardrail (service/rollout.py)
+        # [answered, failed] requests per variant in this worker (`outcomes()`); the rollout's guardrail reads the
+        # report's `outcomes` instead: every worker's and replica's with a shared store (Stats.observe_outcome)
         self._outcomes: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         self._outcomes_lock = threading.Lock()
         self.rollout: RolloutController | None = None
@@ -57,7 +58,7 @@ class Engine:
             store = rollout_store or self.ab_store or MemoryRolloutState()
             plan = rc.plan
             self.rollout = RolloutController(
-                plan, rc.limits, store, report=lambda: self.report(rollout=False), outcomes=self.outcomes,
+                plan, rc.limits, store, report=lambda: self.report(rollout=False),
                 apply=lambda percent: self.set_policy({"weights": split(self.policy.weights, plan.candidate, percent)}))
 
     def _check_served(self, served: Served) -> None:
@@ -126,6 +127,8 @@ class Engine:
         finally:
             with self._outcomes_lock:
                 self._outcomes[name][failed] += 1
+            # the report's `outcomes` (every worker's with a shared store): the rollout's error-rate guardrail
+            self.stats.observe_outcome(name, bool(failed), served.version)
 
     def outcomes(self) -> dict[str, tuple[int, int]]:
         """(answered, failed) requests per variant in this worker (once the variant was chosen), since it started."""

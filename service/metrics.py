@@ -188,6 +188,16 @@ BUNDLE = Gauge("fusion_bundle_info", "The bundle version being served (value 1)"
 # stored stage's percent when it follows it: the most recent write is the decision (one series per variant)
 ROLLOUT_PERCENT = Gauge("fusion_rollout_percent", "Progressive rollout: the candidate's percent of routed traffic",
                         ["variant"], multiprocess_mode="livemostrecent")
+# The anytime-valid verdict of each variant against the ensemble (service/ab.py, fusion/sequential.py), set
+# whenever a worker computes /ab/report (the dashboard's polls, each rollout evaluation): the confidence
+# sequence's bounds, the estimate and the threshold the lower bound must exceed (bound: low | high |
+# estimate | threshold; fractions: the accuracy difference, or the agreement rate without labels), and
+# the decision as a number (DECISION_VALUES). With a shared store every worker computes the same figures.
+AB_BOUND = Gauge("fusion_ab_bound", "A/B confidence sequence against the ensemble: current bound, estimate or threshold",
+                 ["variant", "bound"], multiprocess_mode="livemostrecent")
+AB_DECISION = Gauge("fusion_ab_decision", "A/B verdict against the ensemble: -1 inferior, 0 collecting, 1 non-inferior, 2 superior",
+                    ["variant"], multiprocess_mode="livemostrecent")
+DECISION_VALUES = {"inferior": -1, "collecting": 0, "non-inferior": 1, "superior": 2}  # the decision's first word
 # The shared A/B store (service/abstore.py, issue 20): what reached it late (spooled while it was
 # unreachable, replayed) and what never will (lost, by reason: queue_full, spool_full, spool_unreadable).
 AB_STORE_LOST = Counter("fusion_ab_store_lost", "A/B observations that never reached the store, by reason", ["reason"])
@@ -202,3 +212,4 @@ AB_STORE_WRITE_ERRORS = Counter("fusion_ab_store_write_errors", "Batched writes 
 REQUESTS, ROWS, ERRORS, LATENCY, SHADOW_LATENCY, AGREEMENT, FEEDBACK, SHADOW_FAILURES, DEGRADED = (
     Bounded(m) for m in (REQUESTS, ROWS, ERRORS, LATENCY, SHADOW_LATENCY, AGREEMENT, FEEDBACK, SHADOW_FAILURES, DEGRADED))
 AB_STORE_LOST = Bounded(AB_STORE_LOST)  # reason: three literals
+AB_BOUND, AB_DECISION = Bounded(AB_BOUND), Bounded(AB_DECISION)  # variant: the bundle's; bound: four literals

@@ -4,7 +4,8 @@
 then 100 %. One stage advances when the candidate's verdict against the ensemble (the anytime-valid
 non-inferiority test in `/ab/report`, fusion/sequential.py) says `non-inferior` or `superior`, the
 stage has lasted `min_stage_s` and served the candidate `min_stage_requests` requests, and the
-guardrails hold (candidate error rate, candidate/ensemble p99 latency). An `inferior` verdict or a
+guardrails hold (candidate error rate, candidate/ensemble p99 latency; both from the report, so with a
+shared store every worker and replica judges the same fleet-wide figures). An `inferior` verdict or a
 guardrail breach rolls the candidate back to 0 % and records why. An admin can pause, resume or abort.
 
 Three parts, one concept each:
@@ -150,8 +151,8 @@ class Observation:
 
     verdict: str = COLLECTING  # one of COLLECTING, NON_INFERIOR, INFERIOR, SUPERIOR
     stage_requests: int = 0  # candidate requests answered at this stage (the report's: every worker's with a shared store)
-    stage_errors: int = 0  # candidate requests that failed at this stage, in this worker
-    stage_answered: int = 0  # candidate requests answered at this stage, in this worker (the error rate's other part)
+    stage_errors: int = 0  # candidate requests that failed at this stage (the report's `outcomes`: every worker's too)
+    stage_answered: int = 0  # candidate requests answered at this stage, the error rate's other part (as stage_errors)
     p99_ratio: float | None = None  # candidate p99 / ensemble p99 (None: too few samples of either)
     detail: str = ""  # the report's verdict text, quoted in a rollback reason
 
@@ -160,9 +161,9 @@ def decide(state: RolloutState, obs: Observation, limits: RolloutLimits, now: fl
     """The next state of a running rollout (the same object when nothing changes). Pure.
 
     Order: an `inferior` verdict rolls back at once (the sequential test is valid whenever read); the
-    error rate is judged once this worker has seen `min_stage_requests` candidate requests at the stage
-    (answered or failed: one early failure at 1 % is no rate; each worker judges the requests it served,
-    so any worker's breach rolls back), the latency ratio whenever the report has enough samples of
+    error rate is judged once `min_stage_requests` candidate requests were seen at the stage (answered or
+    failed: one early failure at 1 % is no rate; the report's `outcomes`, which with a shared store sum
+    every worker's and replica's requests, so failures on one worker trip any worker's evaluator), the latency ratio whenever the report has enough samples of
     both; an advance needs a non-inferior (or superior) verdict, the stage's minimum time and
     `min_stage_requests` candidate requests answered (all workers'), and the guardrails holding. The
     last stage (100 %) completes.
@@ -282,7 +283,7 @@ class MemoryRolloutState:
 @dataclass(frozen=True)
 class _Applied:
     """The store version this worker applied last, and the candidate's counts then (the stage's baseline):
-    requests in the report, and this worker's own answered and failed requests."""
+    requests, answered and failed requests in the report (fleet-wide with a shared store)."""
 
     version: int = 0
     counts: tuple[int, int, int] = (0, 0, 0)
@@ -291,17 +292,16 @@ class _Applied:
 class RolloutController:
     """Follows the stored rollout state in one worker and takes part in deciding it.
 
-    `report()` gives the `/ab/report` this worker answers (variants, latency, verdicts), `outcomes()` this
-    worker's (answered, failed) requests per variant, `apply(percent)` sets the router's split; `clock` is
+    `report()` gives the `/ab/report` this worker answers (variants, latency, verdicts, `outcomes`: answered
+    and failed requests), `apply(percent)` sets the router's split; `clock` is
     time.time (tests pass their own). `tick()` is one evaluation; `start()` runs it every
     `limits.period_s` in a daemon thread.
     """
 
     def __init__(self, plan: RolloutPlan, limits: RolloutLimits, store: RolloutStore, *,
-                 report: Callable[[], dict], outcomes: Callable[[], dict], apply: Callable[[float], None],
-                 clock: Callable[[], float] = time.time):
+                 report: Callable[[], dict], apply: Callable[[float], None], clock: Callable[[], float] = time.time):
         self.plan, self.limits, self.store = plan, limits, store
-        self._report, self._outcomes, self._apply, self._clock = report, outcomes, apply, clock
+        self._report, self._apply, self._clock = report, apply, clock
         self._applied = _Applied()
         self._lock = threading.Lock()  # one tick or admin action at a time in this worker
         self._stop = threading.Event()
@@ -319,10 +319,11 @@ class RolloutController:
         return row[0], RolloutState.from_dict(row[1])
 
     def _counts(self, report: dict | None = None) -> tuple[int, int, int]:
-        """The candidate's (requests in the report, answered here, failed here)."""
+        """The candidate's (requests, answered, failed) in the report: with a shared store, every worker's
+        and replica's (service/ab.py `outcomes`), so any evaluator sees failures wherever they happened."""
         entry = ((report or self._report()).get("variants") or {}).get(self.plan.candidate) or {}
-        answered, failed = self._outcomes().get(self.plan.candidate, (0, 0))
-        return int(entry.get("requests") or 0), int(answered), int(failed)
+        outcomes = entry.get("outcomes") or {}
+        return int(entry.get("requests") or 0), int(outcomes.get("answered") or 0), int(outcomes.get("failed") or 0)
 
     def _follow(self, version: int, state: RolloutState, counts: tuple[int, int, int] | None = None) -> None:
         """Apply a stored state this worker has not applied yet; its counts become the stage baseline."""

@@ -50,19 +50,45 @@ def example_row(bundle: Path) -> tuple[str, list[float]]:
     return manifest.get("bundle_version", "?"), row
 
 
+def _named_example(spec: dict):
+    """One row's value for a named input (Manifest.inputs): a string for text, zeros otherwise
+    (dynamic dimensions taken as 1); images are better sent as a file (ready_lines says how)."""
+    if spec.get("kind") == "text":
+        return "some text to classify"
+    zero = False if spec.get("dtype") == "bool" else 0
+    value = zero
+    for dim in reversed(list(spec.get("shape", ()))[1:]):
+        value = [value] * (dim if isinstance(dim, int) else 1)
+    return value
+
+
+def example_body(bundle: Path) -> tuple[str, str, str]:
+    """(bundle version, content type, curl data argument) of one example /predict request."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    version = manifest.get("bundle_version", "?")
+    inputs = manifest.get("inputs") or []
+    if len(inputs) == 1 and inputs[0].get("kind") == "image":
+        return version, "image/png", "--data-binary @image.png"
+    if inputs:
+        named = {spec["name"]: [_named_example(spec)] for spec in inputs}
+        body = {"inputs": next(iter(named.values()))} if len(inputs) == 1 else {"inputs": named}
+        return version, "application/json", f"-d '{json.dumps(body, separators=(',', ':'))}'"
+    _, row = example_row(bundle)
+    body = {"inputs": [[int(v) if float(v).is_integer() else v for v in row]]}
+    return version, "application/json", f"-d '{json.dumps(body, separators=(',', ':'))}'"
+
+
 def ready_lines(url: str, bundle: Path, tokens: Tokens) -> list[str]:
     """What is printed once /readyz answers 200: the URL, and one curl that gets a prediction (naming
     FUSION_INFERENCE_TOKEN, never its value, when the service needs one)."""
     try:
-        version, row = example_row(bundle)
-    except (OSError, ValueError, KeyError, IndexError, TypeError):  # unreadable here: the server still is ready
-        version, row = "?", None
+        version, content_type, data = example_body(bundle)
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):  # unreadable here: still ready
+        version, content_type, data = "?", "application/json", """-d '{"inputs": [[...]]}'"""
     auth = ' -H "Authorization: Bearer $FUSION_INFERENCE_TOKEN"' if tokens.inference else ""
-    body = json.dumps({"inputs": [[int(v) if float(v).is_integer() else v for v in row]]}, separators=(",", ":")) \
-        if row is not None else '{"inputs": [[...]]}'
     return [
         f"{READY_PREFIX} {url} serves bundle {version} from {bundle} (dashboard: {url}/ui, API: README.md)",
-        f"  curl -s -X POST {url}/predict -H 'Content-Type: application/json'{auth} -d '{body}'",
+        f"  curl -s -X POST {url}/predict -H 'Content-Type: {content_type}'{auth} {data}",
     ]
 
 

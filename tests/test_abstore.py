@@ -38,7 +38,11 @@ _db_counter = iter(range(10_000))
 @pytest.fixture(params=["sqlite", "postgresql"])
 def url(request, tmp_path):
     """A fresh, empty store URL of each backend (a new database per test on the shared PostgreSQL)."""
-    if request.param == "sqlite":
+    return _new_url(request.param, request, tmp_path)
+
+
+def _new_url(kind: str, request, tmp_path) -> str:
+    if kind == "sqlite":
         return f"sqlite:///{tmp_path}/ab.db"
     pg = request.getfixturevalue("postgres")
     import psycopg
@@ -60,6 +64,9 @@ def _comparable(report: dict) -> dict:
     out["bundle_versions"] = {v: {k: x for k, x in d.items() if k not in ("first_request", "last_request")}
                               for v, d in covers["bundle_versions"].items()}
     out["pending"] = covers["pending_feedback"]
+    for entry in out["variants"].values():  # the confidence sequence's points: when each report computed them
+        for point in entry.get("vs_ensemble", {}).get("history", []):
+            point.pop("t")
     return out
 
 
@@ -76,8 +83,13 @@ def _traffic(stats_list: list[Stats], seed: int, n: int = 300) -> None:
         key = f"{rng.getrandbits(128):032x}"
         client = f"10.0.0.{rng.randint(1, 4)}"
         latency = rng.uniform(0.001, 0.02)
+        failed = rng.random() < 0.1  # a request that failed once its variant was chosen
         for st in stats_list:
-            st.observe(variant, rows, latency, key, preds, client=client, version=version)
+            st.observe_outcome(variant, failed, version)
+            if not failed:
+                st.observe(variant, rows, latency, key, preds, client=client, version=version)
+        if failed:
+            continue
         shadows = [v for v in VARIANTS if v != variant and rng.random() < 0.6]
         labels = [rng.choice(CLASSES) for _ in range(rows)]
         for shadow in shadows:
@@ -136,6 +148,7 @@ def test_store_figures_match_the_in_memory_reference(url, tmp_path):
         g, w = got["variants"][name], want["variants"][name]
         for field in ("requests", "rows", "latency_ms"):
             assert g[field] == pytest.approx(w[field]), (name, field)
+        assert g["outcomes"] == w["outcomes"], name  # counts, and a ratio of the same counts
     assert got["cascade"] == want["cascade"] and got["shadow_failures"] == want["shadow_failures"]
     assert got["bundle_versions"] == want["bundle_versions"]
     assert got["pending"] == want["pending"]
@@ -157,6 +170,7 @@ def test_store_report_equals_the_in_memory_report(url, tmp_path):
         key, version = f"{rng.getrandbits(128):032x}", "v1" if i % 3 else "v2"
         labels = [rng.choice(CLASSES) for _ in preds]
         for st in (shared, memory):
+            st.observe_outcome(variant, i % 7 == 0, version)
             st.observe(variant, len(preds), 0.001 + i * 1e-5, key, preds, client="c", version=version)
             for shadow in VARIANTS:
                 if shadow != variant:
@@ -392,3 +406,79 @@ def test_an_older_schema_is_migrated_in_place(url, tmp_path, monkeypatch):
     assert Stats(store=stores[1]).feedback(key, [1]) == {"variants": ["ensemble"], "rows": 1}
     for s in stores:
         s.close()
+
+
+def test_outcomes_are_summed_over_every_worker_per_variant_and_version(url, tmp_path):
+    """Answered and failed requests (the rollout's error-rate guardrail) written by two workers are one
+    fleet-wide figure in either worker's report, per variant and bundle version; a variant that only
+    failed is listed; they survive a restart and go with the retention."""
+    a, b = _store(url, tmp_path, retention_days=1), _store(url, tmp_path, retention_days=1)
+    sa, sb = Stats(store=a), Stats(store=b)
+    for i in range(30):
+        sa.observe_outcome("distilled", i % 3 == 0, "v1")  # 10 of 30 failed on A
+        sb.observe_outcome("distilled", False, "v2")  # 30 answered on B
+    sb.observe_outcome("merged", True, "v2")
+    a.flush(), b.flush()
+    want = {"answered": 50, "failed": 10, "error_rate": 10 / 60,
+            "by_version": {"v1": {"answered": 20, "failed": 10}, "v2": {"answered": 30, "failed": 0}}}
+    reports = [st.report()["variants"] for st in (sa, sb)]
+    assert [r["distilled"]["outcomes"] for r in reports] == [want, want]
+    assert reports[0]["merged"]["outcomes"]["failed"] == 1 and reports[0]["merged"]["requests"] == 0
+    a.close(), b.close()
+    again = _store(url, tmp_path, retention_days=1)
+    assert Stats(store=again).report()["variants"]["distilled"]["outcomes"] == want
+    again.apply_retention(now=time.time() + 1.5 * 86400)
+    assert Stats(store=again).report()["variants"] == {}
+    again.close()
+
+
+def _labelled(st: Stats, n: int, start: int = 0) -> None:
+    """n paired labelled rows (a shadow run of the ensemble on each distilled answer): both right."""
+    for i in range(start, start + n):
+        key = f"{i:032x}"
+        st.observe("distilled", 1, 0.01, key, [1], version="v1")
+        st.observe_shadow(key, "distilled", "ensemble", [1], [1], 0.01, version="v1")
+        if st.shared is not None:
+            st.shared.flush()
+        st.feedback(key, [1])
+    st.observe("ensemble", 1, 0.01, None, [1], version="v1")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "memory"])
+def test_the_confidence_sequence_history_is_one_bounded_series(backend, request, tmp_path):
+    """`vs_ensemble.history`: a point when a report finds the rows grown by history_step since the newest
+    point (or a new decision), the newest history_max kept; reads without new labels change nothing, and
+    with a shared store every worker reads the same series."""
+    shared = backend != "memory"
+    url = _new_url(backend, request, tmp_path) if shared else None
+    stores = [_store(url, tmp_path) for _ in range(2)] if shared else [None]
+    workers = [Stats(store=s) for s in stores]
+    a, b = workers[0], workers[-1]
+    for st in workers:
+        st.history_step, st.history_max = 0.5, 3
+
+    def history(st: Stats) -> list[dict]:
+        return st.report()["variants"]["distilled"]["vs_ensemble"]["history"]
+
+    _labelled(a, 20)
+    first = a.report()["variants"]["distilled"]["vs_ensemble"]
+    assert [(p["n"], p["analysis"]) for p in first["history"]] == [(20, "paired")]
+    assert first["history"][0]["ci_low"] == first["ci_low"] and first["history"][0]["decision"] == first["decision"]
+    _labelled(a, 9, start=100)
+    assert history(b) == first["history"]  # 29 rows < 20 + 50 %: no point
+    _labelled(a, 1, start=200)
+    got = history(b)
+    assert [p["n"] for p in got] == [20, 30]
+    assert all(history(w) == got for w in workers * 3)  # no new labels: every read, every worker, the same
+    for st in workers:
+        st.history_step = 0.0  # every new row count: at least one row more
+    for i, n in enumerate((35, 40, 45)):
+        _labelled(a, 5, start=300 + 10 * i)
+        assert [p["n"] for p in history(b)][-1] == n
+    final = history(a)
+    assert [p["n"] for p in final] == [35, 40, 45]  # the newest 3 of 20, 30, 35, 40, 45
+    ts = [p["t"] for p in final]
+    assert ts == sorted(ts) and all(p["ci_low"] <= p["estimate"] <= p["ci_high"] for p in final)
+    for s in stores:
+        if s is not None:
+            s.close()

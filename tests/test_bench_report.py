@@ -65,11 +65,13 @@ def test_byo_image_section_quotes_the_rows():
     byo = {"members": {"resnet18": "timm:resnet18", "mobilenet_v3_small": "torchvision:mobilenet_v3_small"},
            "parameters": {"resnet18": 11_181_642, "mobilenet_v3_small": 1_528_106}, "image": [3, 224, 224],
            "threads": 1, "torch": "2.14.1", "onnxruntime": "1.32.0", "max_abs_diff_fused_vs_loop": 2e-8,
+           "date": "2026-12-04", "machine": "Some CPU, 2 cores", "load_average": 6.25,
            "rows": [{"batch": 1, "fused_ms": 30.0, "loop_ms": 40.0, "fused_over_loop": 0.75},
                     {"batch": 32, "fused_ms": 900.0, "loop_ms": 950.0, "fused_over_loop": 900 / 950}]}
     page = render({**results(), "byo_image": byo}, [], smoke=False)
     assert "## Bring-your-own image ensemble: fused ÷ members loop" in page
     assert "timm:resnet18 (11.2 M parameters), torchvision:mobilenet_v3_small (1.5 M parameters)" in page
+    assert "measured 2026-12-04 on Some CPU, 2 cores (1-minute load average 6.2 at the end" in page
     assert "| 1 | 30.00 | 40.00 | 0.750 |" in page and "| 32 | 900.00 | 950.00 | 0.947 |" in page
     assert "byo_image: `.venv/bin/python -m bench.bench_byo_image`" in page
     assert "Bring-your-own image" not in render(results(), [], smoke=False)  # no results: no section

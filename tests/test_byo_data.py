@@ -251,7 +251,8 @@ def test_a_logits_member_served_alone_answers_probabilities(auto_bundle, workdir
     assert not np.allclose(logits.sum(-1), 1.0, atol=1e-3)  # the file itself answers logits
     with Server(auto_bundle) as srv:
         for variant, want in (("a", softmax(logits.astype(np.float64))),
-                              ("c", run(workdir / "c.onnx", {"x": rows}, "probs"))):
+                              ("c", run(workdir / "c.onnx", {"x": rows}, "probs")),
+                              ("distilled", run(auto_bundle / "distilled.onnx", {"input": rows}))):
             r = httpx.post(srv.url + "/predict", json={"inputs": rows.tolist()}, headers={"X-Variant": variant})
             assert r.status_code == 200, r.text
             got = np.asarray(r.json()["probabilities"], np.float64)
@@ -260,3 +261,34 @@ def test_a_logits_member_served_alone_answers_probabilities(auto_bundle, workdir
         assert r.status_code == 200, r.text
         np.testing.assert_allclose(np.asarray(r.json()["probabilities"]),
                                    run(auto_bundle / "ensemble.onnx", {"feats": rows}), atol=1e-5)
+
+
+def test_torch_only_members_over_a_named_input_with_data(workdir):
+    """python: members (no ONNX file) take the same path: exported alone, scored in onnxruntime, and the
+    served graph equals the torch modules themselves combined in torch (an independent reference)."""
+    import torch
+
+    from fusion.build import build_bundle
+    from fusion.ensemble import make_combiner
+    from tests.test_sources import linear_member
+
+    text = recipe(workdir, "torch_only", ensemble='combiner = "hard_vote"').read_text()
+    members = "".join(f'''
+        [[members]]
+        name = "lin{s}"
+        source = "python:tests.test_sources:linear_member"
+        args = {{in_features = {N_FEATURES}, n_classes = {N_CLASSES}, seed = {s}}}
+        ''' for s in (1, 2, 3))
+    text = text[:text.index("[[members]]")] + textwrap.dedent(members)
+    path = workdir / "torch_only.toml"
+    path.write_text(text)
+    build_bundle(load_recipe(path))
+    m = read_bundle(workdir / "torch_only").manifest
+    assert m.ensemble_selection is None and m.variants["ensemble"].combiner["name"] == "hard_vote"
+    X = load_named(workdir / "data.npz", m.inputs).X_test["feats"]
+    with torch.no_grad():
+        z = torch.stack([linear_member(N_FEATURES, N_CLASSES, s)(torch.from_numpy(X)) for s in (1, 2, 3)])
+        want = make_combiner("hard_vote", 3)(z).numpy()
+    got = run(workdir / "torch_only" / "ensemble.onnx", {"feats": X})
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert set(m.members) == {"lin1", "lin2", "lin3"} and all("test_accuracy" in e.metrics for e in m.members.values())

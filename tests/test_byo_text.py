@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,7 @@ def built(tmp_path_factory):
     return root, dirs, manifest
 
 
+@pytest.mark.slow
 def test_text_bundle_manifest_carries_the_tokenizer_and_the_gate_over_every_dimension(built):
     root, _, manifest = built
     digest = hashlib.sha256((root / "tokenizer.json").read_bytes()).hexdigest()
@@ -110,6 +112,8 @@ def _torch_soft_vote(dirs: dict[str, Path], tokenizer: Path, texts: list[str]) -
     return np.stack(rows)
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_one_string_alone_equals_it_inside_a_batch_of_longer_strings_served(built):
     root, dirs, _ = built
     short = "the cat sat"
@@ -127,6 +131,45 @@ def test_one_string_alone_equals_it_inside_a_batch_of_longer_strings_served(buil
     np.testing.assert_allclose(p_batch, expected, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_a_foreign_onnx_text_member_beside_an_hf_member(tmp_path):
+    """An `onnx:` file taking input_ids/attention_mask by name (probabilities, built with onnx.helper) beside a
+    BERT: composed over the text input, gated over batch x sequence, equal to the two run separately."""
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    from fusion.build import build_bundle
+    from fusion.recipe import load_recipe
+    from tests.byo_bundles import N_CLASSES as FOREIGN_CLASSES
+    from tests.byo_bundles import text_model
+
+    vocab = train_tokenizer(tmp_path / "tokenizer.json")
+    (tmp_path / "foreign.onnx").write_bytes(text_model(vocab))
+    torch.manual_seed(1)
+    bert = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+        max_position_embeddings=64, num_labels=FOREIGN_CLASSES)).eval()
+    bert.save_pretrained(tmp_path / "bert", safe_serialization=True)
+    text = recipe_text(tmp_path / "tokenizer.json", {"bert": tmp_path / "bert"}, tmp_path / "bundle")
+    text += f'\n[[members]]\nname = "foreign"\nsource = "onnx:{tmp_path / "foreign.onnx"}"\noutput = "probabilities"\n'
+    (tmp_path / "recipe.toml").write_text(text)
+    manifest = build_bundle(load_recipe(tmp_path / "recipe.toml"))
+    assert manifest.inputs[0].text["graph_inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert manifest.members["foreign"].input_map == {"input_ids": "input_ids", "attention_mask": "attention_mask"}
+    gate = manifest.variants["ensemble"].parity["text"]
+    assert len(gate["cases"]) == 9 and gate["max_abs_diff"] <= 1e-5
+    tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    ids = torch.tensor([tok.encode("the cat sat on the mat").ids])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        p_bert = torch.softmax(bert(input_ids=ids, attention_mask=mask).logits, -1).numpy()
+    p_foreign = ort.InferenceSession(str(tmp_path / "foreign.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    got = ort.InferenceSession(str(tmp_path / "bundle" / "ensemble.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "token_type_ids": np.zeros_like(ids.numpy())})[0]
+    np.testing.assert_allclose(got, (p_bert + p_foreign) / 2, atol=1e-5)
+
+
 def test_max_length_past_the_members_positions_is_refused(tmp_path):
     from fusion.build import build_bundle
     from fusion.recipe import load_recipe
@@ -140,12 +183,19 @@ def test_max_length_past_the_members_positions_is_refused(tmp_path):
     assert not (tmp_path / "bundle").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_example_runs_end_to_end_tiny(tmp_path):
-    """examples/byo_text/run.py --tiny: the same script a user runs, on a tiny configuration."""
+    """examples/byo_text/run.py --tiny: the same script a user runs, on a tiny configuration (~1 min: three
+    dynamo exports dominate), printing the figures the README shows."""
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true"}
     proc = subprocess.run([sys.executable, str(ROOT / "examples/byo_text/run.py"), "--tiny", "--work", str(tmp_path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    assert "ensemble accuracy" in out and "/predict" in out, out[-2000:]
+    for line in ("member bert_a: bert", "member distil_c: distilbert", "ensemble accuracy (soft vote in torch):",
+                 "gate over batch x sequence [1, 2, 7] x [1, 7, 64]", "/predict on the", '"predictions": ['):
+        assert line in out, (line, out[-2000:])
+    served = float(re.search(r"max \|served - torch soft vote\| ([0-9.e+-]+)", out)[1])
+    assert served <= 1e-5, out[-2000:]
     assert (tmp_path / "bundle" / "manifest.json").is_file() and (tmp_path / "bundle" / "tokenizer.json").is_file()

@@ -130,3 +130,30 @@ def test_make_serve_prints_a_ready_line_whose_curl_works(tiny_bundle, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
+
+
+@pytest.mark.parametrize("make", ["text_bundle", "tensor_bundle", "image_bundle"])
+def test_ready_line_example_is_a_valid_request_for_named_input_bundles(tmp_path, make):
+    """The ready line's curl for a bring-your-own-models bundle: a string for text, zeros of the right
+    shape for tensors (parsed by the service's own input parser), a PNG file for an image input."""
+    import json
+    import shlex
+
+    from fusion.bundle import read_bundle
+    from service.config import load
+    from service.inputs import Inputs, Limits
+    from service.serve import ready_lines
+    from tests import byo_bundles
+
+    out = tmp_path / "bundle"
+    getattr(byo_bundles, make)(out)
+    _, curl = ready_lines("http://127.0.0.1:9", out, load({}).tokens)
+    args = shlex.split(curl)
+    content_type = args[args.index("-H") + 1]
+    if make == "image_bundle":
+        assert content_type == "Content-Type: image/png" and "--data-binary" in args
+        return
+    assert content_type == "Content-Type: application/json"
+    body = json.loads(args[args.index("-d") + 1])
+    feeds = Inputs.load(read_bundle(out)).parse(body["inputs"], Limits())
+    assert feeds and all(len(v) == 1 for v in feeds.values())  # one row per graph input

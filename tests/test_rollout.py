@@ -309,8 +309,8 @@ def test_the_shared_store_state_is_one_for_two_handles(tmp_path):
 
 
 class FakeWorker:
-    """One worker's view: a report whose candidate entry we set (`requests`: every worker's), this worker's
-    own answered/failed candidate requests, and the splits it applied."""
+    """One worker's view: a report whose candidate entry we set (`requests`, and its `outcomes`: answered and
+    failed requests, every worker's with a shared store), and the splits it applied."""
 
     def __init__(self, verdict="non-inferior (can replace)", requests=0, p99=(1.0, 1.0), barrier=None):
         self.verdict, self.requests, self.p99 = verdict, requests, p99
@@ -325,13 +325,11 @@ class FakeWorker:
         lat = lambda p: {"p50": p, "p95": p, "p99": p, "samples": 10_000}  # noqa: E731
         return {"variants": {"ensemble": {"requests": 10_000, "latency_ms": lat(self.p99[1])},
                              "distilled": {"requests": self.requests, "latency_ms": lat(self.p99[0]),
+                                           "outcomes": {"answered": self.answered, "failed": self.failed},
                                            "non_inferiority": {"verdict": self.verdict}}}}
 
-    def outcomes(self) -> dict:
-        return {"distilled": (self.answered, self.failed)}
-
     def controller(self, store, clock, limits=LIMITS) -> RolloutController:
-        return RolloutController(PLAN, limits, store, report=self.report, outcomes=self.outcomes,
+        return RolloutController(PLAN, limits, store, report=self.report,
                                  apply=self.applied.append, clock=clock)
 
 
@@ -349,7 +347,7 @@ def test_a_worker_follows_the_stored_state_and_counts_from_the_stage_entry():
     s = c.tick()
     assert (s.stage, s.percent, w.applied) == (1, 5.0, [1.0, 5.0])
     assert c.state()["history"][-1]["reason"] == "non-inferior at 1 % after 100 candidate requests; guardrails held"
-    w.failed, w.answered = 50, 49  # this worker at the new stage: 50 of 99 failed: too few to judge yet
+    w.failed, w.answered = 50, 49  # at the new stage: 50 of 99 failed: too few to judge yet
     assert c.tick().status == RUNNING
     w.answered += 1
     s = c.tick()
@@ -456,6 +454,49 @@ def test_the_engine_rolls_a_failing_candidate_back_on_the_error_guardrail(tmp_pa
         assert (report["status"], report["percent"], [h["percent"] for h in report["history"]]) == ("rolled_back", 0.0, [50.0, 0.0])
     finally:
         eng.close()
+
+
+def test_failures_on_one_engine_trip_the_guardrail_of_another_sharing_the_store(tmp_path):
+    """Two engines (two workers) on one SQLite A/B store: every failed request is on engine A, yet
+    engine B's evaluator rolls the candidate back (the error rate is the store's, fleet-wide), and A
+    follows. Each engine's report shows the same `outcomes`."""
+    import asyncio
+
+    from service.engine import Engine
+    from tests.reliability import bundles
+
+    bundle = candidate_bundle(tmp_path / "nan", non_finite_model())
+    cfg = config.load({"FUSION_BUNDLE": str(bundle), "FUSION_ROLLOUT": "distilled:50,100",
+                       "FUSION_AB_STORE": f"sqlite:///{tmp_path}/ab.db", "FUSION_STATE_DIR": str(tmp_path / "state"),
+                       "FUSION_ROLLOUT_MIN_STAGE_REQUESTS": "10", "FUSION_ROLLOUT_MIN_STAGE_S": "0",
+                       "FUSION_ROLLOUT_PERIOD_S": "3600", "FUSION_DEVICE": "cpu"})
+    a, b = (Engine(cfg.engine, cfg.routing, runtime=cfg.runtime, load_limits=cfg.load_limits, rollout=cfg.rollout)
+            for _ in range(2))
+    try:
+        for eng in (a, b):
+            eng.start()
+            assert eng.ready, eng.error
+            assert eng.rollout.tick().percent == 50.0
+        X = np.full((2, bundles.N_FEATURES), 7.0, np.float32)  # the candidate's answer to it is non-finite
+        failed = 0
+        for i in range(40):
+            try:
+                asyncio.run(a.predict(X, variant=None, key=f"user-{i}", request_id=f"r{i}"))
+            except InputError:
+                failed += 1
+        assert failed >= 10
+        assert b.outcomes().get("distilled", (0, 0)) == (0, 0)  # B served none of them itself
+        a.ab_store.flush()  # A's batched writes reach the store (its writer does so within FLUSH_S anyway)
+        seen = [eng.report(rollout=False)["variants"]["distilled"]["outcomes"] for eng in (a, b)]
+        assert seen[0] == seen[1] and (seen[1]["answered"], seen[1]["failed"]) == (0, failed), seen
+        assert seen[1]["error_rate"] == 1.0 and list(seen[1]["by_version"]) == [a.current().version]
+        state = b.rollout.tick()
+        assert (state.status, state.percent) == (ROLLED_BACK, 0.0), state
+        assert state.reason.startswith(f"guardrail: error rate 1.0000 ({failed} of {failed} requests at 50 %)"), state.reason
+        assert a.rollout.tick().status == ROLLED_BACK and a.policy.weights == {"distilled": 0.0, "ensemble": 1.0}
+    finally:
+        a.close()
+        b.close()
 
 
 def test_an_engine_without_a_rollout_reports_none_and_refuses_actions(tmp_path):

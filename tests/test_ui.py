@@ -320,6 +320,14 @@ def test_dashboard_with_token_shows_variants_and_verdict(browser, compared_bundl
             expect(page.locator(f'#variants tr[data-variant="{name}"] [data-col="verdict"]')).to_contain_text(verdict)
             expect(page.locator(f'#verdicts [data-variant="{name}"]')).to_contain_text(verdict)
             expect(page.locator(f'#agreement-chart path[data-variant="{name}"]')).to_have_count(1)
+            # the confidence sequence over rows (vs_ensemble.history, from the store): both bounds, and the margin
+            expect(page.locator(f'#cs-chart path[data-variant="{name}"][data-bound="low"]')).to_have_count(1)
+            expect(page.locator(f'#cs-chart path[data-variant="{name}"][data-bound="high"]')).to_have_count(1)
+        history = report["variants"][others[0]]["vs_ensemble"]["history"]
+        assert history and history[-1]["analysis"] == "paired", history  # the report just read recorded its point
+        threshold = report["variants"][others[0]]["vs_ensemble"]["threshold"]
+        assert threshold == pytest.approx(-report["variants"][others[0]]["vs_ensemble"]["margin_pp"] / 100)
+        expect(page.locator(f'#cs-chart line.threshold[data-threshold="{threshold}"]')).to_have_count(1)
 
         # no text cut: the verdicts (with their p-values) and the weights' names and shares, in full,
         # in a wide window and a narrow one

@@ -24,7 +24,6 @@ import importlib.util
 import json
 import os
 import random
-import re
 import signal
 import socket
 import subprocess

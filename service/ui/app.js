@@ -255,6 +255,7 @@ function renderReport(report) {
   latencyChart(withData, variants);
   accuracyChart(withData, variants);
   agreementChart();
+  csChart(names, variants);
 }
 
 // The progressive rollout (service/rollout.py): the candidate's stage and percent, then every transition
@@ -398,6 +399,71 @@ function agreementChart() {
     svg.append(svgEl("circle", { cx: x(tl), cy: y(al), r: 3, fill: colorOf(name) }));
     svg.append(svgEl("rect", { x: left + i * 110, y: h - 16, width: 10, height: 10, fill: colorOf(name) }));
     svg.append(svgEl("text", { x: left + i * 110 + 14, y: h - 7 }, `${name} ${pct(al)}`));
+  });
+}
+
+// The anytime-valid confidence sequence of each variant against the ensemble over the rows it rests on
+// (`vs_ensemble.history`, kept in the A/B store: every worker draws the same series), and the threshold its
+// lower bound must pass: −margin on the accuracy difference (labels), 1 − agreement margin (no labels).
+// One scale: accuracy differences when any variant has labels, else agreement rates.
+function csChart(names, variants) {
+  const svg = $("cs-chart");
+  const series = [];
+  for (const name of names) {
+    const vs = (variants[name] || {}).vs_ensemble;
+    if (!vs || !vs.analysis || !isNum(vs.ci_low) || !isNum(vs.ci_high)) continue;
+    const pts = (vs.history || []).filter((p) => p.analysis === vs.analysis && isNum(p.ci_low) && isNum(p.ci_high));
+    const last = pts[pts.length - 1];
+    if (!last || last.n !== vs.n) pts.push({ n: vs.n, ci_low: vs.ci_low, ci_high: vs.ci_high, estimate: vs.estimate });
+    series.push([name, vs, pts]);
+  }
+  const labelled = series.filter(([, vs]) => vs.analysis !== "agreement");
+  const shown = labelled.length ? labelled : series;
+  if (!shown.length) return emptyChart(svg, "no variant compared with the ensemble yet");
+  svg.replaceChildren();
+  const diff = labelled.length > 0;
+  const fmt = diff ? (v) => gfmt(100 * v, 3) + " pp" : (v) => gfmt(100 * v, 3) + " %";
+  const { w, h, left, right, top, bottom } = CHART;
+  const all = shown.flatMap(([, , pts]) => pts);
+  const thresholds = [...new Set(shown.map(([, vs]) => vs.threshold).filter(isNum))];
+  let lo = Math.min(...all.map((p) => p.ci_low), ...thresholds);
+  let hi = Math.max(...all.map((p) => p.ci_high), ...thresholds);
+  if (diff) [lo, hi] = [Math.min(lo, 0), Math.max(hi, 0)];
+  const step = niceStep(Math.max(hi - lo, 0.001));
+  lo = Math.floor(lo / step - 1e-9) * step;
+  hi = Math.ceil(hi / step + 1e-9) * step;
+  const n0 = Math.min(...all.map((p) => p.n)), n1 = Math.max(...all.map((p) => p.n), n0 + 1);
+  const y = (v) => h - bottom - ((h - top - bottom) * (v - lo)) / (hi - lo);
+  const x = (n) => left + ((w - left - right) * (n - n0)) / (n1 - n0);
+  for (let i = 0; lo + i * step <= hi + 1e-9; i++) {
+    const v = Math.abs(lo + i * step) < step * 1e-6 ? 0 : lo + i * step; // 0, not 1e-17
+    svg.append(svgEl("line", { x1: left, x2: w - right, y1: y(v), y2: y(v), class: i ? "grid" : "axis" }));
+    svg.append(svgEl("text", { x: left - 6, y: y(v) + 4, "text-anchor": "end" }, fmt(v)));
+  }
+  svg.append(svgEl("text", { x: left, y: h - bottom + 14 }, `${n0.toLocaleString()} rows`));
+  svg.append(svgEl("text", { x: w - right, y: h - bottom + 14, "text-anchor": "end" }, `${n1.toLocaleString()} rows`));
+  for (const t of thresholds) {
+    const line = svgEl("line", { x1: left, x2: w - right, y1: y(t), y2: y(t), class: "threshold", "data-threshold": String(t) });
+    line.append(svgEl("title", {}, diff ? `margin: the lower bound must stay above ${fmt(t)}` : `needs agreement above ${fmt(t)}`));
+    svg.append(line);
+    svg.append(svgEl("text", { x: w - right - 4, y: y(t) - 4, "text-anchor": "end", class: "value" }, (diff ? "margin " : "needs > ") + fmt(t)));
+  }
+  const path = (pts, key) => pts.map((p, j) => (j ? "L" : "M") + x(p.n).toFixed(1) + " " + y(p[key]).toFixed(1)).join(" ");
+  shown.forEach(([name, vs, pts], i) => {
+    const band = pts.map((p) => `${x(p.n).toFixed(1)},${y(p.ci_high).toFixed(1)}`)
+      .concat(pts.slice().reverse().map((p) => `${x(p.n).toFixed(1)},${y(p.ci_low).toFixed(1)}`)).join(" ");
+    svg.append(svgEl("polygon", { points: band, fill: colorOf(name), "fill-opacity": 0.12, stroke: "none" }));
+    for (const key of ["ci_low", "ci_high"]) {
+      svg.append(svgEl("path", { d: path(pts, key), fill: "none", stroke: colorOf(name), "stroke-width": 2,
+        "data-variant": name, "data-bound": key === "ci_low" ? "low" : "high" }));
+    }
+    const p = pts[pts.length - 1];
+    for (const key of ["ci_low", "ci_high"]) svg.append(svgEl("circle", { cx: x(p.n), cy: y(p[key]), r: 3, fill: colorOf(name) }));
+    const slot = left + (i * (w - left - right)) / shown.length;
+    const tip = svgEl("rect", { x: slot, y: h - 16, width: 10, height: 10, fill: colorOf(name) });
+    tip.append(svgEl("title", {}, vs.verdict || ""));
+    svg.append(tip);
+    svg.append(svgEl("text", { x: slot + 14, y: h - 7 }, `${name} [${fmt(vs.ci_low)}, ${fmt(vs.ci_high)}]`));
   });
 }
 
