@@ -3,7 +3,8 @@
 A recipe with `[[members]]`, `[[inputs]]` and `[data] source = "file.npz"` (one array per input name, plus
 `y`) gets the digits pipeline on the composed graph of fusion/compose.py:
 
-    members (onnx: files as they are, torch members exported alone, dynamo)
+    members (onnx: files as they are, torch members exported alone, dynamo; an image input's
+             `(x * scale - mean) / std` put in front of each, fusion/imagenorm.py)
       -> member scores on val/test: each member's file run in onnxruntime (ONNX-only members have no torch
          module), Log for `probabilities` members (as the composed graph does)
       -> [temperature calibration per member, fitted on validation NLL]

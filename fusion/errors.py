@@ -8,6 +8,7 @@
     │   ├── UnknownNameError (KeyError)                an unknown registry name (lists valid ones)    -> 404
     │   ├── PayloadTooLargeError                       a request body or batch over the limit         -> 413
     │   ├── UnsupportedMediaError [service.errors]     a body of a content type not accepted          -> 415
+    │   ├── NonFiniteOutputError [service.errors]      a variant's NaN/Inf answer (counted against it) -> 400
     │   └── RequestTimeoutError [service.errors]       a body that did not arrive in time             -> 408
     ├── AuthError [service.errors]                     a missing or wrong token; a token's scope      -> 401/403
     ├── BundleError (OSError)                          a bundle that cannot be used                   -> 503

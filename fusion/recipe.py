@@ -65,9 +65,18 @@ from fusion.errors import ConfigError
 
 _CONFIG = ConfigDict(extra="forbid")  # scalars are strict one by one (below); lists may arrive as tuples or lists
 
-Number = Annotated[float, Strict()]  # an int or a float, never a bool or a string (an int becomes a float)
+Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]  # an int or a finite float, never a bool or a string (an int becomes a float)
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
+
+
+def _int_in(low: int, high: int):
+    """An integer in [low, high]: upper bounds far above any sane value, so a typo (epochs = 10**12) is an
+    error that names the bound instead of a run that never ends or an allocation that fails."""
+    return Annotated[StrictInt, Field(ge=low, le=high)]
+
+
+MAX_DIM = 1 << 20  # an input dimension, a batch size, a token sequence
 PositiveNumber = Annotated[Number, Field(gt=0.0)]
 NonNegativeNumber = Annotated[Number, Field(ge=0.0)]
 # member and input names become file names (members/<name>.onnx) and keys of requests
@@ -168,25 +177,25 @@ class DistillSection:
 
     enabled: StrictBool = True
     arch: StrictStr = "mlp"
-    hidden: tuple[PositiveInt, ...] = (256, 256)
+    hidden: tuple[_int_in(1, 65_536), ...] = (256, 256)
     args: dict[str, Any] = field(default_factory=dict)
     # the student from a member source instead of `arch` (zoo:, timm:, torchvision:, hf:, python:; `args` as its
     # keywords); not onnx: (a student is trained). "": `arch`/`hidden`/`args` (fusion/zoo.py)
     source: StrictStr = ""
     temperature: PositiveNumber = 4.0
     alpha: Annotated[Number, Field(ge=0.0, le=1.0)] = 0.9
-    epochs: PositiveInt = 60
-    batch_size: PositiveInt = 64
+    epochs: _int_in(1, 100_000) = 60
+    batch_size: _int_in(1, MAX_DIM) = 64
     lr: PositiveNumber = 1e-3
     weight_decay: NonNegativeNumber = 1e-4
-    patience: NonNegativeInt = 15
+    patience: _int_in(0, 100_000) = 15
     augment: tuple[Literal[AUGMENTATIONS], ...] = ("noise", "shift")
-    copies: NonNegativeInt = 1
+    copies: _int_in(0, 1_000) = 1
     noise_std: NonNegativeNumber = 0.1  # in units of each feature's train standard deviation
-    max_shift: NonNegativeInt = 1  # pixels, image-shaped rows only
+    max_shift: _int_in(0, 1_024) = 1  # pixels, image-shaped rows only
     mixup_alpha: PositiveNumber = 0.2  # Beta(a, a) mixing weights
-    seed: StrictInt = 0
-    threads: NonNegativeInt = 1  # torch intra-op threads while distilling (0: torch's default); small students run fastest on 1
+    seed: _int_in(-(2**63), 2**63 - 1) = 0
+    threads: _int_in(0, 1_024) = 1  # torch intra-op threads while distilling (0: torch's default); small students run fastest on 1
 
     @model_validator(mode="after")
     def _torch_source(self):
@@ -206,7 +215,7 @@ class BuildSection:
 
     out: StrictStr = "artifacts/bundle"
     compare: StrictBool = True
-    compare_rounds: PositiveInt = 300  # interleaved latency rounds per model and batch size
+    compare_rounds: _int_in(1, 100_000) = 300  # interleaved latency rounds per model and batch size
     quantize: StrictBool = False
     quantize_max_loss_pp: Number = 0.5  # accuracy points an int8 file may lose (negative: it must gain that many)
 
@@ -253,7 +262,7 @@ def _dtype_name(value: Any) -> Any:
 
 
 DtypeName = Literal[INPUT_DTYPES + tuple(OIP_DTYPES)]
-Dim = Union[PositiveInt, StrictStr]  # a fixed size, or a name for a dynamic dimension
+Dim = Union[_int_in(1, MAX_DIM), StrictStr]  # a fixed size, or a name for a dynamic dimension
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -270,7 +279,7 @@ class InputSection:
     kind: Literal[INPUT_KINDS] = "tensor"
     image: Optional[ImageSection] = None
     tokenizer: StrictStr = ""
-    max_length: NonNegativeInt = 0
+    max_length: _int_in(0, MAX_DIM) = 0
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -366,6 +375,7 @@ _EXPECTED = {
     "list_type": "a list", "tuple_type": "a list", "dict_type": "a table", "dataclass_type": "a table",
     "dataclass_args_type": "a table", "model_type": "a table", "missing": "a value (this key is required)",
     "int_from_float": "an integer", "float_parsing": "a number", "none_required": "nothing",
+    "finite_number": "a finite number",
 }
 
 
@@ -391,6 +401,8 @@ def _expected(err: dict) -> str:
         op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
         bound = next(iter(ctx.values()))
         noun = "an integer" if isinstance(bound, int) and isinstance(got, int) else "a number"
+        if noun == "an integer" and kind == "less_than_equal":
+            return f"{noun} at most {bound}"
         return f"{noun} {op} {bound}"
     if kind == "too_short":
         return f"at least {ctx.get('min_length')} item(s)"

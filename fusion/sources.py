@@ -22,6 +22,7 @@ with it and stays torch-free); torch and the optional libraries load when a memb
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import json
@@ -298,12 +299,15 @@ def _timm(ref: str, args: dict) -> "nn.Module":
     _refuse_args(args, ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir"),
                  "weights come from `weights = FILE.safetensors`; nothing is downloaded or unpickled")
     timm = _import_vision("timm")
+    # create_model reads `hf-hub:ORG/NAME` (a download from huggingface.co, even with pretrained=False) and
+    # `local-dir:PATH` (any config.json) as config sources: only a plain name from list_models() is built.
+    names = timm.list_models()
+    if ":" in ref or "/" in ref or ref not in names:
+        close = difflib.get_close_matches(ref.rsplit(":", 1)[-1].rsplit("/", 1)[-1].split(".", 1)[0], names, n=5)
+        raise ConfigError(f"timm:{ref}: expected a model name from timm.list_models(); got {ref!r} ({len(names)} "
+                          f"names; no hub, local-dir or path references{f'; close matches: {close}' if close else ''})")
     try:
         return timm.create_model(ref, pretrained=False, **args)
-    except RuntimeError as exc:
-        if "unknown model" in str(exc).lower():
-            raise ConfigError(f"timm:{ref}: expected a model name from timm.list_models(); got {ref!r}") from None
-        raise
     except TypeError as exc:
         raise ConfigError(f"timm:{ref}: args expected the model's keyword arguments; got {sorted(args)} ({exc})") from None
 

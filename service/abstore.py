@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from fusion.errors import ConfigError, UnavailableError
-from service.metrics import AB_STORE_LOST, AB_STORE_REPLAYED, AB_STORE_SPOOLED, AB_STORE_WRITE_ERRORS
+from service.metrics import AB_STORE_LOST, AB_STORE_REPLAYED, AB_STORE_SPOOLED, AB_STORE_WRITE_ERRORS, AB_STORE_WRITER_ERRORS
 
 log = logging.getLogger("fusion.service")
 
@@ -265,7 +265,11 @@ class _SQLite:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
+        try:
+            conn.execute("COMMIT")
+        finally:  # a failed COMMIT (busy, disk full, a deferred constraint) leaves the transaction open
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
 
     def lock_migrations(self, tx: _Tx) -> None:
         pass  # BEGIN IMMEDIATE holds the database's write lock
@@ -321,6 +325,19 @@ def _db_errors() -> tuple[type[BaseException], ...]:
 
 def _j(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+
+OP_FIELDS = {  # what each queued (and spooled) operation holds: `write` reads every one of them
+    "obs": ("fid", "t", "version", "variant", "client", "alias", "latency", "predictions"),
+    "shadow": ("fid", "t", "version", "variant", "latency", "predictions", "pair_variant", "agree", "compared"),
+    "event": ("id", "t", "kind", "name", "n"),
+    "outcome": ("id", "t", "version", "variant", "failed"),
+}
+
+
+def _is_op(op: Any) -> bool:
+    """A spooled line is an operation `write` can write (a JSON object with its op's fields)."""
+    return isinstance(op, dict) and op.get("op") in OP_FIELDS and all(k in op for k in OP_FIELDS[op["op"]])
 
 
 def _storable(text: str) -> bool:
@@ -457,7 +474,10 @@ class ABStore:
 
     def outcome(self, *, variant: str, version: str | None, failed: bool) -> None:
         """A request whose variant was chosen: answered or failed (the rollout's error-rate guardrail,
-        summed over every worker and replica)."""
+        summed over every worker and replica). Only a failure is queued: every answered request is an
+        observation already (`_figures` counts them as answered), so the hot path queues one entry, not two."""
+        if not failed:
+            return
         self._put({"op": "outcome", "id": uuid.uuid4().hex, "t": time.time(), "version": version or "",
                    "variant": variant, "failed": int(bool(failed))})
 
@@ -486,19 +506,28 @@ class ABStore:
     def _run(self) -> None:
         next_retention = 0.0
         while not self._stop.is_set() or not self.queue.empty():
-            batch, waiters = self._take()
-            if batch:
-                self._write_or_spool(batch)
-            elif self.down_since is None and self._spool_files():
-                self._replay()
-            if self.down_since is not None and time.time() - self.down_since >= RETRY_S:
-                self._replay()
-            if self.cfg.retention_days > 0 and self.down_since is None and time.time() >= next_retention:
-                next_retention = time.time() + RETENTION_EVERY_S
-                with contextlib.suppress(*self._errors):
-                    self.apply_retention()
-            for w in waiters:
-                w.set()
+            batch, waiters = [], []
+            try:
+                batch, waiters = self._take()
+                if batch:
+                    self._write_or_spool(batch)
+                elif self.down_since is None and self._spool_files():
+                    self._replay()
+                if self.down_since is not None and time.time() - self.down_since >= RETRY_S:
+                    self._replay()
+                if self.cfg.retention_days > 0 and self.down_since is None and time.time() >= next_retention:
+                    next_retention = time.time() + RETENTION_EVERY_S
+                    with contextlib.suppress(*self._errors):
+                        self.apply_retention()
+            except Exception:  # noqa: BLE001 - e.g. a malformed operation: the writer must outlive it, or the queue fills
+                AB_STORE_WRITER_ERRORS.inc()
+                if batch:
+                    self._lose("writer_error", len(batch))
+                log.exception("A/B store %s: the writer skipped a batch of %d operation(s) it could not write",
+                              self.url.describe(), len(batch))
+            finally:
+                for w in waiters:
+                    w.set()
 
     def _take(self) -> tuple[list[dict], list[threading.Event]]:
         batch: list[dict] = []
@@ -581,8 +610,13 @@ class ABStore:
                     ops, bad = [], 0
                     for line in path.read_text(encoding="utf-8").splitlines():
                         try:
-                            ops.append(json.loads(line))
+                            op = json.loads(line)
                         except ValueError:  # a line cut by a crash mid-write
+                            bad += 1
+                            continue
+                        if _is_op(op):
+                            ops.append(op)
+                        else:  # valid JSON but no operation: skipped, or the file would be replayed forever
                             bad += 1
                     for i in range(0, len(ops), BATCH):
                         self.write(ops[i:i + BATCH])
@@ -731,10 +765,13 @@ class ABStore:
             if b is not None:
                 paired[name] = [int(b), int(ov), int(oe), int(ne)]
         outcomes: dict[str, dict] = {}
-        for name, version, failed, n in tx.rows(
-                "SELECT variant, version, failed, COUNT(*) FROM outcomes GROUP BY variant, version, failed"):
-            by = outcomes.setdefault(name, {}).setdefault(version, [0, 0])
-            by[1 if failed else 0] += int(n)
+        # answered: the observations (one per answered request); failed: the outcomes table's failures (its
+        # answered rows, written before the observation stood for them, would count twice: not read)
+        for name, version, n in tx.rows("SELECT variant, version, COUNT(*) FROM observations GROUP BY variant, version"):
+            outcomes.setdefault(name, {}).setdefault(version, [0, 0])[0] += int(n)
+        for name, version, n in tx.rows(
+                "SELECT variant, version, COUNT(*) FROM outcomes WHERE failed = 1 GROUP BY variant, version"):
+            outcomes.setdefault(name, {}).setdefault(version, [0, 0])[1] += int(n)
         for name in outcomes:
             v(name)
         history: dict[str, list] = {}

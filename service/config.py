@@ -101,10 +101,12 @@ class Settings:
     # (a 16-megapixel PNG decodes to 48 MB of RGB), and a text input's characters per string
     max_image_pixels: int = 4096 * 4096
     max_text_chars: int = 10_000
+    # all the images of one request together (or its rows at the graph's own size, if more): ~1 s of decoding
+    max_request_pixels: int = 4 * 4096 * 4096
 
     def input_limits(self) -> InputLimits:
         """The per-request bounds on named inputs (service/inputs.py)."""
-        return InputLimits(self.max_rows, self.max_image_pixels, self.max_text_chars)
+        return InputLimits(self.max_rows, self.max_image_pixels, self.max_text_chars, self.max_request_pixels)
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,7 @@ def _http(r: _Reader) -> Settings:
         max_body_bytes=r.int("FUSION_MAX_BODY_BYTES", d.max_body_bytes, 1, "a positive integer (bytes)"),
         max_image_pixels=r.int("FUSION_MAX_IMAGE_PIXELS", d.max_image_pixels, 1, "a positive integer (width x height)"),
         max_text_chars=r.int("FUSION_MAX_TEXT_CHARS", d.max_text_chars, 1, "a positive integer (characters)"),
+        max_request_pixels=r.int("FUSION_MAX_REQUEST_PIXELS", d.max_request_pixels, 1, "a positive integer (pixels)"),
         max_small_body_bytes=r.int("FUSION_MAX_SMALL_BODY_BYTES", d.max_small_body_bytes, 1, "a positive integer (bytes)"),
         body_timeout_s=r.float("FUSION_BODY_TIMEOUT_S", d.body_timeout_s, strict=True, what="a positive number of seconds",
                                maximum=DAY_S),

@@ -11,6 +11,7 @@ Nothing here reads the environment: service/config.py reads it once and passes t
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import defaultdict
 
@@ -21,6 +22,7 @@ from service.ab import Stats
 from service.abstore import open_store
 from service.bundles import MEMBERS, BundleHolder, Served
 from service.config import EngineConfig, RolloutConfig
+from service.errors import NonFiniteOutputError
 from service.feedback import check_labels
 from service.members import FailurePolicy
 from service.predictor import Predictor, Result
@@ -118,17 +120,26 @@ class Engine:
         served = served or self.current()
         policy = self.router.policy  # read once per request (Predictor.predict uses the same one)
         name = self.router.resolve(served, variant, key, policy)
-        failed = 1
         try:
             result = await self.predictor.predict(X, variant=name, key=key, request_id=request_id, client=client,
                                                   client_chose_id=client_chose_id, served=served, policy=policy)
-            failed = 0
-            return result
-        finally:
-            with self._outcomes_lock:
-                self._outcomes[name][failed] += 1
-            # the report's `outcomes` (every worker's with a shared store): the rollout's error-rate guardrail
-            self.stats.observe_outcome(name, bool(failed), served.version)
+        except (InputError, asyncio.CancelledError) as exc:
+            # the client's input (its token ids past the table, say) or its leaving: not the variant's failure,
+            # so one client cannot roll a candidate back; a NaN/Inf answer on finite rows still counts
+            if isinstance(exc, NonFiniteOutputError):
+                self._outcome(name, True, served)
+            raise
+        except Exception:
+            self._outcome(name, True, served)  # server-side: the variant's failure
+            raise
+        self._outcome(name, False, served)
+        return result
+
+    def _outcome(self, name: str, failed: bool, served: Served) -> None:
+        with self._outcomes_lock:
+            self._outcomes[name][int(failed)] += 1
+        # the report's `outcomes` (every worker's with a shared store): the rollout's error-rate guardrail
+        self.stats.observe_outcome(name, failed, served.version)
 
     def outcomes(self) -> dict[str, tuple[int, int]]:
         """(answered, failed) requests per variant in this worker (once the variant was chosen), since it started."""

@@ -33,6 +33,12 @@ class UnsupportedMediaError(InputError):
     """A request body of a content type the endpoint does not accept (415)."""
 
 
+class NonFiniteOutputError(InputError):
+    """A variant that answered NaN/Inf on the client's (finite) rows: 400, as the input is outside what the
+    model handles, yet counted against the variant by Engine.predict (the rollout's error-rate guardrail),
+    unlike other InputErrors: a candidate that overflows where the baseline does not is what it must catch."""
+
+
 class DeadlineError(UnavailableError):
     """A member or a request that ran past its deadline (504)."""
 

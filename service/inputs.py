@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,15 +45,21 @@ IMAGE_FORMATS = ["PNG", "JPEG"]  # the only decoders Pillow may use: no exotic f
 MODE_CHANNELS = {"L": 1, "RGB": 3, "RGBA": 4}
 TEXT_GRAPH_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 WARMUP_SEQUENCE = 4  # the sequence length of the warm-up's text feeds
+# a text input tokenizes at most max_length * this many characters of a string: the tokens within max_length
+# are the same unless they average more than this many characters each (then the string is cut mid-token)
+TEXT_CHARS_PER_TOKEN = 64
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-request bounds (service/config.py Settings: FUSION_MAX_ROWS, FUSION_MAX_IMAGE_PIXELS, FUSION_MAX_TEXT_CHARS)."""
+    """Per-request bounds (service/config.py Settings: FUSION_MAX_ROWS, FUSION_MAX_IMAGE_PIXELS, FUSION_MAX_TEXT_CHARS,
+    FUSION_MAX_REQUEST_PIXELS)."""
 
     max_rows: int = 1024
     max_image_pixels: int = 4096 * 4096
     max_text_chars: int = 10_000
+    # all the images of one request together (from their headers, before any is decoded); see decode_images
+    max_request_pixels: int = 4 * 4096 * 4096
 
 
 def n_rows(feeds: Feeds) -> int:
@@ -138,7 +145,7 @@ class Inputs:
             fixed = s.shape[1:]
             if any(isinstance(d, str) for d in fixed):
                 return None
-            total += int(np.prod(fixed, dtype=np.int64))
+            total += math.prod(fixed)  # Python ints: numpy's int64 product wraps
         return total
 
     def example(self, batch: int) -> Feeds:
@@ -158,7 +165,8 @@ class Inputs:
         """A manifest's probe rows as feeds: {graph input: nested list}, each as its dtype, or {input name:
         value} as a client sends them (strings for text, base64 for images), parsed as a request."""
         if set(data) != set(self.feed_names):
-            return self.convert(dict(data), Limits(max_rows=1 << 20, max_image_pixels=1 << 26, max_text_chars=1 << 20))
+            return self.convert(dict(data), Limits(max_rows=1 << 20, max_image_pixels=1 << 26, max_text_chars=1 << 20,
+                                                   max_request_pixels=1 << 40))
         dtypes = {}
         for s in self.specs.values():
             for g in self.graph_inputs[s.name]:
@@ -235,7 +243,10 @@ class Inputs:
                 raise InputError(f"input '{spec.name}'[{i}]: expected at most {limits.max_text_chars} characters "
                                  f"(FUSION_MAX_TEXT_CHARS); got {len(t)}")
         tok, pad = self.tokenizers[spec.name]
-        encodings = [tok.encode(t) for t in texts]
+        # only the first max_length * TEXT_CHARS_PER_TOKEN characters are tokenized: tokens past max_length are
+        # dropped anyway, and `encode` tokenizes the whole string before it truncates (per string: alone = in a batch)
+        cut = int(spec.text["max_length"]) * TEXT_CHARS_PER_TOKEN
+        encodings = [tok.encode(t[:cut]) for t in texts]
         lengths = [len(e.ids) for e in encodings]
         for i, n in enumerate(lengths):
             if n == 0:
@@ -370,24 +381,41 @@ def tensor(spec: TensorSpec, value, limits: Limits) -> np.ndarray:
 
 
 def decode_images(items: list, spec: TensorSpec, limits: Limits) -> np.ndarray:
-    """Encoded PNG/JPEG images (base64 strings, or bytes) -> (B, C, H, W) float32 raw 0..255 values."""
+    """Encoded PNG/JPEG images (base64 strings, or bytes) -> (B, C, H, W) float32 raw 0..255 values.
+
+    Every header is read before any image is decoded: each image is bounded (FUSION_MAX_IMAGE_PIXELS) and so
+    is their sum, by FUSION_MAX_REQUEST_PIXELS or the rows at the graph's own H x W, whichever is larger
+    (decoding and resizing cost about the pixels decoded: 4096x4096 took 257 ms, and an 8 MiB body holds
+    ~170 such PNGs; rows at the graph's size cost what the tensor they fill does, bounded by FUSION_MAX_ROWS)."""
     _, c, h, w = spec.shape
     mode = (spec.image or {}).get("mode", "RGB")
+    opened = [_open(_image_bytes(item, f"input '{spec.name}'[{i}]"), limits.max_image_pixels, f"input '{spec.name}'[{i}]")
+              for i, item in enumerate(items)]
+    total = sum(img.size[0] * img.size[1] for img in opened)
+    budget = max(limits.max_request_pixels, len(items) * h * w)
+    if total > budget:
+        raise InputError(f"input '{spec.name}': expected at most {budget} pixels in all the images of a request "
+                         f"(FUSION_MAX_REQUEST_PIXELS; or {len(items)} rows at the graph's {w}x{h}); got {total} in {len(items)} images")
     out = np.empty((len(items), c, h, w), dtype=np.float32)
-    for i, item in enumerate(items):
-        where = f"input '{spec.name}'[{i}]"
-        if isinstance(item, str):
-            try:
-                item = base64.b64decode(item, validate=True)
-            except (binascii.Error, ValueError):
-                raise InputError(f"{where}: expected a base64-encoded PNG or JPEG image; got a string that is not base64") from None
-        elif not isinstance(item, bytes):
-            raise InputError(f"{where}: expected a base64-encoded PNG or JPEG image (a string); got {_kind(item)}")
-        out[i] = _decode(item, mode, (h, w), limits.max_image_pixels, where)
+    for i, img in enumerate(opened):
+        out[i] = _pixels(img, mode, (h, w), f"input '{spec.name}'[{i}]")
     return out
 
 
-def _decode(data: bytes, mode: str, size: tuple[int, int], max_pixels: int, where: str) -> np.ndarray:
+def _image_bytes(item, where: str) -> bytes:
+    """One image as the client sent it (a base64 string, or OIP BYTES) -> its encoded bytes."""
+    if isinstance(item, str):
+        try:
+            return base64.b64decode(item, validate=True)
+        except (binascii.Error, ValueError):
+            raise InputError(f"{where}: expected a base64-encoded PNG or JPEG image; got a string that is not base64") from None
+    if not isinstance(item, bytes):
+        raise InputError(f"{where}: expected a base64-encoded PNG or JPEG image (a string); got {_kind(item)}")
+    return item
+
+
+def _open(data: bytes, max_pixels: int, where: str):
+    """A PNG or JPEG opened from its header only (no pixel decoded), within `max_pixels`."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -402,6 +430,13 @@ def _decode(data: bytes, mode: str, size: tuple[int, int], max_pixels: int, wher
     if width * height > max_pixels:  # before any pixel is decoded
         raise InputError(f"{where}: expected an image of at most {max_pixels} pixels (FUSION_MAX_IMAGE_PIXELS); "
                          f"got {width}x{height} = {width * height}")
+    return img
+
+
+def _pixels(img, mode: str, size: tuple[int, int], where: str) -> np.ndarray:
+    """An opened image decoded into `mode`, resized bilinearly to `size` (H, W) -> (C, H, W) uint8."""
+    from PIL import Image
+
     try:
         img = img.convert(mode)
         if img.size != (size[1], size[0]):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fusion.errors import ConfigError, UnavailableError
+from fusion.errors import ConfigError, InputError, UnavailableError
 from service.combine import calibrate, combine, member_weights
 from service.errors import DeadlineError
 from service.metrics import DEGRADED
@@ -111,7 +111,7 @@ class MembersEnsemble:
         for fut in futures:
             fut.add_done_callback(self._release)
         done, pending = cf.wait(futures, timeout=self.policy.deadline_s)
-        outputs, failed = {}, {}
+        outputs, failed, refused = {}, {}, {}
         for fut in done:
             i = futures[fut]
             exc = fut.exception()
@@ -119,8 +119,14 @@ class MembersEnsemble:
                 outputs[i] = fut.result()
             else:
                 failed[self.names[i]] = f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, InputError):  # the member refused the client's values (runtime.Model)
+                    refused[self.names[i]] = exc
         for fut in pending:
             failed[self.names[futures[fut]]] = f"no answer within the {self.policy.deadline_s * 1e3:.0f} ms deadline"
+        unanswerable = (failed and (self.policy.quorum is None or self.combiner["name"] == "stacking")
+                        or len(outputs) < (self.policy.quorum or len(self.names)))
+        if unanswerable and refused:
+            raise refused[min(refused)]  # the client's values are to blame (400), not the members (503)
         if failed and (self.policy.quorum is None or self.combiner["name"] == "stacking"):
             name, why = next(iter(sorted(failed.items())))
             err = DeadlineError if "deadline" in why else UnavailableError

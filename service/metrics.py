@@ -204,6 +204,8 @@ AB_STORE_LOST = Counter("fusion_ab_store_lost", "A/B observations that never rea
 AB_STORE_SPOOLED = Counter("fusion_ab_store_spooled", "A/B observations spooled to local disk while the store was unreachable")
 AB_STORE_REPLAYED = Counter("fusion_ab_store_replayed", "Spooled A/B observations written to the store once it answered")
 AB_STORE_WRITE_ERRORS = Counter("fusion_ab_store_write_errors", "Batched writes to the A/B store that failed (then spooled)")
+AB_STORE_WRITER_ERRORS = Counter("fusion_ab_store_writer_errors", "Unexpected errors in the A/B store's writer thread "
+                                  "(e.g. a malformed operation): logged, the batch skipped, the writer goes on")
 # Label values (issue 13, finding 2): variant and member names are the served bundle's (a request's
 # variant is checked against it before any metric is touched), status is the code we answer with,
 # reason is "queue_full" or an exception class name, the rest are literals; none is a client's string.
@@ -211,5 +213,5 @@ AB_STORE_WRITE_ERRORS = Counter("fusion_ab_store_write_errors", "Batched writes 
 # left unbounded: one version per hot swap (admin only), and "other" would hide which one is served.
 REQUESTS, ROWS, ERRORS, LATENCY, SHADOW_LATENCY, AGREEMENT, FEEDBACK, SHADOW_FAILURES, DEGRADED = (
     Bounded(m) for m in (REQUESTS, ROWS, ERRORS, LATENCY, SHADOW_LATENCY, AGREEMENT, FEEDBACK, SHADOW_FAILURES, DEGRADED))
-AB_STORE_LOST = Bounded(AB_STORE_LOST)  # reason: three literals
+AB_STORE_LOST = Bounded(AB_STORE_LOST)  # reason: four literals
 AB_BOUND, AB_DECISION = Bounded(AB_BOUND), Bounded(AB_DECISION)  # variant: the bundle's; bound: four literals

@@ -8,6 +8,7 @@ tensors follow it in input order.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,19 +62,7 @@ def parse(body: bytes, header_length: str | None, n_features: int, max_rows: int
     X, used = _tensor(inputs[0], binary, n_features, max_rows, maybe_booleans)
     if used != len(binary):
         raise InputError(f"expected {used} bytes of binary tensor data after the JSON header; got {len(binary)}")
-    requested = req.get("outputs")
-    if requested is not None and not isinstance(requested, list):
-        raise InputError(f"expected 'outputs' to be a list of {{\"name\": ...}} objects; got {_kind(requested)}")
-    outputs = {}
-    for k, o in enumerate(requested or []):
-        if not isinstance(o, dict) or o.get("name") not in (OUTPUT_PROBS, OUTPUT_LABEL):
-            raise InputError(f"expected requested outputs named '{OUTPUT_PROBS}' or '{OUTPUT_LABEL}'; got {o!r:.80}")
-        outputs[o["name"]] = _flag(_parameters(o, f"outputs[{k}]"), "binary_data", f"outputs[{k}]")
-    params = _parameters(req, "the request")
-    rid = req.get("id")
-    if rid is not None and not isinstance(rid, str):
-        raise InputError(f"expected 'id' to be a string; got {_kind(rid)}")
-    return InferRequest(rid, X, outputs, _flag(params, "binary_data_output", "the request"), params)
+    return _request(req, X)
 
 
 def _kind(v) -> str:
@@ -164,33 +153,27 @@ def parse_named(body: bytes, header_length: str | None, named, limits) -> InferR
             raise InputError(f"inputs[{k}]: unknown input {name!r:.60}; expected the inputs {expected}")
         if name in values:
             raise InputError(f"inputs[{k}]: input '{name}' given twice; expected each of {expected} once")
-        values[name], used = _named_tensor(t, name, named.specs[name], binary[offset:], limits.max_rows)
+        values[name], used = _named_tensor(t, name, named.specs[name], binary[offset:], limits.max_rows, len(body))
         offset += used
     if offset != len(binary):
         raise InputError(f"expected {offset} bytes of binary tensor data after the JSON header; got {len(binary)}")
     feeds = named.convert(values, limits)
-    requested = req.get("outputs")
-    if requested is not None and not isinstance(requested, list):
-        raise InputError(f"expected 'outputs' to be a list of {{\"name\": ...}} objects; got {_kind(requested)}")
-    outputs = {}
-    for k, o in enumerate(requested or []):
-        if not isinstance(o, dict) or o.get("name") not in (OUTPUT_PROBS, OUTPUT_LABEL):
-            raise InputError(f"expected requested outputs named '{OUTPUT_PROBS}' or '{OUTPUT_LABEL}'; got {o!r:.80}")
-        outputs[o["name"]] = _flag(_parameters(o, f"outputs[{k}]"), "binary_data", f"outputs[{k}]")
-    params = _parameters(req, "the request")
-    rid = req.get("id")
-    if rid is not None and not isinstance(rid, str):
-        raise InputError(f"expected 'id' to be a string; got {_kind(rid)}")
-    return InferRequest(rid, feeds, outputs, _flag(params, "binary_data_output", "the request"), params)
+    return _request(req, feeds)
 
 
-def _named_tensor(t: dict, name: str, spec, binary: memoryview, max_rows: int):
+def _named_tensor(t: dict, name: str, spec, binary: memoryview, max_rows: int, body_bytes: int):
     """One named input tensor -> (the value service/inputs.py converts: a list of str/bytes or an array,
     bytes of binary data used)."""
     shape, dtype = t.get("shape"), t.get("datatype")
     if not (isinstance(shape, list) and shape and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise InputError(f"input '{name}': expected 'shape' a list of non-negative integers; got {shape!r:.60}")
-    n = int(np.prod(shape, dtype=np.int64))
+    # Python ints, never numpy's int64 product (it wraps: [1, 2**32, 2**32] gave 0 and a 500 at the reshape).
+    # Every element takes at least one byte of the body (a JSON number a character, a binary element its
+    # bytes), so neither the count nor any one dimension can exceed the body's size in a real request.
+    n = math.prod(shape)
+    if n > body_bytes or max(shape) > body_bytes:
+        raise InputError(f"input '{name}': expected a shape whose dimensions and element count fit this {body_bytes}-byte "
+                         f"request (every element takes at least one byte); got shape {shape} ({n} elements)")
     if not 1 <= shape[0] <= max_rows:
         raise InputError(f"input '{name}': expected between 1 and {max_rows} rows; got shape {shape}")
     size = _parameters(t, f"input '{name}'").get("binary_data_size")
@@ -317,3 +300,20 @@ def metadata(model: str, version: str, n_features: int, classes: tuple, platform
         "inputs": inputs if inputs is not None else [{"name": "input", "datatype": "FP32", "shape": [-1, n_features]}],
         "outputs": outputs,
     }
+
+
+def _request(req: dict, inputs) -> InferRequest:
+    """The rest of an infer request once its inputs are parsed: requested outputs, parameters and id."""
+    requested = req.get("outputs")
+    if requested is not None and not isinstance(requested, list):
+        raise InputError(f"expected 'outputs' to be a list of {{\"name\": ...}} objects; got {_kind(requested)}")
+    outputs = {}
+    for k, o in enumerate(requested or []):
+        if not isinstance(o, dict) or o.get("name") not in (OUTPUT_PROBS, OUTPUT_LABEL):
+            raise InputError(f"expected requested outputs named '{OUTPUT_PROBS}' or '{OUTPUT_LABEL}'; got {o!r:.80}")
+        outputs[o["name"]] = _flag(_parameters(o, f"outputs[{k}]"), "binary_data", f"outputs[{k}]")
+    params = _parameters(req, "the request")
+    rid = req.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise InputError(f"expected 'id' to be a string; got {_kind(rid)}")
+    return InferRequest(rid, inputs, outputs, _flag(params, "binary_data_output", "the request"), params)

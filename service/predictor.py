@@ -23,6 +23,7 @@ from service.ab import Stats
 from service.batching import AdaptiveBatcher
 from service.bundles import MEMBERS, Served
 from service.config import EngineConfig
+from service.errors import NonFiniteOutputError
 from service.inputs import n_rows, take
 from service.router import Router
 from service.routing import CASCADE, RoutingPolicy
@@ -115,7 +116,7 @@ class Predictor:
         """Check the answer, record it and start the shadow runs; returns what the client gets."""
         finite = np.isfinite(out).all(axis=tuple(range(1, out.ndim)))  # (B,): never answer 200 with NaN/Inf
         if not finite.all():
-            raise InputError(f"rows {np.flatnonzero(~finite)[:5].tolist()}: '{name}' gave non-finite outputs; "
+            raise NonFiniteOutputError(f"rows {np.flatnonzero(~finite)[:5].tolist()}: '{name}' gave non-finite outputs; "
                              "expected inputs within the range the model handles (finite inputs can still overflow it)")
         manifest = served.loaded.manifest
         result = Result(name, out, served.version, manifest.classes, manifest.task, extra)

@@ -78,12 +78,20 @@ class RolloutPlan:
             raise ConfigError(f"expected strictly increasing stage percentages; got {list(stages)}")
         if stages[-1] != 100.0:
             raise ConfigError(f"expected the last stage to be 100 (the candidate takes all traffic); got {stages[-1]:g}")
+        if len(stages) < 2:  # 100 % at once has no stage that collects evidence, and could never complete
+            raise ConfigError(f"expected at least 2 stages, the first below 100 (e.g. {name}:1,5,25,50,100); got {list(stages)}")
         return cls(name, stages)
 
     @property
     def name(self) -> str:
-        """The state's key in the store: one rollout per candidate and stage list."""
+        """The plan's name: the candidate and its stage list."""
         return f"{self.candidate}:{','.join(f'{p:g}' for p in self.stages)}"
+
+    def key(self, bundle_version: str) -> str:
+        """The state's key in the store: one rollout per plan and bundle version (a content address: a new
+        candidate file is a new version), so a swap or redeploy to a new candidate starts at the first stage
+        instead of inheriting the old candidate's state; redeploying the same bundle continues it."""
+        return f"{self.name}@{bundle_version}"
 
     def check_against(self, available: set[str]) -> None:
         """ConfigError unless the bundle serves the candidate and the ensemble (engine construction, swaps)."""
@@ -282,9 +290,11 @@ class MemoryRolloutState:
 
 @dataclass(frozen=True)
 class _Applied:
-    """The store version this worker applied last, and the candidate's counts then (the stage's baseline):
-    requests, answered and failed requests in the report (fleet-wide with a shared store)."""
+    """The state (its key: plan and bundle version) and store version this worker applied last, and the
+    candidate's counts then (the stage's baseline): requests, answered and failed requests in the report
+    (fleet-wide with a shared store)."""
 
+    key: str = ""
     version: int = 0
     counts: tuple[int, int, int] = (0, 0, 0)
 
@@ -292,8 +302,8 @@ class _Applied:
 class RolloutController:
     """Follows the stored rollout state in one worker and takes part in deciding it.
 
-    `report()` gives the `/ab/report` this worker answers (variants, latency, verdicts, `outcomes`: answered
-    and failed requests), `apply(percent)` sets the router's split; `clock` is
+    `report()` gives the `/ab/report` this worker answers (the served `bundle_version`: the state's key; variants,
+    latency, verdicts, `outcomes`: answered and failed requests), `apply(percent)` sets the router's split; `clock` is
     time.time (tests pass their own). `tick()` is one evaluation; `start()` runs it every
     `limits.period_s` in a daemon thread.
     """
@@ -308,15 +318,20 @@ class RolloutController:
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
 
-    # the stored state, created on first read
-    def _read(self) -> tuple[int, RolloutState]:
-        row = self.store.rollout_get(self.plan.name)
+    # the stored state of the served bundle version, created on first read
+    def _read(self, key: str) -> tuple[int, RolloutState]:
+        row = self.store.rollout_get(key)
         if row is None:
-            self.store.rollout_cas(self.plan.name, 0, RolloutState.start(self.plan, self._clock()).to_dict())
-            row = self.store.rollout_get(self.plan.name)  # ours, or a faster worker's
+            self.store.rollout_cas(key, 0, RolloutState.start(self.plan, self._clock()).to_dict())
+            row = self.store.rollout_get(key)  # ours, or a faster worker's
             if row is None:
-                raise UnavailableError(f"rollout {self.plan.name}: expected its state in the store after creating it; found none")
+                raise UnavailableError(f"rollout {key}: expected its state in the store after creating it; found none")
         return row[0], RolloutState.from_dict(row[1])
+
+    def _key(self, report: dict) -> str | None:
+        """The state's key for the served bundle version (None: no bundle served yet)."""
+        version = report.get("bundle_version")
+        return self.plan.key(str(version)) if version else None
 
     def _counts(self, report: dict | None = None) -> tuple[int, int, int]:
         """The candidate's (requests, answered, failed) in the report: with a shared store, every worker's
@@ -325,16 +340,16 @@ class RolloutController:
         outcomes = entry.get("outcomes") or {}
         return int(entry.get("requests") or 0), int(outcomes.get("answered") or 0), int(outcomes.get("failed") or 0)
 
-    def _follow(self, version: int, state: RolloutState, counts: tuple[int, int, int] | None = None) -> None:
+    def _follow(self, key: str, version: int, state: RolloutState, counts: tuple[int, int, int] | None = None) -> None:
         """Apply a stored state this worker has not applied yet; its counts become the stage baseline."""
-        if version == self._applied.version:
+        if (key, version) == (self._applied.key, self._applied.version):
             return
         counts = counts if counts is not None else self._counts()
         self._apply(state.percent)
         ROLLOUT_PERCENT.labels(self.plan.candidate).set(state.percent)
         if self._applied.version:
-            log.info("rollout %s: %g %% (%s): %s", self.plan.candidate, state.percent, state.status, state.reason)
-        self._applied = _Applied(version, counts)
+            log.info("rollout %s: %g %% (%s): %s", key, state.percent, state.status, state.reason)
+        self._applied = _Applied(key, version, counts)
 
     def observe(self, report: dict, counts: tuple[int, int, int]) -> Observation:
         entry = (report.get("variants") or {}).get(self.plan.candidate) or {}
@@ -349,39 +364,47 @@ class RolloutController:
         """Read the stored state, follow it, and (while running) decide and compare-and-set; a lost CAS
         re-reads and follows the winner. Returns the state this worker now follows."""
         with self._lock:
-            version, state = self._read()
-            self._follow(version, state)
+            report = self._report()
+            key = self._key(report)
+            if key is None:  # no bundle served yet: nothing to roll out
+                return replace(RolloutState.start(self.plan, self._clock()), percent=0.0, reason="no bundle served yet")
+            counts = self._counts(report)
+            version, state = self._read(key)
+            self._follow(key, version, state, counts)
             if state.status != RUNNING:
                 return state
-            report = self._report()
-            counts = self._counts(report)
             new = decide(state, self.observe(report, counts), self.limits, self._clock())
             if new is state:
                 return state
-            if self.store.rollout_cas(self.plan.name, version, new.to_dict()):
-                self._follow(version + 1, new, counts)
+            if self.store.rollout_cas(key, version, new.to_dict()):
+                self._follow(key, version + 1, new, counts)
                 return new
-            version, state = self._read()  # another worker decided first: follow it
-            self._follow(version, state)
+            version, state = self._read(key)  # another worker decided first: follow it
+            self._follow(key, version, state)
             return state
 
     def act(self, action: str) -> RolloutState:
         """An admin action, compare-and-set against concurrent evaluators (retried on a lost race)."""
         with self._lock:
+            key = self._key(self._report())
+            if key is None:
+                raise UnavailableError(f"rollout {self.plan.name}: no bundle is served yet; expected one before {action}")
             for _ in range(20):
-                version, state = self._read()
+                version, state = self._read(key)
                 new = act(state, action, self._clock())
-                if self.store.rollout_cas(self.plan.name, version, new.to_dict()):
-                    self._follow(version + 1, new)
+                if self.store.rollout_cas(key, version, new.to_dict()):
+                    self._follow(key, version + 1, new)
                     return new
-            raise UnavailableError(f"rollout {self.plan.name}: the state kept changing under {action}; expected it to settle")
+            raise UnavailableError(f"rollout {key}: the state kept changing under {action}; expected it to settle")
 
     def state(self) -> dict:
-        """The stored state as `/ab/report` shows it (without creating it)."""
-        row = self.store.rollout_get(self.plan.name)
+        """The stored state this worker follows (its bundle version's) as `/ab/report` shows it (without creating it)."""
+        key = self._applied.key
+        row = self.store.rollout_get(key) if key else None
         state = RolloutState.from_dict(row[1]).to_dict() if row else RolloutState.start(self.plan, self._clock()).to_dict()
-        return {"name": self.plan.name, **state, "store_version": row[0] if row else 0,
-                "applied_version": self._applied.version, **({"last_error": self.last_error} if self.last_error else {})}
+        return {"name": key or self.plan.name, "bundle_version": key.rpartition("@")[2] if key else None, **state,
+                "store_version": row[0] if row else 0, "applied_version": self._applied.version,
+                **({"last_error": self.last_error} if self.last_error else {})}
 
     def start(self) -> None:
         if self._thread is None:

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from fusion.bundle import MAX_MANIFEST_BYTES, Bundle, Manifest, read_bundle
-from fusion.errors import BundleError, UnavailableError
+from fusion.errors import BundleError, InputError, UnavailableError
 from service.inputs import Inputs, n_rows
 from service.onnx_check import check_model
 
@@ -183,6 +184,18 @@ class Model:
     softmax: bool = False
 
     def __call__(self, X) -> np.ndarray:
+        """A client's rows -> (B, C). onnxruntime's InvalidArgument while running on them (token ids past the
+        embedding table: Gather's bounds check) is the input's fault: an InputError (400), not a 500 that the
+        rollout's guardrail would count against the variant. The load (warm-up, probe) calls `run`: there it
+        is the bundle's fault."""
+        try:
+            return self.run(X)
+        except InvalidArgument as exc:
+            reason = str(exc).split("Status Message: ", 1)[-1].rsplit(" : ", 1)[-1].strip()
+            raise InputError(f"'{self.name}' refused the input values; expected values the model accepts "
+                             f"(e.g. ids within its vocabulary); onnxruntime: {reason:.200}") from None
+
+    def run(self, X) -> np.ndarray:
         # X: (B, F) float32 C-contiguous, or named feeds {graph input: (B, ...)} -> (B, C) float32
         t0 = time.perf_counter()
         if self.binds is None:
@@ -303,7 +316,7 @@ def warm_up(loaded: LoadedBundle) -> None:
         for i, b in enumerate((1, 8, 1, 1)):
             if i == 2:
                 model.cost = CallCost()  # forget the first calls' one-off allocations
-            out = model(examples[b])
+            out = model.run(examples[b])
             if out.shape[0] != b or not np.isfinite(out).all():
                 raise UnavailableError(f"warm-up of '{name}' gave {out.shape} / non-finite output")
 
@@ -325,7 +338,7 @@ def check_probe(loaded: LoadedBundle) -> None:
     for name, expected in probe["outputs"].items():
         if name not in loaded.models:
             continue
-        got = loaded.models[name](X)
+        got = loaded.models[name].run(X)
         expected = np.asarray(expected, dtype=np.float32)
         if got.shape != expected.shape:
             raise UnavailableError(f"'{name}' gave outputs of shape {got.shape} on the probe rows; the manifest recorded {expected.shape}")

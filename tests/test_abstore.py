@@ -5,6 +5,7 @@ reference: the code the service used before, fed the same observations, shadows 
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -170,7 +171,9 @@ def test_store_report_equals_the_in_memory_report(url, tmp_path):
         key, version = f"{rng.getrandbits(128):032x}", "v1" if i % 3 else "v2"
         labels = [rng.choice(CLASSES) for _ in preds]
         for st in (shared, memory):
-            st.observe_outcome(variant, i % 7 == 0, version)
+            st.observe_outcome(variant, False, version)  # answered: observed below (as the engine does)
+            if i % 7 == 0:
+                st.observe_outcome(variant, True, version)  # another request, which failed: never observed
             st.observe(variant, len(preds), 0.001 + i * 1e-5, key, preds, client="c", version=version)
             for shadow in VARIANTS:
                 if shadow != variant:
@@ -416,7 +419,10 @@ def test_outcomes_are_summed_over_every_worker_per_variant_and_version(url, tmp_
     sa, sb = Stats(store=a), Stats(store=b)
     for i in range(30):
         sa.observe_outcome("distilled", i % 3 == 0, "v1")  # 10 of 30 failed on A
+        if i % 3:  # an answered request is observed too (as the engine does): that is what counts it
+            sa.observe("distilled", 1, 0.001, None, [1], version="v1")
         sb.observe_outcome("distilled", False, "v2")  # 30 answered on B
+        sb.observe("distilled", 1, 0.001, None, [1], version="v2")
     sb.observe_outcome("merged", True, "v2")
     a.flush(), b.flush()
     want = {"answered": 50, "failed": 10, "error_rate": 10 / 60,
@@ -482,3 +488,75 @@ def test_the_confidence_sequence_history_is_one_bounded_series(backend, request,
     for s in stores:
         if s is not None:
             s.close()
+
+
+def test_the_writer_survives_an_operation_it_cannot_write(tmp_path):
+    """A queued (or spooled) line that is valid JSON but not an operation used to end the writer thread
+    silently (the queue then filled and labels found nothing): it is logged, counted and skipped (review s2)."""
+    store = _store(f"sqlite:///{tmp_path}/ab.db", tmp_path)
+    before = REGISTRY.get_sample_value("fusion_ab_store_writer_errors_total") or 0.0
+    store._put({"not": "an operation"})
+    assert store.flush()  # the bad batch is dropped, the writer goes on
+    st = Stats(store=store)
+    key = st.observe("ensemble", 1, 0.001, None, [1], version="v1")
+    assert store.flush() and store._thread.is_alive()
+    assert st.feedback(key, [1]) == {"variants": ["ensemble"], "rows": 1}
+    assert REGISTRY.get_sample_value("fusion_ab_store_writer_errors_total") == before + 1
+    assert store.lost == 1
+    store.close()
+
+
+def test_a_failed_commit_leaves_no_transaction_open(tmp_path):
+    """COMMIT itself can fail (SQLITE_BUSY, a full disk): the connection is rolled back, not left inside the
+    transaction, so its next BEGIN works (review s2)."""
+    store = _store(f"sqlite:///{tmp_path}/ab.db", tmp_path)
+    db = store.db
+    conn = db._conn()
+    # a deferred foreign-key violation fails at COMMIT, not at the statement: a real failing COMMIT
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+    conn.execute("CREATE TABLE child (pid INTEGER REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED)")
+    import sqlite3
+    with pytest.raises(sqlite3.IntegrityError):
+        with db.tx() as tx:
+            tx.run("INSERT INTO child (pid) VALUES (?)", (42,))
+    assert not conn.in_transaction
+    with db.tx() as tx:  # usable again
+        tx.run("INSERT INTO parent (id) VALUES (?)", (1,))
+    assert [r for r in conn.execute("SELECT id FROM parent")] == [(1,)]
+    assert [r for r in conn.execute("SELECT pid FROM child")] == []
+    store.close()
+
+
+def test_an_answered_request_queues_one_operation(tmp_path, monkeypatch):
+    """The hot path (review s2): an answered request queues its observation only (which implies the answered
+    outcome); a failed one queues its outcome. The report's outcomes still count both."""
+    store = _store(f"sqlite:///{tmp_path}/ab.db", tmp_path)
+    ops = []
+    real = store._put
+    monkeypatch.setattr(store, "_put", lambda op: (ops.append(op["op"]), real(op)))
+    st = Stats(store=store)
+    st.observe_outcome("distilled", False, "v1")
+    st.observe("distilled", 2, 0.001, None, [1, 2], version="v1")
+    assert ops == ["obs"]
+    st.observe_outcome("distilled", True, "v1")
+    assert ops == ["obs", "outcome"]
+    store.flush()
+    assert st.report()["variants"]["distilled"]["outcomes"] == {
+        "answered": 1, "failed": 1, "error_rate": 0.5, "by_version": {"v1": {"answered": 1, "failed": 1}}}
+    store.close()
+
+
+def test_a_spooled_line_that_is_no_operation_is_counted_and_the_rest_replayed(tmp_path):
+    """A spool line that is valid JSON but no operation is skipped as `spool_unreadable` (else the file would be
+    replayed, and fail, forever); the valid lines around it are written and the file removed (review s2)."""
+    store = _store(f"sqlite:///{tmp_path}/ab.db", tmp_path)
+    store.flush()
+    good = {"op": "outcome", "id": "a" * 32, "t": time.time(), "version": "v1", "variant": "distilled", "failed": 1}
+    spool = store.state_dir / "ab-spool-999999999-deadbeef.jsonl"  # a process that ended
+    spool.write_text("\n".join(json.dumps(x) for x in ([1, 2], {"op": "obs"}, good, {"x": 1})) + "\n")
+    lost = store.lost
+    store._replay()
+    assert not spool.exists() and store.lost == lost + 3
+    assert Stats(store=store).report()["variants"]["distilled"]["outcomes"]["failed"] == 1
+    store.close()

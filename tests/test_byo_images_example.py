@@ -20,7 +20,7 @@ pytest.importorskip("timm", reason="the [vision] extra: pip install -e '.[vision
 pytest.importorskip("torchvision", reason="the [vision] extra: pip install -e '.[vision]'")
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow  # ~80-120 s: three real CNNs trained briefly, exported, distilled, served
+pytestmark = [pytest.mark.slow, pytest.mark.server]  # ~90 s: three real CNNs trained briefly, exported, distilled, served
 
 
 @pytest.fixture(scope="module")

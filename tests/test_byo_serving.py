@@ -227,3 +227,17 @@ def test_wrong_names_dtypes_and_dims_are_400_listing_what_is_expected(tensor_ser
     assert "input 'ids': expected datatype INT64; got 'FP32'" in assert_error_shape(r, 400)["error"]
     r = httpx.post(tensor_server.url + "/predict", content=bb.png(pixels(0)), headers={"Content-Type": "image/png"})
     assert "a raw image body needs a bundle whose one input is an image" in assert_error_shape(r, 415)["error"]
+
+
+def test_ids_the_graph_refuses_and_shapes_that_overflow_are_400_not_500(tensor_server):
+    """Token ids past the embedding table (onnxruntime's InvalidArgument while running) and an OIP shape whose
+    element count overflows int64 are the client's input: 400 in the one error shape, never a 500."""
+    for ids in ([1, 2, 99], [1, 2, -50]):
+        r = httpx.post(tensor_server.url + "/predict", json={"inputs": {"x": [[0.0] * 4], "ids": [ids]}})
+        error = assert_error_shape(r, 400)["error"]
+        assert error.startswith("'ensemble' refused the input values") and "out of data bounds" in error, error
+    r = httpx.post(tensor_server.url + "/v2/models/fusion/infer", json={"inputs": [
+        {"name": "x", "datatype": "FP32", "shape": [1, 2 ** 32, 2 ** 32], "data": []},
+        {"name": "ids", "datatype": "INT64", "shape": [1, 3], "data": [1, 2, 3]}]})
+    assert "input 'x': expected a shape whose" in assert_error_shape(r, 400)["error"]
+    assert httpx.get(tensor_server.url + "/readyz").status_code == 200

@@ -326,3 +326,147 @@ def test_prose_with_many_commas_is_not_refused_as_too_many_values(text):
     body = json.dumps({"inputs": ["the cat, the mat, " * 500] * 16}).encode()  # 16,000 commas
     req = payload.parse_predict_named(body, text.inputs, Limits(max_rows=16, max_text_chars=10_000))
     assert req.X["input_ids"].shape == (16, bb.MAX_LENGTH)
+
+
+# ---- review s2: shapes that overflow, values the graph refuses, per-request decode and tokenize cost -----
+
+
+@pytest.mark.parametrize("x", [
+    {"name": "x", "datatype": "FP32", "shape": [1, 2 ** 32, 2 ** 32], "data": []},  # int64 product wraps to 0
+    {"name": "x", "datatype": "FP32", "shape": [1, 2 ** 64 - 1], "data": [1.0]},  # wrapped to a negative count
+    {"name": "x", "datatype": "FP32", "shape": [1, 0, 2 ** 40], "data": []},  # no elements, one dimension past the body
+    {"name": "x", "datatype": "FP32", "shape": [1, 2 ** 32, 2 ** 32], "parameters": {"binary_data_size": 0}},
+])
+def test_oip_shapes_whose_element_count_overflows_are_400_naming_the_input(tensor, x):
+    import math
+
+    ids = {"name": "ids", "datatype": "INT64", "shape": [1, 3], "data": [1, 2, 3]}
+    head = json.dumps({"inputs": [x, ids]}).encode()
+    with pytest.raises(InputError) as err:
+        oip.parse_named(head, str(len(head)) if "parameters" in x else None, tensor.inputs, LIMITS)
+    message = str(err.value)
+    assert message.startswith("input 'x': expected") and f"got shape {x['shape']} ({math.prod(x['shape'])} elements)" in message
+    assert f"{len(head)}-byte request" in message, message
+
+
+@pytest.mark.parametrize("ids", [[1, 2, 99], [1, 2, -50]])
+def test_ids_past_the_embedding_table_are_an_input_error_with_onnxruntimes_reason(tensor, ids):
+    from service.errors import status_for
+
+    feeds = tensor.inputs.parse({"x": [[0.0] * 4], "ids": [ids]}, LIMITS)
+    with pytest.raises(InputError) as err:
+        tensor.model("ensemble")(feeds)
+    message = str(err.value)
+    assert status_for(err.value) == 400
+    assert message.startswith("'ensemble' refused the input values") and "indices element out of data bounds" in message, message
+    assert "[ONNXRuntimeError]" not in message and len(message) < 400
+
+
+def test_the_engine_counts_only_server_side_failures_against_a_variant(bundles):
+    """A client's bad ids (400) and a cancelled request are not the variant's failure (the rollout's
+    error-rate guardrail reads these counts); a server-side error still is."""
+    import asyncio
+
+    from service.engine import Engine, EngineConfig
+    from service.routing import RoutingPolicy
+
+    eng = Engine(EngineConfig(bundle=str(bundles / "tensor")), RoutingPolicy())
+    eng.start()
+    try:
+        assert eng.ready, eng.error
+
+        def feeds(ids):
+            return {"x": np.zeros((1, 4), np.float32), "ids": np.asarray([ids], np.int64)}
+
+        async def call(ids):
+            return await eng.predict(feeds(ids), variant="ensemble", key=None, request_id="r")
+
+        asyncio.run(call([1, 2, 3]))
+        with pytest.raises(InputError, match="refused the input values"):
+            asyncio.run(call([1, 2, 99]))
+        assert eng.outcomes()["ensemble"] == (1, 0)
+
+        async def cancelled():
+            started = asyncio.Event()
+
+            async def hang(*a, **k):
+                started.set()
+                await asyncio.sleep(3600)
+
+            eng.predictor.predict, real = hang, eng.predictor.predict
+            try:
+                task = asyncio.ensure_future(call([1, 2, 3]))
+                await started.wait()
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            finally:
+                eng.predictor.predict = real
+
+        asyncio.run(cancelled())
+        assert eng.outcomes()["ensemble"] == (1, 0)
+
+        async def broken(*a, **k):
+            raise RuntimeError("a server-side failure")
+
+        eng.predictor.predict, real = broken, eng.predictor.predict
+        try:
+            with pytest.raises(RuntimeError):
+                asyncio.run(call([1, 2, 3]))
+        finally:
+            eng.predictor.predict = real
+        assert eng.outcomes()["ensemble"] == (1, 1)
+    finally:
+        eng.close()
+
+
+def _png_of(w: int, h: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_images_of_one_request_share_a_pixel_budget_checked_before_any_decoding(image, monkeypatch):
+    """Each image within FUSION_MAX_IMAGE_PIXELS is not enough: their sum is bounded by
+    FUSION_MAX_REQUEST_PIXELS (or the rows at the graph's own size, whichever is larger), from the headers."""
+    from PIL import ImageFile
+
+    limits = Limits(max_rows=16, max_image_pixels=64 * 64, max_text_chars=200, max_request_pixels=3 * 64 * 64)
+    four = [b64(_png_of(64, 64))] * 4  # each at the per-image limit; 16384 pixels in all > 12288
+    real_load = ImageFile.ImageFile.load
+
+    def no_decode(self, *a, **k):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
+    with pytest.raises(InputError) as err:
+        image.inputs.parse({"pixels": four}, limits)
+    assert str(err.value) == ("input 'pixels': expected at most 12288 pixels in all the images of a request "
+                              "(FUSION_MAX_REQUEST_PIXELS; or 4 rows at the graph's 8x8); got 16384 in 4 images")
+    monkeypatch.setattr(ImageFile.ImageFile, "load", real_load)
+    assert image.inputs.parse({"pixels": four[:3]}, limits)["pixels"].shape == (3, 3, 8, 8)
+    # rows at the graph's own size are always within budget: they cost what the tensor they fill does
+    tiny = Limits(max_rows=16, max_image_pixels=64 * 64, max_text_chars=200, max_request_pixels=1)
+    got = image.inputs.parse({"pixels": [b64(bb.png(pixels(s))) for s in range(16)]}, tiny)["pixels"]
+    np.testing.assert_array_equal(got[3], pixels(3).transpose(2, 0, 1).astype(np.float32))
+
+
+def test_text_is_cut_to_max_length_times_64_characters_before_it_is_tokenized(text, bundles, monkeypatch):
+    from tokenizers import Tokenizer
+
+    tok, pad = text.inputs.tokenizers["text"]
+    seen = []
+
+    class Spy:
+        def encode(self, s):
+            seen.append(len(s))
+            return tok.encode(s)
+
+    monkeypatch.setitem(text.inputs.tokenizers, "text", (Spy(), pad))
+    long = "the cat sat on the mat " * 400  # 9200 characters
+    feeds = text.inputs.parse([long, "a dog"], Limits(max_rows=16, max_text_chars=10_000))
+    assert seen == [bb.MAX_LENGTH * 64, 5]
+    reference = Tokenizer.from_str((bundles / "text/tokenizer.json").read_text())  # no truncation: the whole string
+    assert feeds["input_ids"][0].tolist() == reference.encode(long).ids[:bb.MAX_LENGTH]

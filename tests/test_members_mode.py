@@ -318,3 +318,27 @@ class TestQuorumHang:
             assert "deadline" in body["members_failed"]["cnn_0"]
             np.testing.assert_allclose(body["probabilities"], oracle.soft_vote(healthy, X[k * 20:(k + 1) * 20]), atol=ATOL)
             assert DEADLINE_MS / 1e3 * 0.9 <= elapsed < DEADLINE_MS / 1e3 + MARGIN_S
+
+
+def test_a_member_that_refuses_the_input_values_fails_the_request_as_the_inputs_fault():
+    """A member's InputError (runtime.Model: onnxruntime refused the values, e.g. ids past its embedding table)
+    is the client's input: when the request cannot be answered it is that 400, not a 503 member failure."""
+    from fusion.errors import InputError
+
+    loaded = stub_loaded(OUTS)
+    real = loaded.model
+
+    def refuses(X):
+        raise InputError("'b' refused the input values; onnxruntime: indices element out of data bounds")
+
+    loaded.model = lambda name: refuses if name == "b" else real(name)
+    for policy in ("strict", "quorum:3"):
+        ens = MembersEnsemble(loaded, FailurePolicy.parse(policy, 1000))
+        with pytest.raises(InputError, match="'b' refused the input values") as err:
+            ens(X2)
+        assert not isinstance(err.value, UnavailableError)
+        ens.close()
+    ens = MembersEnsemble(loaded, FailurePolicy.parse("quorum:2", 1000))  # the quorum answers without it, as for any failure
+    out, extra = ens(X2)
+    assert extra["members_answered"] == ["a", "c"] and "refused the input values" in extra["members_failed"]["b"]
+    ens.close()

@@ -205,3 +205,30 @@ def test_existing_recipe_files_load_unchanged(tmp_path):
     r = load_recipe(path)
     assert r.ensemble.weights == (1, 2) and r.distill.hidden == (32,) and r.build.quantize is True
     assert r.members == () and r.inputs == () and r.data.classes == ()
+
+
+@pytest.mark.parametrize("key", ["temperature", "lr", "noise_std", "weight_decay", "mixup_alpha", "alpha"])
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_non_finite_numbers_are_refused(key, value):
+    """TOML spells inf and nan; a recipe float must be finite (review s2)."""
+    text = f"[distill]\n{key} = {value}\n"
+    with pytest.raises(ConfigError, match=rf"\[distill\].{key} expected a finite number; got {value.lstrip('+')}"):
+        parse_recipe(tomllib.loads(text))
+
+
+@pytest.mark.parametrize("section, key, value, bound", [
+    ("distill", "epochs", 10**12, 100_000),
+    ("distill", "batch_size", 10**10, 1_048_576),
+    ("distill", "hidden", [10**9], 65_536),
+    ("distill", "patience", 10**12, 100_000),
+    ("distill", "copies", 10**6, 1_000),
+    ("distill", "threads", 10**6, 1_024),
+    ("build", "compare_rounds", 10**9, 100_000),
+])
+def test_integers_have_upper_bounds_named_in_the_message(section, key, value, bound):
+    shown = "[1000000000]" if isinstance(value, list) else str(value)
+    where = rf"\[{section}\].{key}(\[0\])?"
+    with pytest.raises(ConfigError, match=rf"{where} expected an integer at most {bound}; got {shown.strip('[]')}"):
+        parse_recipe({section: {key: value}})
+    ok = [bound] if isinstance(value, list) else bound
+    assert getattr(getattr(parse_recipe({section: {key: ok}}), section), key) == (tuple(ok) if isinstance(ok, list) else ok)

@@ -34,7 +34,6 @@ def test_plan_parses_and_names_its_state():
     plan = RolloutPlan.parse(" distilled : 1, 5,25,50,100 ")
     assert plan == PLAN and plan.name == "distilled:1,5,25,50,100"
     assert RolloutPlan.parse("") is None and RolloutPlan.parse("  ") is None
-    assert RolloutPlan.parse("merged:100").stages == (100.0,)
     assert RolloutPlan.parse("merged:0.5,100").stages == (0.5, 100.0)
 
 
@@ -50,6 +49,8 @@ def test_plan_parses_and_names_its_state():
     ("distilled:1,150", "expected stage percentages in (0, 100]; got [150.0]"),
     ("distilled:-1,100", "in (0, 100]"),
     ("ensemble:1,100", "expected a candidate other than 'ensemble'"),
+    # 100 at once: no stage collects evidence, and a one-stage plan never completes (review s2)
+    ("distilled:100", "expected at least 2 stages, the first below 100 (e.g. distilled:1,5,25,50,100); got [100.0]"),
 ])
 def test_bad_plans_are_refused_naming_the_variable(text, expected):
     with pytest.raises(ConfigError, match="^FUSION_ROLLOUT: ") as e:
@@ -312,8 +313,8 @@ class FakeWorker:
     """One worker's view: a report whose candidate entry we set (`requests`, and its `outcomes`: answered and
     failed requests, every worker's with a shared store), and the splits it applied."""
 
-    def __init__(self, verdict="non-inferior (can replace)", requests=0, p99=(1.0, 1.0), barrier=None):
-        self.verdict, self.requests, self.p99 = verdict, requests, p99
+    def __init__(self, verdict="non-inferior (can replace)", requests=0, p99=(1.0, 1.0), barrier=None, version="v1"):
+        self.verdict, self.requests, self.p99, self.version = verdict, requests, p99, version
         self.answered = self.failed = 0
         self.applied: list[float] = []
         self.barrier = barrier
@@ -323,7 +324,8 @@ class FakeWorker:
             barrier, self.barrier = self.barrier, None
             barrier.wait(timeout=10)
         lat = lambda p: {"p50": p, "p95": p, "p99": p, "samples": 10_000}  # noqa: E731
-        return {"variants": {"ensemble": {"requests": 10_000, "latency_ms": lat(self.p99[1])},
+        return {"bundle_version": self.version,
+                "variants": {"ensemble": {"requests": 10_000, "latency_ms": lat(self.p99[1])},
                              "distilled": {"requests": self.requests, "latency_ms": lat(self.p99[0]),
                                            "outcomes": {"answered": self.answered, "failed": self.failed},
                                            "non_inferiority": {"verdict": self.verdict}}}}
@@ -338,7 +340,7 @@ def test_a_worker_follows_the_stored_state_and_counts_from_the_stage_entry():
     w = FakeWorker(requests=500)  # traffic before this stage does not count towards it
     c = w.controller(store, lambda: now[0])
     s = c.tick()
-    assert (s.stage, s.percent, w.applied) == (0, 1.0, [1.0]) and store.rollout_get(PLAN.name)[0] == 1
+    assert (s.stage, s.percent, w.applied) == (0, 1.0, [1.0]) and store.rollout_get(PLAN.key("v1"))[0] == 1
     now[0] += 3600
     assert c.tick().stage == 0  # 0 candidate requests at this stage: hold
     w.requests += 99
@@ -352,6 +354,27 @@ def test_a_worker_follows_the_stored_state_and_counts_from_the_stage_entry():
     w.answered += 1
     s = c.tick()
     assert (s.status, s.percent, w.applied[-1]) == (ROLLED_BACK, 0.0, 0.0) and "error rate 0.5000" in s.reason
+
+
+def test_a_new_bundle_version_starts_a_new_rollout(store):
+    """A hot swap or redeploy with a new candidate and the same FUSION_ROLLOUT starts at the first stage;
+    it does not inherit the old candidate's completed state (review s2). The old version's row stays."""
+    now = [T0]
+    w = FakeWorker(requests=0)
+    c = w.controller(store, lambda: now[0])
+    for _ in PLAN.stages[1:]:
+        c.tick()
+        now[0] += 3600
+        w.requests += 100
+    assert c.tick().status == COMPLETED and w.applied == [1.0, 5.0, 25.0, 50.0, 100.0]
+    w.version = "v2"
+    s = c.tick()
+    assert (s.status, s.stage, s.percent, w.applied[-1]) == (RUNNING, 0, 1.0, 1.0)
+    assert c.state()["name"] == PLAN.key("v2") and c.state()["bundle_version"] == "v2"
+    assert store.rollout_get(PLAN.key("v1"))[1]["status"] == COMPLETED and store.rollout_get(PLAN.key("v2"))[0] == 1
+    assert c.tick().stage == 0  # the new stage's counts start at the swap: the old version's requests do not advance it
+    w.version = None  # no bundle served yet: nothing is created or applied
+    assert c.tick().percent == 0.0 and w.applied[-1] == 1.0 and store.rollout_get(PLAN.key("None")) is None
 
 
 def test_two_evaluators_racing_advance_exactly_once(store):
@@ -374,7 +397,7 @@ def test_two_evaluators_racing_advance_exactly_once(store):
         t.start()
     for t in threads:
         t.join()
-    version, stored = store.rollout_get(PLAN.name)
+    version, stored = store.rollout_get(PLAN.key("v1"))
     assert version == 2 and stored["stage"] == 1 and len(stored["history"]) == 2  # created, advanced once
     assert [r.stage for r in results] == [1, 1] and [w.applied for w in workers] == [[1.0, 5.0], [1.0, 5.0]]
     assert [c.tick().stage for c in ctrls] == [1, 1]  # the new stage's clock and counts start now: no second advance

@@ -226,7 +226,7 @@ def main(argv=None) -> int:
             print(f"  {name:17s} test accuracy {m.variants[name].metrics['test_accuracy']:.4f}")
     weights = comb.get("weights")
     print(f"  weights 'auto' chose: {sel['chosen']} ({comb['name']}; weights "
-          f"{[round(w, 3) for w in weights] if weights else 'equal'}"
+          f"{[round(w / sum(weights), 3) for w in weights] if weights else 'equal'}"
           f"{'; output temperature %.3f' % comb['temperature'] if comb.get('temperature') else ''}); "
           f"gate: best member {sel['gate'].get('best_member')}")
     d = m.variants.get("distilled")
