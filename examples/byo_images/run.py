@@ -24,9 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 import tomllib
@@ -39,6 +36,8 @@ DEFAULT_WORK = "examples/byo_images/work"  # the recipe's paths, relative to the
 SIZE = 32
 
 sys.path.insert(0, str(ROOT))
+
+from examples.serving import served  # noqa: E402  (after ROOT is on the path)
 
 
 def write_data(work: Path, rows: int | None) -> Path:
@@ -113,41 +112,10 @@ def load(recipe_path: Path, work: str, quick: bool):
     return recipe
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def serve(bundle: Path, port: int, log_path: Path):
-    """The bundle served as `make serve` serves it; returns the process once /readyz answers 200."""
-    env = {**os.environ, "FUSION_BUNDLE": str(bundle), "BENTOML_DO_NOT_TRACK": "true",
-           "FUSION_STATE_DIR": str(bundle.parent / "state")}
-    cmd = [sys.executable, "-m", "service.serve", "service.app:FusionService", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}; its log: {log_path}\n{log_path.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            pass
-        time.sleep(0.5)
-    stop(proc)
-    raise SystemExit(f"the server was not ready within 120 s; its log: {log_path}")
 
 
-def stop(proc) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)  # the process group this script started (start_new_session)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def post_png(bundle: Path, pixels, work: Path) -> tuple[Path, dict, float]:
@@ -161,15 +129,10 @@ def post_png(bundle: Path, pixels, work: Path) -> tuple[Path, dict, float]:
     Image.fromarray(pixels.transpose(1, 2, 0).astype(np.uint8), "RGB").save(png, format="PNG")
     sess = ort.InferenceSession(str(bundle / "ensemble.onnx"), providers=["CPUExecutionProvider"])
     want = sess.run(None, {"pixels": pixels[None].astype(np.float32)})[0]
-    port = free_port()
-    proc = serve(bundle, port, work / "serve.log")
-    try:
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/predict", data=png.read_bytes(),
-                                     headers={"Content-Type": "image/png"})
+    with served(bundle, work / "serve.log") as url:
+        req = urllib.request.Request(url + "/predict", data=png.read_bytes(), headers={"Content-Type": "image/png"})
         with urllib.request.urlopen(req, timeout=60) as r:
             answer = json.loads(r.read())
-    finally:
-        stop(proc)
     diff = float(np.abs(np.asarray(answer["probabilities"], np.float64) - want).max())
     if diff > 1e-5:
         raise SystemExit(f"the served answer for {png} differs from ensemble.onnx in onnxruntime by {diff:.3g}; expected <= 1e-5")

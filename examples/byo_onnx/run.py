@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import tomllib
 from pathlib import Path
@@ -34,6 +31,8 @@ ROOT = HERE.parents[1]
 DEFAULT_WORK = "examples/byo_onnx/work"  # the recipe's paths, relative to the repository root
 
 sys.path.insert(0, str(ROOT))
+
+from examples.serving import served  # noqa: E402  (after ROOT is on the path)
 
 
 def write_data(work: Path) -> Path:
@@ -78,44 +77,10 @@ def load(recipe_path: Path, work: str, quick: bool):
     return recipe
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def serve(bundle: Path):
-    """`bentoml serve` of the bundle on a free port; returns (process, url) once /readyz answers 200."""
-    import httpx
-
-    port = free_port()
-    env = {**os.environ, "FUSION_BUNDLE": str(bundle), "BENTOML_DO_NOT_TRACK": "true",
-           "BENTOML_HOME": tempfile.mkdtemp(prefix="bentoml-home-"), "FUSION_STATE_DIR": tempfile.mkdtemp(prefix="fusion-state-"),
-           "FUSION_DEVICE": "cpu"}
-    log = open(tempfile.mkstemp(prefix="byo-onnx-serve-", suffix=".log")[1], "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "service.app:FusionService", "--host", "127.0.0.1",
-                             "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"bentoml serve exited with {proc.returncode}; see {log.name}")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop(proc)
-    raise RuntimeError(f"the service was not ready within 120 s; see {log.name}")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (start_new_session)
-        proc.wait(timeout=30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def check_served(bundle: Path, data) -> dict:
@@ -134,8 +99,7 @@ def check_served(bundle: Path, data) -> dict:
     e = np.exp(logits - logits.max(-1, keepdims=True))
     want = {"ensemble": run("ensemble.onnx", {"pixels": rows}), "foreign": run("members/foreign.onnx", {"x": rows}, "probs"),
             "mlp": e / e.sum(-1, keepdims=True)}  # a logits member answers probabilities when served alone
-    proc, url = serve(bundle)
-    try:
+    with served(bundle, bundle.parent / "serve.log") as url:
         out = {}
         for variant, expected in want.items():
             headers = {} if variant == "ensemble" else {"X-Variant": variant}
@@ -147,8 +111,6 @@ def check_served(bundle: Path, data) -> dict:
             if out[variant]["max_abs_diff"] > 1e-5:
                 raise SystemExit(f"served {variant} differs from its file in onnxruntime by {out[variant]['max_abs_diff']:.3g}")
         return out
-    finally:
-        stop(proc)
 
 
 def main(argv=None) -> int:

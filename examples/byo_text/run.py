@@ -24,8 +24,6 @@ import importlib.util
 import json
 import os
 import random
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -200,10 +198,6 @@ def classes_of(recipe: Path) -> list[str]:
     return list(tomllib.loads(recipe.read_text())["data"]["classes"])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url: str, body: dict) -> dict:
@@ -212,35 +206,8 @@ def post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-def serve(bundle: Path, port: int, log_path: Path):
-    env = {**os.environ, "FUSION_BUNDLE": str(bundle), "BENTOML_DO_NOT_TRACK": "true",
-           "FUSION_STATE_DIR": str(bundle.parent / "state")}
-    cmd = [sys.executable, "-m", "service.serve", "service.app:FusionService", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}; its log: {log_path}\n{log_path.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            pass
-        time.sleep(0.5)
-    stop(proc)
-    raise SystemExit(f"the server was not ready within 120 s; its log: {log_path}")
 
 
-def stop(proc) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)  # the process group this script started (start_new_session)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     sys.path.insert(0, str(ROOT))
+    from examples.serving import served
     import numpy as np
     import torch
 
@@ -305,12 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{gate['max_abs_diff']:.1e}")
 
     t = time.perf_counter()
-    port = free_port()
-    proc = serve(work / "bundle", port, work / "serve.log")
-    try:
+    with served(work / "bundle", work / "serve.log") as base:
         log(f"served: FUSION_BUNDLE={work / 'bundle'} {Path(sys.executable).name} -m service.serve "
-            f"service.app:FusionService --port {port}, ready in {time.perf_counter() - t:.1f} s")
-        url = f"http://127.0.0.1:{port}/predict"
+            f"service.app:FusionService --port {base.rsplit(':', 1)[1]}, ready in {time.perf_counter() - t:.1f} s")
+        url = base + "/predict"
         t = time.perf_counter()
         served = np.concatenate([np.asarray(post(url, {"inputs": texts[i:i + 64]})["probabilities"])
                                  for i in range(0, len(texts), 64)])
@@ -321,8 +287,6 @@ def main(argv: list[str] | None = None) -> int:
         shown = {k: answer[k] for k in answer if k != "probabilities"}
         shown["probabilities"] = [[round(p, 3) for p in row] for row in answer["probabilities"]]
         log(f"  -> {json.dumps(shown)}")
-    finally:
-        stop(proc)
     log(f"total: {time.perf_counter() - t_all:.0f} s")
     return 0
 
