@@ -40,13 +40,7 @@ class InferRequest:
 def parse(body: bytes, header_length: str | None, n_features: int, max_rows: int) -> InferRequest:
     """An inference request body -> InferRequest. Every field is type-checked: a malformed request is
     an InputError (400) naming the field, never another exception (a 500)."""
-    if header_length is not None:
-        n = payload.ascii_int(header_length, "Inference-Header-Content-Length")
-        if n > len(body):
-            raise InputError(f"expected Inference-Header-Content-Length <= body size {len(body)}; got '{header_length}'")
-        head, binary = body[:n], memoryview(body)[n:]
-    else:
-        head, binary = body, memoryview(b"")
+    head, binary = _split(body, header_length)
     payload.check_value_count(head, max_rows * n_features, f"{max_rows} rows (FUSION_MAX_ROWS) of {n_features} features")
     req = payload.parse_json(head)
     if not isinstance(req, dict):
@@ -129,13 +123,7 @@ def parse_named(body: bytes, header_length: str | None, named, limits) -> InferR
     """An inference request for a bundle with named inputs (service/inputs.py): one tensor per input, by
     name; encoded images and strings as BYTES (JSON: strings, images base64; binary: each element
     4-byte little-endian length-prefixed, images raw). `X` is the graph's feeds."""
-    if header_length is not None:
-        n = payload.ascii_int(header_length, "Inference-Header-Content-Length")
-        if n > len(body):
-            raise InputError(f"expected Inference-Header-Content-Length <= body size {len(body)}; got '{header_length}'")
-        head, binary = body[:n], memoryview(body)[n:]
-    else:
-        head, binary = body, memoryview(b"")
+    head, binary = _split(body, header_length)
     per_row = named.values_per_row()
     if per_row is not None:
         payload.check_value_count(head, limits.max_rows * per_row, f"{limits.max_rows} rows (FUSION_MAX_ROWS) of the bundle's inputs")
@@ -317,3 +305,13 @@ def _request(req: dict, inputs) -> InferRequest:
     if rid is not None and not isinstance(rid, str):
         raise InputError(f"expected 'id' to be a string; got {_kind(rid)}")
     return InferRequest(rid, inputs, outputs, _flag(params, "binary_data_output", "the request"), params)
+
+
+def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    """(JSON header, binary tensor data) of an infer body; the binary extension's header length, checked."""
+    if header_length is None:
+        return body, memoryview(b"")
+    n = payload.ascii_int(header_length, "Inference-Header-Content-Length")
+    if n > len(body):
+        raise InputError(f"expected Inference-Header-Content-Length <= body size {len(body)}; got '{header_length}'")
+    return body[:n], memoryview(body)[n:]
