@@ -10,6 +10,7 @@ export BENTOML_DO_NOT_TRACK := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: install install-build install-dev zoo bundle serve test test-fast bench clean chromium wrk postgresql
+.PHONY: bench-peers peers-venvs peers-ray peers-kserve peers-fastapi
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -90,6 +91,40 @@ test-fast: install-dev
 bench: install-dev wrk $(BUNDLE)/manifest.json  ## every benchmark once -> docs/BENCHMARKS.md (+ benchmarks.json, plots)
 	$(BIN)/python -m bench.run --bundle $(BUNDLE)
 
+# ---- peers (issue 18): the same ensembles served by Ray Serve, KServe, FastAPI + torch and plain BentoML, side by
+# side with ours -> docs/PEERS.md + docs/peers.png (bench/peers/). Each peer installs into its own venv under
+# artifacts/peers/, never into the product's: Ray Serve and KServe with onnxruntime pinned to the product's version;
+# the FastAPI one reuses the product venv's torch/timm/transformers through a .pth file (no second torch). A peer
+# that cannot install warns and is skipped by the harness, which says why.
+PEERS_DIR   := artifacts/peers
+ORT_VERSION  = $(shell $(BIN)/python -c "import importlib.metadata as m; print(m.version('onnxruntime'))")
+PEER_DEPS    = onnxruntime==$(ORT_VERSION) pillow tokenizers numpy
+
+$(PEERS_DIR)/ray/.installed: | $(VENV)/.installed-dev
+	rm -rf $(PEERS_DIR)/ray && $(PYTHON) -m venv $(PEERS_DIR)/ray
+	$(PEERS_DIR)/ray/bin/pip install -q "ray[serve]" $(PEER_DEPS) && touch $@ \
+	  || echo "warning: Ray Serve did not install; make bench-peers skips it"
+
+$(PEERS_DIR)/kserve/.installed: | $(VENV)/.installed-dev
+	rm -rf $(PEERS_DIR)/kserve && $(PYTHON) -m venv $(PEERS_DIR)/kserve
+	$(PEERS_DIR)/kserve/bin/pip install -q kserve $(PEER_DEPS) && touch $@ \
+	  || echo "warning: KServe did not install; make bench-peers skips it"
+
+$(PEERS_DIR)/fastapi/.installed: | $(VENV)/.installed-dev
+	rm -rf $(PEERS_DIR)/fastapi && $(PYTHON) -m venv $(PEERS_DIR)/fastapi
+	$(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+	  > "$$($(PEERS_DIR)/fastapi/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/product-venv.pth"
+	$(PEERS_DIR)/fastapi/bin/pip install -q fastapi uvicorn && touch $@ \
+	  || echo "warning: FastAPI did not install; make bench-peers skips it"
+
+peers-ray: $(PEERS_DIR)/ray/.installed
+peers-kserve: $(PEERS_DIR)/kserve/.installed
+peers-fastapi: $(PEERS_DIR)/fastapi/.installed
+peers-venvs: peers-ray peers-kserve peers-fastapi  ## the peers' own venvs under artifacts/peers/
+
+bench-peers: install-dev wrk peers-venvs  ## ours vs Ray Serve, KServe, FastAPI, BentoML -> docs/PEERS.md (~20 min)
+	$(BIN)/python -m bench.peers.harness
+
 clean:
 	rm -rf artifacts .pytest_cache test-artifacts
 
@@ -102,11 +137,11 @@ bento_tag  = $$(cat $(CONTAINER)/bento-$(1).tag)
 
 .PHONY: bento bento-gpu containerfile containerfile-gpu container-context smoke-container image image-gpu k8s-render test-deploy
 
-bento: $(BUNDLE)/manifest.json | $(VENV)/.installed-dev  ## offline `bentoml build` (CPU) of $(BUNDLE)
-	$(BIN)/python deploy/bento.py build --bundle $(BUNDLE) --flavour cpu --tag-file $(CONTAINER)/bento-cpu.tag
+bento: $(BUNDLE)/manifest.json | $(VENV)/.installed-dev  ## offline `bentoml build` (CPU) of $(BUNDLE) [and SPLIT=artifacts/bundle-split, the split layout]
+	$(BIN)/python deploy/bento.py build --bundle $(BUNDLE) $(if $(SPLIT),--split $(SPLIT)) --flavour cpu --tag-file $(CONTAINER)/bento-cpu.tag
 
 bento-gpu: $(BUNDLE)/manifest.json | $(VENV)/.installed-dev  ## the same, GPU flavour (deploy/bentofile.gpu.yaml)
-	$(BIN)/python deploy/bento.py build --bundle $(BUNDLE) --flavour gpu --tag-file $(CONTAINER)/bento-gpu.tag
+	$(BIN)/python deploy/bento.py build --bundle $(BUNDLE) $(if $(SPLIT),--split $(SPLIT)) --flavour gpu --tag-file $(CONTAINER)/bento-gpu.tag
 
 containerfile: bento  ## the Dockerfile `bentoml containerize` uses -> artifacts/container/Dockerfile
 	$(BIN)/python deploy/bento.py containerfile --tag "$(call bento_tag,cpu)" --out $(CONTAINER)/Dockerfile

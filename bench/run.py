@@ -30,7 +30,9 @@ BENCHES = {
     "http": ("bench.bench_http", [], "python -m bench.bench_http --bundle artifacts/bundle"),
     "batching": ("bench.bench_batching", [], "python -m bench.bench_batching --bundle artifacts/bundle --clients 32 --wide 1024,2048,4096"),
     "merge": ("bench.bench_merge", [], "python -m bench.bench_merge --params 100000000 --models 5"),
+    "merge_sharded": ("bench.bench_merge_sharded", [], "python -m bench.bench_merge_sharded --gb 2 --shard-size 1GB"),  # issue 16
     "byo_image": ("bench.bench_byo_image", [], "python -m bench.bench_byo_image"),  # needs the [vision] extra
+    "remote": ("bench.bench_remote", [], "python -m bench.bench_remote --zoo artifacts/zoo/independent"),  # issue 19
 }
 NEEDS_BUNDLE = {"fused", "payload", "http", "batching"}
 
@@ -123,11 +125,23 @@ def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
     var = r.get("variants", {})
     for name, ratio in var.get("over_ensemble", {}).items():
         add(f"{name} ÷ ensemble latency, batch 1 (K = {var['k']})", ratio, f"≈ 1/K = {1 / var['k']:.2f}", ratio <= 1.5 / var["k"])
+    for x in r.get("remote", {}).get("rows", []):
+        add(f"front + 3 remote members (OIP binary, loopback) ÷ fused single-process ensemble, batch {x['batch']}",
+            x["split_over_fused"], "(the hop's cost; no goal)", None)
     m = r.get("merge", {})
     v = m.get("throughput_ratio")
     add("weight merge GB/s ÷ torch copy_ of the same bytes", v, "≥ 0.9", v is not None and v >= 0.9)
     v = m.get("stream_rss_over_model")
     add("streaming merge peak RSS ÷ one model's size", v, "≤ 1.5", v is not None and v <= 1.5)
+    ms = r.get("merge_sharded", {})
+    if ms.get("checkpoint_bytes"):
+        what = f"2 x {ms['checkpoint_bytes'] / 1e9:.1f} GB bf16 HF checkpoints, sharded in and out"
+        v = ms.get("rss_over_largest_shard")
+        add(f"streaming merge of {what}: peak RSS ÷ largest shard ({ms['largest_shard_bytes'] / 1e9:.2f} GB)", v, "≤ 1.5",
+            v is not None and v <= 1.5)
+        v = ms.get("throughput_ratio")
+        add(f"streaming merge of {what}: GB/s ÷ torch copy_ of the same bytes ({ms['threads']} thread(s))", v, "≥ 0.9",
+            v is not None and v >= 0.9)
     return rows
 
 
@@ -245,6 +259,17 @@ def notes(r: dict) -> list[str]:
             "(measured separately on 2026-11-26, not by this run). Rewriting the members as batched (K, B, H) matmuls was tried: 0.8–0.9x the latency at "
             "batch 1 but 1.1–1.2x at 32 and 256 (likely because onnxruntime pre-packs only 2-D constant weights), so "
             "the graph keeps one Gemm chain per member.")
+    ms = r.get("merge_sharded", {})
+    if ms.get("throughput_ratio") is not None and ms["throughput_ratio"] < 0.9:
+        out.append(
+            f"* **Sharded bf16 merge ÷ copy_: {ms['throughput_ratio']:.2f}.** copy_ moves the inputs' bytes once, in "
+            f"memory ({ms['copy_gbps']:.2f} GB/s here); the merge also reads every shard through the page cache into "
+            f"its buffers, widens bf16 to float32 and rounds back block by block, and writes the merged shards "
+            f"({ms['stream_gbps_input']:.2f} GB/s of input here, {ms['threads']} compute thread(s) beside the reader "
+            "and writer threads). The reads and writes alone, without the arithmetic, ran at "
+            f"{ms.get('io_gbps', float('nan')):.2f} GB/s of input: the merge reached {ms.get('stream_over_io', float('nan')):.2f}x "
+            "of that floor, and copy_ of bytes already in memory is no floor for a merge that has to read and "
+            "write files.")
     out.append("* Ratios within a few per cent of their goal (fused ÷ loop at batch 32) move across the line from "
                "run to run on these shared machines.")
     return out
@@ -310,6 +335,18 @@ def render(r: dict, images: list[str], smoke: bool) -> str:
                   "| batch | fused ms | loop ms | fused ÷ loop |", "|---|---|---|---|"]
         for x in bi["rows"]:
             lines.append(f"| {x['batch']} | {x['fused_ms']:.2f} | {x['loop_ms']:.2f} | {x['fused_over_loop']:.3f} |")
+    rm = r.get("remote", {})
+    if rm.get("rows"):
+        lines += ["", f"## Split layout: front + {len(rm['members'])} remote members on loopback", "",
+                  f"Members {', '.join(rm['members'])}; each a `bentoml serve` of its own split bundle, the front calling "
+                  f"them over OIP with binary tensors and pooled keep-alive connections; the single process serves the "
+                  f"same bundle (fused graph, and members mode: the member sessions combined in numpy). Medians of "
+                  f"{rm['rounds']} alternating rounds, 1 intra-op thread everywhere, client and 5 servers on the same cores.", "",
+                  "| batch | fused ms | members mode ms | front + remote ms | front ÷ fused | front ÷ members mode | max abs diff |",
+                  "|---|---|---|---|---|---|---|"]
+        for x in rm["rows"]:
+            lines.append(f"| {x['batch']} | {x['fused_ms']:.3f} | {x['members_ms']:.3f} | {x['split_ms']:.3f} | "
+                         f"{x['split_over_fused']:.2f} | {x['split_over_members']:.2f} | {x['max_abs_diff']:.1g} |")
     lines += ["", "## How to reproduce each figure", ""]
     for name, (_, _, cmd) in BENCHES.items():
         secs = r.get(name, {}).get("seconds")

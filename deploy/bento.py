@@ -1,6 +1,6 @@
 """Build the bento and its container payload without a network or a Docker engine.
 
-    python deploy/bento.py build --bundle artifacts/bundle [--flavour cpu|gpu] [--tag-file F]
+    python deploy/bento.py build --bundle artifacts/bundle [--split artifacts/bundle-split] [--flavour cpu|gpu] [--tag-file F]
     python deploy/bento.py containerfile --tag fusion_serve:<version> --out artifacts/container/Dockerfile
     python deploy/bento.py context --tag fusion_serve:<version> --out artifacts/container/context
 
@@ -9,6 +9,9 @@ flavour's bentofile names into a build directory (the bundle always lands at art
 any bundle directory can be packaged), and runs `bentoml build` there. The bento version is
 `<bundle_version>-<digest of everything staged>`: the served bundle is visible in the bento tag and
 so in the default image tag, and building the same inputs twice reuses the bento.
+`--split DIR` also packages the split layout of `fusion build --split` / `fusion split` (issue 19):
+split.json, the front bundle and every member bundle, each checked like the bundle (every sha256 and
+its version against split.json's), at artifacts/bundle-split, where deploy/overlays/split points.
 
 `containerfile` writes the Dockerfile `bentoml containerize` uses (bentoml.container.get_containerfile).
 
@@ -45,6 +48,8 @@ SOURCES = ("service", "fusion/__init__.py", "fusion/errors.py", "fusion/bundle.p
            "deploy/healthcheck.py", "deploy/Dockerfile.template",
            "deploy/requirements.lock.txt", "deploy/requirements.gpu.lock.txt")  # the bentofiles' requirements_txt
 BUNDLE_DEST = "artifacts/bundle"  # where the bentofiles expect the bundle, relative to the context
+SPLIT_DEST = "artifacts/bundle-split"  # the split layout (deploy/overlays/split's FUSION_BUNDLE paths)
+SPLIT_LAYOUT = "split.json"  # fusion.split.LAYOUT (fusion/split.py imports the bundle writer; read it as JSON here)
 STAGE_MARKER = ".fusion-bento-stage"
 
 STANDIN_DOCKER = """#!/usr/bin/env bash
@@ -78,19 +83,52 @@ def _bentoml(*args: str, env: dict[str, str] | None = None, capture: bool = Fals
     return proc.stdout or ""
 
 
-def bundle_files(bundle: Path) -> tuple[str, list[str]]:
-    """(bundle_version, files relative to the bundle) after verifying every file's sha256."""
+def bundle_files(bundle: Path, check_version: bool = False) -> tuple[str, list[str]]:
+    """(bundle_version, files relative to the bundle) after verifying every file's sha256.
+    A split front's remote members and combined ensemble have no file (they are served elsewhere)."""
     sys.path.insert(0, str(ROOT))
     from fusion.bundle import MANIFEST, read_bundle  # torch-free
 
-    checked = read_bundle(bundle)
-    files = [MANIFEST, *sorted({e.file for e in checked.manifest.entries().values()} | set(checked.manifest.files))]
+    checked = read_bundle(bundle, check_version=check_version)
+    files = [MANIFEST, *sorted({e.file for e in checked.manifest.entries().values() if e.file} | set(checked.manifest.files))]
     return checked.manifest.bundle_version, files
 
 
-def stage(bundle: Path, flavour: str, out: Path) -> tuple[Path, str, str]:
-    """Copy the sources, the bentofile and the checked bundle into `out`; (bentofile, bundle_version, digest)."""
+def split_files(split: Path) -> list[str]:
+    """Files of a split layout relative to its directory (split.json, front/..., members/<host>/...), after
+    checking every bundle it names: every sha256, its version recomputed, and that version equal to the one
+    split.json recorded (a front and members from different splits would disagree at the first request)."""
+    import json
+
+    try:
+        layout = json.loads((split / SPLIT_LAYOUT).read_text())
+        bundles = {"front": (layout["front"], layout["front_version"]),
+                   **{f"member '{n}'": (m["bundle"], m["bundle_version"]) for n, m in layout["members"].items()}}
+    except FileNotFoundError:
+        raise SystemExit(f"{split}: expected a split layout with {SPLIT_LAYOUT} (`fusion build --split` or "
+                         f"`fusion split`); got no {SPLIT_LAYOUT}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SystemExit(f"{split / SPLIT_LAYOUT}: expected front, front_version and members with bundle and "
+                         f"bundle_version each; got an unreadable layout ({type(exc).__name__}: {exc})") from None
+    if not layout["members"]:
+        raise SystemExit(f"{split / SPLIT_LAYOUT}: expected at least one member; got none")
+    files = [SPLIT_LAYOUT]
+    for what, (rel, want) in bundles.items():
+        path = (split / rel).resolve()
+        if not path.is_relative_to(split.resolve()):
+            raise SystemExit(f"{split / SPLIT_LAYOUT}: {what}'s bundle expected inside {split}; got {rel!r}")
+        version, names = bundle_files(path, check_version=True)
+        if version != want:
+            raise SystemExit(f"{path}: {what}: expected bundle version {want} (as {SPLIT_LAYOUT} records); got {version}")
+        files += [f"{Path(rel).as_posix()}/{name}" for name in names]
+    return files
+
+
+def stage(bundle: Path, flavour: str, out: Path, split: Path | None = None) -> tuple[Path, str, str]:
+    """Copy the sources, the bentofile and the checked bundle (and split layout) into `out`;
+    (bentofile, bundle_version, digest). Everything is checked before anything is staged."""
     version, files = bundle_files(bundle)
+    split_rel = split_files(split) if split is not None else []
     if out.exists():
         if any(out.iterdir()) and not (out / STAGE_MARKER).is_file():
             raise SystemExit(f"{out} is not empty and is not a staging directory of deploy/bento.py: not deleting it")
@@ -111,6 +149,10 @@ def stage(bundle: Path, flavour: str, out: Path) -> tuple[Path, str, str]:
         dest = out / BUNDLE_DEST / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(bundle / rel, dest)
+    for rel in split_rel:
+        dest = out / SPLIT_DEST / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(split / rel, dest)
     h = hashlib.sha256()
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
         h.update(f"{path.relative_to(out).as_posix()}\0".encode())
@@ -137,7 +179,8 @@ def bento_name(bentofile: Path) -> str:
 
 def cmd_build(args: argparse.Namespace) -> str:
     work = Path(args.stage or ROOT / "artifacts/container" / f"stage-{args.flavour}").resolve()
-    bentofile, bundle_version, digest = stage(Path(args.bundle), args.flavour, work)
+    bentofile, bundle_version, digest = stage(Path(args.bundle), args.flavour, work,
+                                              Path(args.split) if args.split else None)
     tag = f"{bento_name(bentofile)}:{bundle_version}-{digest[:10]}"
     if existing(tag):
         print(f"bento {tag} already built from the same inputs", file=sys.stderr)
@@ -254,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="stage the bundle and build the bento (offline)")
     b.add_argument("--bundle", default="artifacts/bundle")
+    b.add_argument("--split", help="also package this split layout (`fusion build --split DIR`) at " + SPLIT_DEST)
     b.add_argument("--flavour", choices=sorted(BENTOFILES), default="cpu")
     b.add_argument("--stage", help="build directory (default artifacts/container/stage-<flavour>)")
     b.add_argument("--tag-file", help="write the bento tag to this file")

@@ -425,10 +425,9 @@ def build_composed(recipe: Recipe) -> Manifest:
     No data set is used: the gate runs the composed graph against the members run separately on random
     inputs drawn from the spec, so weights are equal or given, and there is no merged, distilled or
     calibrated variant and no comparison (each skipped with a logged note)."""
-    from fusion.compose import OnnxMember, torch_member, write_onnx_bundle
-    from fusion.sources import load_member, source_kind, split_source
-    from fusion.text import (check_member, check_text_parity, files_of, graph_specs, member_inputs, onnx_inputs,
-                             tokenizer_file)
+    from fusion.byo_pipeline import compose_members
+    from fusion.compose import write_onnx_bundle
+    from fusion.text import check_text_parity, files_of
 
     if not recipe.inputs:
         raise ConfigError("[[members]] with onnx: sources expected [[inputs]] naming the bundle's inputs (the ONNX "
@@ -447,36 +446,8 @@ def build_composed(recipe: Recipe) -> Manifest:
     weights = None if isinstance(e.weights, str) else member_weights(e.weights, names)
     combiner = make_combiner(e.combiner, len(names), weights, **e.params)
     inputs = [i.to_tensor_spec() for i in recipe.inputs]
-    text = tokenizer_file(recipe.inputs)  # a text input: its graph feeds are input_ids, attention_mask[, token_type_ids]
-    loaded = {s.name: load_member(s).module for s in recipe.members if source_kind(s.source) != "onnx"}
-    taken = [member_inputs(loaded[s.name]) if s.name in loaded else onnx_inputs(s.name, split_source(s.source)[1])
-             for s in recipe.members] if text else []
-    bundle_inputs, graph = graph_specs(inputs, taken)
-    members, text_members = [], []
-    for section in recipe.members:
-        kw = {"input_map": dict(section.input_map), "output": section.output, "output_name": section.output_name}
-        if source_kind(section.source) == "onnx":
-            if text and not kw["input_map"]:  # a foreign text model takes the text feeds by their names
-                kw["input_map"] = {n: n for n in onnx_inputs(section.name, split_source(section.source)[1])}
-            members.append(OnnxMember.load(section.name, split_source(section.source)[1], **kw))
-            if text:
-                text_members.append((section.name, None, members[-1]))
-            continue
-        module = loaded[section.name]
-        if text:  # the member takes the text feeds its forward accepts, by name (hf: without token_type_ids too)
-            check_member(section.name, module, text[1], text[2])
-            own = member_inputs(module)
-            specs = [next(g for g in graph if g.name == n) for n in own]
-            om = torch_member(section.name, module, specs, output=section.output)
-            om = replace(om, input_map=dict(section.input_map) or {n: n for n in own})
-            text_members.append((section.name, module, om))
-        else:
-            om = torch_member(section.name, module, inputs, output=section.output)
-        members.append(om)
-    if any(s.kind == "image" for s in graph):  # (x * scale - mean) / std in front of every member an image feeds
-        from fusion.imagenorm import normalize_member
-
-        members = [normalize_member(m, graph) for m in members]
+    cm = compose_members(recipe, inputs)  # fusion/byo_pipeline.py: onnx: files as they are, torch members exported
+    members, text_members, bundle_inputs, graph, text = cm.members, cm.text_members, cm.bundle_inputs, cm.graph, cm.text
     gate = None
     if text:  # the gate over every dynamic dimension (torch members against torch, onnx: files in onnxruntime)
         def gate(data: bytes) -> dict:

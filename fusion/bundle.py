@@ -104,6 +104,15 @@ class ModelEntry:
     input_map: dict = field(default_factory=dict)
     output: str = ""
     output_name: str = ""
+    # a member served elsewhere (issue 19): the URL of its OIP v2 model, `http(s)://HOST:PORT/v2/models/NAME`
+    # (FUSION_MEMBER_URL_<NAME> overrides it at serving time: service/remote.py). Such an entry has no file
+    # (`file` and `sha256` empty); its `output` must be declared ("logits" | "probabilities") and `output_name`
+    # names the OIP output to read (empty: "probabilities", what a fusion-serve member answers)
+    remote: str = ""
+    # "one_row": a member whose batch dimension is fixed (the recipe's `fixed_batch`, issue 15), run one row
+    # per call (service/runtime.Model; in the fused graph, a Loop over the rows); empty: any batch
+    fixed_batch: str = ""
+
 
 
 @dataclass(frozen=True)
@@ -187,7 +196,7 @@ def bundle_version(manifest: "Manifest") -> str:
 
 
 NEW_MANIFEST_FIELDS = ("inputs", "files")  # added with issue 15; count in the version only when set
-NEW_ENTRY_FIELDS = ("input_map", "output", "output_name")
+NEW_ENTRY_FIELDS = ("input_map", "output", "output_name", "remote", "fixed_batch")  # remote: issue 19
 
 
 def manifest_version(data: dict) -> str:
@@ -211,7 +220,7 @@ def finalize_manifest(stage: Path, manifest: Manifest) -> Manifest:
     """Fill every entry's sha256 from the staged files and derive the bundle version."""
 
     def digest(entries: dict[str, ModelEntry]) -> dict[str, ModelEntry]:
-        return {k: replace(e, sha256=sha256_file(stage / e.file)) for k, e in entries.items()}
+        return {k: e if not e.file else replace(e, sha256=sha256_file(stage / e.file)) for k, e in entries.items()}
 
     manifest = replace(manifest, variants=digest(manifest.variants), members=digest(manifest.members),
                        files={rel: sha256_file(stage / rel) for rel in manifest.files})  # extra files (a tokenizer.json)
@@ -406,6 +415,12 @@ def read_bundle(path: str | Path, *, max_manifest_bytes: int = MAX_MANIFEST_BYTE
     manifest = Manifest.from_dict(data)
     sizes = {}
     for name, entry in manifest.entries().items():
+        if entry.remote or (not entry.file and entry.kind == "ensemble" and entry.members):
+            # served elsewhere (service/remote.py; a split front's ensemble is its remote members combined):
+            # no file here; checked against the probe rows at load instead
+            if entry.file or entry.sha256:
+                raise ManifestError(f"'{name}': a remote member ({entry.remote[:80]}) has no file here; got file {entry.file!r:.80}")
+            continue
         got, sizes[name] = _sha256_regular(_safe_path(path, entry.file), entry.file)
         if got != entry.sha256:
             raise IntegrityError(

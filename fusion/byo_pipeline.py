@@ -14,16 +14,22 @@ A recipe with `[[members]]`, `[[inputs]]` and `[data] source = "file.npz"` (one 
       -> per-variant metrics, the distilled variant (the composed graph in onnxruntime is the teacher), the
          comparison report, all staged before the bundle is committed.
 
-Distillation needs a transfer set the augmenter understands: one float input (rows of any shape). With
-several inputs, or integer inputs (token ids), the distilled variant is skipped with a logged note.
-Merging needs weights of one architecture and int8 variants are built for merged/distilled only on the
-flat path: both are skipped here with a note.
+Text inputs: the `.npz` holds one numpy unicode string per row (dtype '<U…'); every split is tokenized as the
+service tokenizes a request (`graph_view`, fusion.text.encode) and the members are scored, the weights chosen
+and the student trained on those feeds; the composed graph passes the text gate (every batch and sequence
+length) and the bundle records a probe of fixed strings (fusion.text.text_probe).
+
+Distillation: with one float input, distill.py's augmented flat rows (`export_distilled`); with text or
+several inputs, `[distill] source` is trained on the composed graph's probabilities over the train split's
+feeds (`export_distilled_named`, no augmentation), exported with the dynamo exporter and gated at batch
+1/2/7 (and sequence 1/7/max_length). Merging needs weights of one architecture and int8 variants are built
+for merged/distilled only on the flat path: both are skipped here with a note.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -63,22 +69,57 @@ def scores(prepared, X: dict, temperatures: Sequence[float] | None = None) -> np
     return np.concatenate(parts, axis=1).astype(np.float64)
 
 
-def _members(recipe: Recipe, inputs) -> list:
+@dataclass(frozen=True)
+class ComposedMembers:
+    """A recipe's [[members]] ready for fusion.compose, and the inputs they make."""
+
+    members: list  # OnnxMembers (torch members exported alone), an image input's normalisation in front
+    text_members: list  # (name, torch module or None for onnx:, OnnxMember): the text gate's members
+    bundle_inputs: list  # the manifest's TensorSpecs (a text input with its graph_inputs)
+    graph: list  # the composed graph's TensorSpecs (a text input replaced by its int64 feeds)
+    text: tuple | None  # (tokenizer.json path, vocabulary size, max_length) of the text input, or None
+
+
+def compose_members(recipe: Recipe, inputs) -> ComposedMembers:
+    """Every `[[members]]` table as an OnnxMember over the bundle's graph inputs: onnx: files as they are
+    (`fixed_batch` kept), torch members exported alone (dynamo); with a text input each member takes the text
+    feeds its forward (or its file) names (fusion/text.py); image inputs normalised in front of every member."""
     from fusion.compose import OnnxMember, torch_member
     from fusion.sources import load_member, source_kind, split_source
+    from fusion.text import check_member, graph_specs, member_inputs, onnx_inputs, tokenizer_file
 
-    members = []
+    text = tokenizer_file(recipe.inputs)  # a text input: its graph feeds are input_ids, attention_mask[, token_type_ids]
+    loaded = {s.name: load_member(s).module for s in recipe.members if source_kind(s.source) != "onnx"}
+    taken = [member_inputs(loaded[s.name]) if s.name in loaded else onnx_inputs(s.name, split_source(s.source)[1])
+             for s in recipe.members] if text else []
+    bundle_inputs, graph = graph_specs(inputs, taken)
+    members, text_members = [], []
     for section in recipe.members:
         kw = {"input_map": dict(section.input_map), "output": section.output, "output_name": section.output_name}
         if source_kind(section.source) == "onnx":
+            kw["fixed_batch"] = section.fixed_batch  # "one_row": run one row at a time (fusion/compose.py)
+            if text and not kw["input_map"]:  # a foreign text model takes the text feeds by their names
+                kw["input_map"] = {n: n for n in onnx_inputs(section.name, split_source(section.source)[1])}
             members.append(OnnxMember.load(section.name, split_source(section.source)[1], **kw))
+            if text:
+                text_members.append((section.name, None, members[-1]))
+            continue
+        module = loaded[section.name]
+        if text:  # the member takes the text feeds its forward accepts, by name (hf: without token_type_ids too)
+            check_member(section.name, module, text[1], text[2])
+            own = member_inputs(module)
+            specs = [next(g for g in graph if g.name == n) for n in own]
+            om = torch_member(section.name, module, specs, output=section.output)
+            om = replace(om, input_map=dict(section.input_map) or {n: n for n in own})
+            text_members.append((section.name, module, om))
         else:
-            members.append(torch_member(section.name, load_member(section).module, inputs, output=section.output))
-    if any(s.kind == "image" for s in inputs):  # (x * scale - mean) / std in front of every member an image feeds,
-        from fusion.imagenorm import normalize_member  # as build_composed does: scored, composed and served on raw pixels
+            om = torch_member(section.name, module, inputs, output=section.output)
+        members.append(om)
+    if any(s.kind == "image" for s in graph):  # (x * scale - mean) / std in front of every member an image feeds,
+        from fusion.imagenorm import normalize_member  # so they are scored, composed and served on raw pixels
 
-        members = [normalize_member(m, inputs) for m in members]
-    return members
+        members = [normalize_member(m, graph) for m in members]
+    return ComposedMembers(members, text_members, list(bundle_inputs), list(graph), text)
 
 
 def choose(recipe: Recipe, names: list[str], raw_val: np.ndarray, raw_test: np.ndarray, data: Dataset):
@@ -215,15 +256,286 @@ def export_distilled(recipe: Recipe, stage: Path, data: Dataset, inputs) -> dict
     )}
 
 
+def student_inputs(student: nn.Module, graph) -> tuple[str, ...]:
+    """The graph feeds a named-input student takes, in its forward's order: its `input_names` (the hf: wrapper's;
+    a python: factory's module may set one), else every graph input in the bundle's order."""
+    names = tuple(getattr(student, "input_names", ()) or ()) or tuple(s.name for s in graph)
+    unknown = [n for n in names if n not in {s.name for s in graph}]
+    if unknown:
+        raise ConfigError(f"[distill] source: the student takes {list(names)}; expected some of the graph's inputs "
+                          f"{[s.name for s in graph]}; got {unknown} that are not")
+    return names
+
+
+def gate_student(model, module: nn.Module, specs, text: tuple | None, atol: float = 1e-5, seed: int = 5,
+                 what: str = "the distilled student") -> dict:
+    """The distilled file against its torch module at batch 1/2/7 and, with a text input, sequence lengths 1/7/
+    max_length (token ids below the vocabulary, padded rows); other named dimensions at their probe size."""
+    from fusion.compose import random_feeds, session
+    from fusion.text import BATCHES, GRAPH_INPUTS, sequence_lengths, token_feeds
+
+    sess, rng = session(model), np.random.default_rng(seed)
+    tokens = [s.name for s in specs if text and s.name in GRAPH_INPUTS]
+    others = {s.name: s for s in specs if s.name not in tokens}
+    worst, cases = 0.0, []
+    for length in (sequence_lengths(text[2]) if tokens else (None,)):
+        for b in BATCHES:
+            feeds = {**(token_feeds(tokens, b, length, text[1], rng) if tokens else {}), **random_feeds(others, b, rng)}
+            got = sess.run(None, {s.name: feeds[s.name] for s in specs})[0]
+            with torch.no_grad():
+                want = module(*(torch.from_numpy(feeds[s.name]) for s in specs)).numpy()
+            worst = max(worst, float(np.abs(got - want).max()))
+            cases.append([b, length] if tokens else [b])
+    if not worst <= atol:
+        from fusion.errors import ExportError
+
+        raise ExportError(f"{what}'s ONNX export differs from torch by {worst:.3g} (allowed {atol:g}) "
+                          f"over batch{' x sequence' if tokens else ''} {cases}: an export that fixed a dimension")
+    return {"cases": cases, "max_abs_diff": worst, "atol": atol, "exporter": "torch.onnx.export(dynamo=True)",
+            "reference": "the student in torch on the same feeds"}
+
+
+def export_distilled_named(recipe: Recipe, stage: Path, data: Dataset, feeds: Dataset, cm: "ComposedMembers") -> dict:
+    """The `distilled` variant of a bundle of text or several named inputs: the student (`[distill] source`)
+    trained on the composed graph's probabilities (onnxruntime) over the train split's graph feeds
+    (fusion.distill.distill_named), exported with the dynamo exporter over the feeds it takes (every named
+    dimension dynamic) and gated at every batch and sequence length ({} with a logged note when skipped)."""
+    from fusion.bundle import ModelEntry
+    from fusion.compose import torch_member
+    from fusion.distill import NamedStudent, distill_named, method_record
+    from fusion.export import count_parameters
+    from fusion.sources import resolve
+    from fusion.text import GRAPH_INPUTS
+
+    cfg = recipe.distill
+    if not cfg.source:
+        log.warning("distilled variant skipped: a bundle of text or several named inputs distils into a student "
+                    "given by [distill] source (a torch source whose forward takes the graph's inputs %s); got none",
+                    [s.name for s in cm.graph])
+        return {}
+    if any(s.kind == "image" for s in cm.graph):
+        log.warning("distilled variant skipped: distilling several inputs with an image among them is not supported "
+                    "(one image input is: the flat path); got %s", [f"{s.name} ({s.kind})" for s in cm.graph])
+        return {}
+    with timed("build: distilled variant exported (teacher: the composed graph in onnxruntime)"):
+        student = resolve(cfg.source, dict(cfg.args))
+        if not isinstance(student, nn.Module):
+            raise ConfigError(f"[distill] source expected a torch module; got {type(student).__name__}")
+        names = student_inputs(student, cm.graph)
+        teacher = {s: _run_file(stage / "ensemble.onnx", getattr(feeds, f"X_{s}")) for s in ("train", "val")}
+        trim = tuple(n for n in names if cm.text and n in GRAPH_INPUTS)
+        trained, history = distill_named(student, names, feeds.X_train, teacher["train"], data.y_train, feeds.X_val,
+                                         teacher["val"], data.y_val, cfg, trim=trim)
+        wrapped = NamedStudent(trained, names).eval()
+        specs = [next(g for g in cm.graph if g.name == n) for n in names]
+        om = torch_member("distilled", wrapped, specs, output="probabilities")
+        parity = gate_student(om.model, wrapped, specs, cm.text)
+        (stage / "distilled.onnx").write_bytes(om.model.SerializeToString())
+        probs = {s: _run_file(stage / "distilled.onnx", getattr(feeds, f"X_{s}")) for s in ("val", "test")}
+    return {"distilled": ModelEntry(
+        file="distilled.onnx", sha256="", kind="distilled",
+        method={**method_record(cfg, history), "teacher_runtime": "onnxruntime (the composed ensemble graph)",
+                "augment": [], "copies": 0, "transfer_set": "the train split's rows as they are (named inputs)"},
+        metrics=_accuracy(probs["val"], probs["test"], data), n_parameters=count_parameters(trained),
+        parity=parity, arch={"arch": cfg.source, "args": dict(cfg.args), "seed": cfg.seed, "inputs": list(names)},
+    )}
+
+
+def merge_requested(recipe: Recipe) -> bool:
+    """Whether `[merge]` names BYO members (or a mergekit config) to merge: the default `method = "linear"`
+    with no `members` merges nothing on this path."""
+    return bool(recipe.merge.method or recipe.merge.config) and bool(recipe.merge.members or recipe.merge.config)
+
+
+def _layout(module: nn.Module) -> dict:
+    return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in module.state_dict().items()}
+
+
+def _class_name(module: nn.Module) -> str:
+    """The architecture's class: the transformers model inside an hf: wrapper, else the module's."""
+    return type(getattr(module, "model", module)).__name__
+
+
+def architecture_difference(named: Sequence[tuple[str, nn.Module]]) -> str:
+    """"" when every module has the first's class and state-dict layout (keys, shapes, dtypes), else what differs."""
+    (ref_name, ref), ref_layout = named[0], _layout(named[0][1])
+    for name, module in named[1:]:
+        if _class_name(module) != _class_name(ref):
+            return f"'{ref_name}' is {_class_name(ref)}, '{name}' is {_class_name(module)}"
+        layout = _layout(module)
+        if layout != ref_layout:
+            missing, extra = sorted(set(ref_layout) - set(layout)), sorted(set(layout) - set(ref_layout))
+            shapes = [f"{k}: {ref_layout[k][0]} vs {layout[k][0]}" for k in ref_layout
+                      if k in layout and layout[k] != ref_layout[k]]
+            return (f"'{name}' differs from '{ref_name}': {len(missing)} missing {missing[:3]}, {len(extra)} extra "
+                    f"{extra[:3]}, {len(shapes)} other shapes/dtypes {shapes[:3]}")
+    return ""
+
+
+def _base_module(recipe: Recipe, template: nn.Module, first_source: str) -> nn.Module | None:
+    """`[merge] base`: a [[members]] name, a Hugging Face directory (hf: members) or a .safetensors file loaded
+    into a copy of the first member (strict keys); None when empty."""
+    import copy
+
+    from fusion.sources import load_member, load_weights, resolve, split_source
+
+    base = recipe.merge.base
+    if not base:
+        return None
+    by_name = {m.name: m for m in recipe.members}
+    if base in by_name:
+        return load_member(by_name[base]).module
+    path = Path(base)
+    if path.is_dir():
+        if split_source(first_source)[0] != "hf":
+            raise ConfigError(f"[merge].base expected a member name or a .safetensors file for {first_source!r} members "
+                              f"(a directory is read as a Hugging Face model); got the directory {base!r}")
+        return resolve(f"hf:{base}")
+    if not path.is_file():
+        raise ConfigError(f"[merge].base expected a [[members]] name {sorted(by_name)}, a .safetensors file or a Hugging "
+                          f"Face directory; got {base!r}, which is none of them")
+    module = copy.deepcopy(template)
+    load_weights(getattr(module, "model", module) if split_source(first_source)[0] == "hf" else module, path,
+                 what="[merge].base")
+    return module.eval()
+
+
+def merged_members(recipe: Recipe) -> tuple[nn.Module, dict] | None:
+    """The merged torch module of `[merge]` and its method record, or None (a logged note) when the named
+    members cannot be merged: an onnx: member (no weights to merge), different architectures, a data-aware method."""
+    import copy
+    import tempfile
+
+    from fusion.merge import data_methods, merge
+    from fusion.sources import load_member, resolve, source_kind
+
+    cfg = recipe.merge
+    if cfg.config:  # a mergekit YAML over HF directories, merged as `fusion merge --config` merges it
+        from fusion.merge.mergekit_config import load_config, run_plan
+
+        plan = load_config(cfg.config)
+        with tempfile.TemporaryDirectory(prefix="fusion-merged-") as tmp:
+            summary = run_plan(plan, tmp)
+            module = resolve(f"hf:{tmp}")
+        return module, {"method": plan.method, "config": cfg.config, "source": "mergekit YAML",
+                        "models": [str(m.path) for m in plan.models], "base": summary["base"],
+                        "parameters": {k: v for k, v in dict(plan.parameters).items()}}
+    by_name = {m.name: m for m in recipe.members}
+    unknown = [n for n in cfg.members if n not in by_name]
+    if unknown:
+        raise ConfigError(f"[merge].members expected names of [[members]] {sorted(by_name)}; got {unknown}")
+    sections = [by_name[n] for n in cfg.members]
+    onnx_ = [s.name for s in sections if source_kind(s.source) == "onnx"]
+    if onnx_:
+        log.warning("merged variant skipped: [merge] members %s are onnx: files (their weights are not a torch state "
+                    "dict to merge); merge members of one torch architecture", onnx_)
+        return None
+    if cfg.method in data_methods():
+        log.warning("merged variant skipped: [merge] method '%s' needs activation statistics, which this build does not "
+                    "collect over named inputs; use a weight-only method (linear, ties, task_arithmetic...)", cfg.method)
+        return None
+    modules = [(s.name, load_member(s).module) for s in sections]
+    base = _base_module(recipe, modules[0][1], sections[0].source)
+    differ = architecture_difference(modules + ([("[merge].base", base)] if base is not None else []))
+    if differ:
+        log.warning("merged variant skipped: [merge] members expected one architecture (same class, keys and shapes); "
+                    "%s", differ)
+        return None
+    if len({(tuple(sorted(s.input_map.items())), s.output) for s in sections}) > 1:
+        log.warning("merged variant skipped: [merge] members expected the same input_map and output; got %s",
+                    {s.name: (dict(s.input_map), s.output) for s in sections})
+        return None
+    merged = merge(cfg.method, [m.state_dict() for _, m in modules], base=None if base is None else base.state_dict(),
+                   weights=cfg.weights or None, **dict(cfg.params))
+    module = copy.deepcopy(modules[0][1])
+    module.load_state_dict(merged)
+    return module.eval(), {"method": cfg.method, "members": list(cfg.members), "base": cfg.base or None,
+                           "weights": list(cfg.weights) or None, "params": dict(cfg.params)}
+
+
+class _MergedProbabilities(nn.Module):
+    """A merged member as served: forward(*feeds) in its inputs' order -> softmax of its logits (identity for
+    regression, or when the members already answer probabilities)."""
+
+    def __init__(self, inner: nn.Module, softmax: bool):
+        super().__init__()
+        self.inner, self.softmax = inner, softmax
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        out = self.inner(*inputs)
+        return torch.softmax(out, -1) if self.softmax else out
+
+
+def export_merged_members(recipe: Recipe, stage: Path, data: Dataset, feeds: Dataset, cm: "ComposedMembers") -> dict:
+    """The `merged` variant of a BYO bundle ({} with a logged note when skipped): the `[merge]` members' weights
+    merged (fusion.merge, or a mergekit YAML), exported with the members' exporter (fusion.compose.torch_member,
+    dynamo, every named dimension dynamic), gated against the merged module in torch at batch 1/2/7 (and sequence
+    1/7/max_length for text), scored on the build's splits."""
+    from fusion.bundle import ModelEntry
+    from fusion.compose import torch_member
+    from fusion.export import count_parameters
+    from fusion.text import member_inputs
+
+    if any(s.kind == "image" for s in cm.graph):
+        log.warning("merged variant skipped: merging members over an image input (normalised in front of each member's "
+                    "graph) is not supported yet; got %s", [f"{s.name} ({s.kind})" for s in cm.graph])
+        return {}
+    cfg = recipe.merge
+    with timed(f"build: merged variant ({'mergekit config ' + cfg.config if cfg.config else cfg.method}) exported"):
+        made = merged_members(recipe)
+        if made is None:
+            return {}
+        module, record = made
+        first = next((m for m in recipe.members if m.name in cfg.members), recipe.members[0])
+        if cm.text:
+            names = member_inputs(module)
+        elif first.input_map:
+            names = tuple(first.input_map.values())
+        else:
+            names = tuple(s.name for s in cm.graph)
+        specs = [next(g for g in cm.graph if g.name == n) for n in names]
+        wrapped = _MergedProbabilities(module, data.task == "classification" and first.output == "logits").eval()
+        om = torch_member("merged", wrapped, specs, output="probabilities")
+        parity = gate_student(om.model, wrapped, specs, cm.text, what="the merged variant")
+        parity["reference"] = "the merged module in torch on the same feeds"
+        (stage / "merged.onnx").write_bytes(om.model.SerializeToString())
+        probs = {s: _run_file(stage / "merged.onnx", getattr(feeds, f"X_{s}")) for s in ("val", "test")}
+    metrics = _accuracy(probs["val"], probs["test"], data) if data.task == "classification" else {}
+    return {"merged": ModelEntry(
+        file="merged.onnx", sha256="", kind="merged", method=record, metrics=metrics,
+        n_parameters=count_parameters(module), parity=parity,
+        arch={"arch": _class_name(module), "source": first.source if not cfg.config else "mergekit YAML",
+              "inputs": list(names)},
+    )}
+
+
 @torch.no_grad()
 def _predict(model: nn.Module, X: np.ndarray) -> np.ndarray:
     return model(torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))).numpy()
+
+
+def graph_view(data: Dataset, cm: ComposedMembers) -> Dataset:
+    """The data set as the composed graph's feeds: a text input's strings tokenized as the service tokenizes a
+    request (fusion.text.encode; each split padded to its longest row, which the graph masks); others as they are."""
+    if cm.text is None:
+        return data
+    from fusion.text import encode, service_tokenizer
+
+    spec = next(s for s in cm.bundle_inputs if s.kind == "text")
+    tok, pad = service_tokenizer(cm.text[0], cm.text[2])
+
+    def feeds(X: dict) -> dict:
+        rest = {k: v for k, v in X.items() if k != spec.name}
+        return {**encode(tok, pad, X[spec.name].tolist(), spec.text["graph_inputs"]), **rest}
+
+    return replace(data, X_train=feeds(data.X_train), X_val=feeds(data.X_val), X_test=feeds(data.X_test))
 
 
 def build_composed_with_data(recipe: Recipe):
     """`fusion build` for [[members]] over [[inputs]] read from `[data] source` (a .npz): see the module docstring."""
     from fusion.build import add_comparison
     from fusion.compose import prepare_members, write_onnx_bundle
+    from fusion.text import check_text_parity, files_of
 
     if not recipe.data.source.lower().endswith(".npz"):
         raise ConfigError(f"[data].source with [[inputs]] expected a .npz file (one array per input name, plus 'y'); "
@@ -231,20 +543,29 @@ def build_composed_with_data(recipe: Recipe):
     data = load_data(recipe)
     inputs = [i.to_tensor_spec() for i in recipe.inputs]
     names = [m.name for m in recipe.members]
-    skipped = [s for s, on in (("merged", bool(recipe.merge.method)), ("int8", recipe.build.quantize)) if on]
+    skipped = [s for s, on in (("merged", bool(recipe.merge.method) and not merge_requested(recipe)),
+                               ("int8", recipe.build.quantize)) if on]
     if skipped:
-        log.warning("a bundle of named inputs composes its members' graphs (no weights to merge, no merged/distilled "
-                    "file to quantize on this path); skipped: %s", ", ".join(skipped))
-    members = _members(recipe, inputs)
+        log.warning("a bundle of named inputs composes its members' graphs (merged: only the members [merge] members "
+                    "names, or a [merge] config; no merged/distilled file to quantize on this path); skipped: %s",
+                    ", ".join(skipped))
+    cm = compose_members(recipe, inputs)
+    members, graph = cm.members, cm.graph
+    feeds = graph_view(data, cm)  # the graph's feeds (text tokenized); `data` keeps what a client sends
     with timed(f"build: {len(members)} members checked and scored in onnxruntime"):
-        prepared = prepare_members(members, inputs)
-        raw_val, raw_test = scores(prepared, data.X_val), scores(prepared, data.X_test)
+        prepared = prepare_members(members, graph)
+        raw_val, raw_test = scores(prepared, feeds.X_val), scores(prepared, feeds.X_test)
     with timed(f"build: ensemble of {len(members)} members ({recipe.ensemble.combiner}) chosen on validation"):
         combiner, temps, selection = choose(recipe, names, raw_val, raw_test, data)
+    gate = None
+    if cm.text:  # every dynamic dimension: batch 1/2/7 x sequence 1/7/max_length (fusion/text.py)
+        def gate(composed: bytes) -> dict:
+            return check_text_parity(composed, cm.text_members, combiner, graph, vocab=cm.text[1], max_length=cm.text[2],
+                                     kinds=[m.output for m in recipe.members], temperatures=temps)
 
     def finish(stage: Path, manifest):
         ens = manifest.variants["ensemble"]
-        probs = {s: _run_file(stage / ens.file, getattr(data, f"X_{s}")) for s in ("val", "test")}
+        probs = {s: _run_file(stage / ens.file, getattr(feeds, f"X_{s}")) for s in ("val", "test")}
         method = dict(ens.method or {})
         if temps is not None:
             method["fit_on"] = "validation"
@@ -253,16 +574,21 @@ def build_composed_with_data(recipe: Recipe):
                                         method=method)}
         members_out = {n: replace(e, metrics=_accuracy(raw_val[i], raw_test[i], data)) if classify else e
                        for i, (n, e) in enumerate(manifest.members.items())}
-        if data.task == "classification":
-            variants |= export_distilled(recipe, stage, data, inputs)
+        if merge_requested(recipe):  # [merge] members (one architecture) or a mergekit config: the merged variant
+            variants |= export_merged_members(recipe, stage, data, feeds, cm)
+        if data.task == "classification" and recipe.distill.enabled:
+            flat = flat_view(data) is not None  # one float input: the augmented flat path; else the named one
+            variants |= (export_distilled(recipe, stage, data, inputs) if flat
+                         else export_distilled_named(recipe, stage, data, feeds, cm))
         manifest = replace(manifest, variants=variants, members=members_out, ensemble_selection=selection)
         if recipe.build.compare and data.task == "classification":
-            with timed("build: comparison report written"):
+            with timed("build: comparison report written"):  # text: fusion/compare.py tokenizes with the staged tokenizer
                 manifest = add_comparison(recipe, stage, manifest, data)
         return manifest
 
     dataset = {**data.describe(), "source": recipe.data.source}
     with timed(f"build: {len(members)} members composed into one ONNX graph (onnx.compose, parity-checked)"):
-        return write_onnx_bundle(recipe.build.out, members, combiner, inputs, classes=data.classes,
+        return write_onnx_bundle(recipe.build.out, members, combiner, graph, classes=data.classes,
                                  task=data.task, temperatures=temps, dataset=dataset, prepared=prepared,
-                                 finish=finish)
+                                 finish=finish, bundle_inputs=cm.bundle_inputs if cm.text else None,
+                                 files=files_of(cm.text), gate=gate)

@@ -18,6 +18,16 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 1,2,1; got '{text}'") from None
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"num_classes\": 5}}'; got {text!r} ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"num_classes\": 5}}'; got {type(value).__name__}")
+    return value
+
+
 WEIGHT_MODES = ("auto", "equal", "select", "fit")  # fusion.recipe.WEIGHT_MODES (the parser imports nothing heavy)
 
 
@@ -134,6 +144,9 @@ def _zoo_trajectory(args, data, out: Path) -> int:
     return 0
 
 
+SPLIT_URL_TEMPLATE = "http://member-{host}:3000/v2/models/{name}"  # fusion.split.DEFAULT_URL_TEMPLATE (torch-free import)
+
+
 def cmd_build(args) -> int:
     from fusion.build import build_bundle
     from fusion.recipe import load_recipe, override
@@ -143,6 +156,9 @@ def cmd_build(args) -> int:
     recipe = override(recipe, "ensemble", combiner=args.combiner, weights=weights)
     recipe = override(recipe, "zoo", dir=args.zoo)
     recipe = override(recipe, "build", out=args.out)
+    # `--split [DIR]` is the recipe's `[serve] split = true` (and `split_dir = DIR`): either writes the split layout
+    recipe = override(recipe, "serve", split=True if args.split is not None else None, split_dir=args.split or None,
+                      url_template=args.url_template)
     manifest = build_bundle(recipe)
     print(f"bundle {manifest.bundle_version} written to {recipe.build.out}")
     for name, v in manifest.entries().items():
@@ -160,6 +176,22 @@ def cmd_build(args) -> int:
             print(f"fusion build: warning: {sel['gate']['warning']}", file=sys.stderr)
     if manifest.comparison:
         print(f"comparison: {Path(recipe.build.out) / 'comparison.md'} (and .json, .png)")
+    if recipe.serve.split:  # issue 19: the same bundle, also as a front + one bundle per member
+        _print_split(recipe.build.out, recipe.serve.split_dir or f"{recipe.build.out}-split", recipe.serve.url_template)
+    return 0
+
+
+def _print_split(bundle: str, out: str, url_template: str) -> None:
+    from fusion.split import split_bundle
+
+    layout = split_bundle(bundle, out, url_template)
+    print(f"split layout written to {out}: front {layout['front_version']} ({Path(out) / 'front'}), members:")
+    for name, m in layout["members"].items():
+        print(f"  {name:14s} {m['bundle_version']}  {Path(out) / m['bundle']}  served at {m['url']}")
+
+
+def cmd_split(args) -> int:
+    _print_split(args.bundle, args.out or f"{args.bundle.rstrip('/')}-split", args.url_template)
     return 0
 
 
@@ -239,14 +271,45 @@ def _data(args):
     return load(src) if src == "digits" else load(src, label_column=getattr(args, "label_column", "label"))
 
 
+def _merge_config(args) -> int:
+    """`fusion merge --config merge.yml --out DIR`: a mergekit YAML config (fusion.merge.mergekit_config)."""
+    from fusion.errors import ConfigError
+    from fusion.merge.mergekit_config import load_config, run_plan
+
+    clash = [flag for flag, value in (("--method", args.method), ("--models", args.models), ("--base", args.base),
+                                      ("--weights", args.weights), ("--param", args.param), ("--arch", args.arch),
+                                      ("--dtype", args.dtype)) if value]
+    if clash:
+        raise ConfigError(f"--config takes the method, models, base, parameters and dtype (out_dtype) from the YAML; "
+                          f"expected none of {clash} next to it")
+    res = run_plan(load_config(args.config), args.out, max_shard_bytes=args.max_shard_size)
+    print(f"merged {res['n_models']} models with mergekit's '{res['method']}' ({res['entries']} tensors, "
+          f"{len(res['files'])} file(s)) -> {args.out}")
+    return 0
+
+
 def cmd_merge(args) -> int:
     from fusion.fuse import merge_checkpoints, parse_params
 
-    data = _data(args) if args.data != "none" else None
+    if args.config:
+        return _merge_config(args)
+    if not args.method or not args.models:
+        from fusion.errors import ConfigError
+
+        raise ConfigError(f"fusion merge: expected --method and --models (or --config merge.yml); got "
+                          f"{'no --method' if not args.method else 'no --models'}")
+
+    from fusion.fuse import has_spec
+
+    inputs = [*args.models, *([args.base] if args.base else [])]
+    model_known = bool(args.arch) or (has_spec(args.models[0]) and not any(Path(p).is_dir() for p in inputs))
+    data = _data(args) if args.data != "none" and model_known else None  # metrics need a model to run
     res = merge_checkpoints(args.method, args.models, args.out, base=args.base, weights=args.weights,
-                            params=parse_params(args.param), arch=args.arch, data=data)
+                            params=parse_params(args.param), arch=args.arch, data=data,
+                            dtype=args.dtype, max_shard_size=args.max_shard_size)
     how = "streamed tensor by tensor" if res["streamed"] else "in memory"
-    print(f"merged {len(args.models)} checkpoints with '{args.method}' ({how}) -> {args.out}")
+    what = f", architecture-free, {len(res['files'])} file(s)" if res.get("arch_free") else ""
+    print(f"merged {len(args.models)} checkpoints with '{args.method}' ({how}{what}) -> {args.out}")
     if res["metrics"]:
         print(f"  val accuracy {res['metrics']['val_accuracy']:.4f}, test accuracy {res['metrics']['test_accuracy']:.4f}")
     return 0
@@ -255,9 +318,14 @@ def cmd_merge(args) -> int:
 def cmd_align(args) -> int:
     from fusion.fuse import align_checkpoints
 
-    data = _data(args)
-    for r in align_checkpoints(args.method, args.reference, args.models, args.out_dir, arch=args.arch, data=data, seed=args.seed):
-        print(f"{r['model']} -> {r['out']} (test accuracy {r['metrics'].get('test_accuracy', float('nan')):.4f}, unchanged by a permutation)")
+    source = getattr(args, "source", None)
+    data = None if source and args.method == "weight_matching" else _data(args)  # a source's weight matching needs no data
+    for r in align_checkpoints(args.method, args.reference, args.models, args.out_dir, arch=args.arch, data=data, seed=args.seed,
+                               source=source, source_args=args.args, input_shape=args.input_shape):
+        if source:
+            print(f"{r['model']} -> {r['out']} ({r['permutations']} permutations from the torch.fx spec of {source}; same function)")
+        else:
+            print(f"{r['model']} -> {r['out']} (test accuracy {r['metrics'].get('test_accuracy', float('nan')):.4f}, unchanged by a permutation)")
     return 0
 
 
@@ -316,7 +384,21 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--weights", type=_member_weights, help=WEIGHTS_HELP)
     b.add_argument("--zoo", help="zoo directory (trained when empty)")
     b.add_argument("--out", help="bundle directory (default artifacts/bundle)")
+    b.add_argument("--split", nargs="?", const="", metavar="DIR",
+                   help="also write a front bundle whose members are remote and one bundle per member (default DIR: "
+                        "[serve] split_dir, else OUT-split; the recipe's `[serve] split = true` does the same); "
+                        "see deploy/overlays/split and deploy/compose-split.yaml")
+    b.add_argument("--url-template",
+                   help="each remote member's URL in the front bundle ({name}: the member, {host}: it as a DNS label; "
+                        f"default: [serve] url_template, else {SPLIT_URL_TEMPLATE}; "
+                        "FUSION_MEMBER_URL_<NAME> overrides it when serving)")
     b.set_defaults(func=cmd_build)
+
+    sp = sub.add_parser("split", help="split a built bundle: a front with remote members + one bundle per member")
+    sp.add_argument("bundle")
+    sp.add_argument("--out", help="output directory (default BUNDLE-split)")
+    sp.add_argument("--url-template", default=SPLIT_URL_TEMPLATE, help="as `fusion build --url-template`")
+    sp.set_defaults(func=cmd_split)
 
     d = sub.add_parser("distill", help="distil an ensemble (a zoo's or a bundle's) into one student")
     d.add_argument("--recipe", help="TOML recipe: its [data], [zoo], [ensemble] and [distill] sections (flags override)")
@@ -350,14 +432,25 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_report)
 
     m = sub.add_parser("merge", help="merge safetensors checkpoints into one (mergekit method names)")
-    m.add_argument("--method", required=True, action=_RegistryNames, names=merge_method_names)
-    m.add_argument("--models", nargs="+", required=True, metavar="CKPT.safetensors")
-    m.add_argument("--base", help="the shared base checkpoint, for task-vector methods")
+    m.add_argument("--config", metavar="MERGE.yml", help="a mergekit YAML config (merge_method, base_model, models, "
+                   "parameters, dtype, out_dtype, ...) instead of --method/--models/--base/--weights/--param; --out is "
+                   "then a Hugging Face directory")
+    m.add_argument("--method", action=_RegistryNames, names=merge_method_names)  # required without --config
+    m.add_argument("--models", nargs="+", metavar="CKPT",
+                   help="members: .safetensors files or Hugging Face model directories (model.safetensors, or shards + "
+                        "model.safetensors.index.json) with identical keys and shapes; no spec or --arch needed for weight-only methods")
+    m.add_argument("--base", help="the shared base checkpoint (file or HF directory), for task-vector methods")
     m.add_argument("--weights", type=_floats, help="one weight per model, e.g. 1,1,2")
     m.add_argument("--param", action="append", metavar="KEY=VALUE", help="method parameter, repeatable (e.g. density=0.2, scope=global)")
-    m.add_argument("--arch", help="architecture when no <name>.json spec sits next to the checkpoints")
-    m.add_argument("--data", default="digits", help="data for metrics, BN statistics and data-aware methods ('none' to skip)")
-    m.add_argument("--out", required=True, help="OUT.safetensors (its spec goes to OUT.json)")
+    m.add_argument("--arch", help="zoo architecture when no <name>.json spec sits next to the checkpoints: enables metrics, "
+                   "BatchNorm recomputation and data-aware methods (weight-only merges need none)")
+    m.add_argument("--data", default="digits", help="data for metrics, BN statistics and data-aware methods ('none' to skip); "
+                   "used only when the architecture is known (a spec or --arch)")
+    m.add_argument("--out", required=True, help="OUT.safetensors (one file; a zoo member's spec goes to OUT.json), or a new "
+                   "directory: shards + index + the base's (else the first model's) config and tokenizer files")
+    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the merged float tensors (default: the inputs'; bf16/fp16 are merged in float32 either way)")
+    m.add_argument("--max-shard-size", metavar="SIZE", help="largest shard of a directory output, e.g. 500MB, 2GB, 1GiB (default 5GB, as transformers)")
     m.set_defaults(func=cmd_merge)
 
     a = sub.add_parser("align", help="permute checkpoints into a reference's basis (Git Re-Basin)")
@@ -368,6 +461,11 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--data", default="digits", help="data for activation matching and metrics")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--out-dir", required=True)
+    a.add_argument("--source", help="member source of any other architecture (timm:NAME, torchvision:NAME, python:pkg.mod:factory): "
+                                    "its permutation spec is derived from a torch.fx trace; transformers are refused")
+    a.add_argument("--args", type=_json_object, default={}, metavar="JSON", help="the source's constructor arguments, e.g. '{\"num_classes\": 5}'")
+    a.add_argument("--input-shape", type=_ints, metavar="C,H,W", help="one input's shape (no batch) to trace the source's model "
+                                                                     "(default: timm's pretrained_cfg input_size)")
     a.set_defaults(func=cmd_align)
 
     r = sub.add_parser("barrier", help="loss barrier on the straight path between two checkpoints")
@@ -397,7 +495,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 # the offline stack (pyproject's [build] extra): the base install serves bundles and has none of it
-BUILD_MODULES = frozenset({"torch", "onnx", "onnxscript", "scipy", "sklearn", "safetensors", "tqdm", "matplotlib"})
+BUILD_MODULES = frozenset({"torch", "onnx", "onnxscript", "scipy", "sklearn", "safetensors", "tqdm", "matplotlib", "yaml"})
 BUILD_HINT = "install fusion-serve[build] (pip install 'fusion-serve[build]'; in a checkout: make install-build)"
 
 

@@ -358,6 +358,10 @@ def compare_models(root: str | Path, manifest: Manifest, data: Dataset, cfg: Com
     _check_data(manifest, data, cfg)
     X, y = _split(data, cfg.split)
     X = X if isinstance(X, dict) else np.ascontiguousarray(X, dtype=np.float32)
+    if isinstance(X, dict) and any(s.kind == "text" for s in manifest.inputs):  # strings -> the graph's token feeds
+        from fusion.text import tokenize_inputs
+
+        X = tokenize_inputs(manifest.inputs, root, X)
     entries: dict[str, ModelEntry] = manifest.entries()
     sessions, probs, flops, sizes, bound = {}, {}, {}, {}, {}
     for name, e in entries.items():

@@ -23,14 +23,18 @@ the ensemble graph is assembled from the files themselves with `onnx.compose`:
 
 A member whose batch dimension is fixed, or that hard-codes batch 1 in a Reshape (legacy graphs do), is
 found by `probe_batch` (batch 1, 2 and 7 in onnxruntime, and row 0 of batch 7 against batch 1) and
-refused with MemberError. So are sklearn ZipMap outputs (maps, not tensors: convert with
-`options={id(model): {"zipmap": False}}`), input maps naming inputs that do not exist, and operator
-domains onnxruntime does not implement. Merging and alignment need weights: `fusion.fuse.refuse_onnx_members`.
+refused with MemberError, unless it is declared `fixed_batch = "one_row"`: then it must run at batch 1,
+and it is run one row at a time, in the fused graph by an ONNX Loop over the rows around its own nodes
+(`loop_rows`: the graph still takes any batch), in the gate and the scoring by one onnxruntime call per
+row (`run_rows`), and in the service likewise (ModelEntry.fixed_batch, service/runtime.Model). Also
+refused: sklearn ZipMap outputs (maps, not tensors: convert with `options={id(model): {"zipmap": False}}`),
+input maps naming inputs that do not exist, and operator domains onnxruntime does not implement. Merging and alignment need weights: `fusion.fuse.refuse_onnx_members`.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import re
 import shutil
@@ -60,6 +64,8 @@ DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64":
 SEQ_DIM = 5  # the size a named dynamic dimension other than "batch" gets in the probe
 PROBE_VALUES = 1 << 16  # at most this many input values recorded in the manifest's probe
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class OnnxMember:
@@ -68,6 +74,7 @@ class OnnxMember:
     input_map: {member input -> bundle input}; empty: the member's inputs take the bundle's by position.
     output: what the chosen output holds, "logits" or "probabilities".
     output_name: which graph output to use; empty: the first.
+    fixed_batch: a member whose batch is fixed is refused ("refuse") or run one row at a time ("one_row").
     path: the file it was read from (copied into the bundle as it is); empty: serialised from `model`.
     """
 
@@ -77,6 +84,7 @@ class OnnxMember:
     output: str = "logits"
     output_name: str = ""
     path: str = ""
+    fixed_batch: str = "refuse"  # "refuse" | "one_row": see the module docstring
 
     @classmethod
     def load(cls, name: str, path: str | Path, **kw) -> "OnnxMember":
@@ -311,12 +319,29 @@ def _ort_message(exc: BaseException) -> str:
     return (f"{node[1]} node '{node[2]}': " if node else "") + (msg if len(msg) <= 240 else "..." + msg[-240:])
 
 
+ONE_ROW = "one_row"
+FIXED_BATCH = ("refuse", ONE_ROW)
+
+
+def run_rows(sess, outputs, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """`sess.run(outputs, feeds)` one row at a time (a member whose batch is fixed at 1), rows concatenated."""
+    n = len(next(iter(feeds.values())))
+    parts = [sess.run(outputs, {k: v[i:i + 1] for k, v in feeds.items()}) for i in range(n)]
+    return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+
+
+def run_member(sess, outputs, feeds: Mapping[str, np.ndarray], one_row: bool = False) -> list[np.ndarray]:
+    """A member's session on `feeds`: in one call, or one row per call when it is declared one_row."""
+    return run_rows(sess, outputs, feeds) if one_row else sess.run(outputs, dict(feeds))
+
+
 def probe_batch(model: onnx.ModelProto, specs: Mapping[str, TensorSpec], *, name: str = "model",
-                batch_sizes: Sequence[int] = PROBE_BATCHES, seed: int = 0) -> dict[int, tuple[int, ...]]:
+                batch_sizes: Sequence[int] = PROBE_BATCHES, seed: int = 0, one_row: bool = False) -> dict[int, tuple[int, ...]]:
     """Run `model` in onnxruntime at each batch size on random inputs drawn from `specs` ({model input:
     spec}); its first output must have that many rows, and row 0 of the largest batch must equal the
     same row run alone. Returns {batch: output shape}; raises MemberError naming the member, the batch
-    sizes that failed and what each gave (a fixed batch dimension, a Reshape that hard-codes batch 1)."""
+    sizes that failed and what each gave (a fixed batch dimension, a Reshape that hard-codes batch 1).
+    one_row: the member is run one row per call (`fixed_batch = "one_row"`); it must answer one row at batch 1."""
     try:
         sess = session(model)
     except Exception as exc:  # noqa: BLE001
@@ -324,11 +349,20 @@ def probe_batch(model: onnx.ModelProto, specs: Mapping[str, TensorSpec], *, name
     rng = np.random.default_rng(seed)
     big = max(batch_sizes)
     feeds_big = random_feeds(specs, big, rng)
+    if one_row:
+        try:
+            out = np.asarray(sess.run(None, {k: v[:1] for k, v in feeds_big.items()})[0])
+            why = "" if out.ndim >= 1 and out.shape[0] == 1 else f"an output of shape {tuple(out.shape)}"
+        except Exception as exc:  # noqa: BLE001
+            why = f"onnxruntime: {_ort_message(exc)}"
+        if why:
+            raise MemberError(f"member '{name}': fixed_batch = \"one_row\" expected a member that runs at batch 1 and "
+                              f"answers one row; got {why}")
     shapes, failed, first_rows = {}, {}, None
     for b in batch_sizes:
         feeds = {k: v[:b] for k, v in feeds_big.items()}
         try:
-            out = np.asarray(sess.run(None, feeds)[0])
+            out = np.asarray(run_member(sess, None, feeds, one_row)[0])
         except Exception as exc:  # noqa: BLE001 - onnxruntime's error for a shape it cannot take
             failed[b] = f"onnxruntime: {_ort_message(exc)}"
             continue
@@ -346,8 +380,56 @@ def probe_batch(model: onnx.ModelProto, specs: Mapping[str, TensorSpec], *, name
         raise MemberError(
             f"member '{name}': expected outputs whose first dimension follows the batch (probed at batch "
             f"{', '.join(map(str, batch_sizes))}); batch {', '.join(map(str, failed))} failed: {got}. A fixed batch "
-            f"dimension or a Reshape that hard-codes batch 1: re-export it with a dynamic batch axis")
+            f"dimension or a Reshape that hard-codes batch 1: re-export it with a dynamic batch axis, or declare the member "
+            f"fixed_batch = \"one_row\" to run it one row at a time")
     return shapes
+
+
+def loop_rows(model: onnx.ModelProto, output: str, row_shape: Sequence[int]) -> onnx.ModelProto:
+    """A member that runs at batch 1 only, as a model over any batch: an ONNX Loop over the rows whose body
+    takes row i of every input (Gather, keeping the batch axis of 1), runs the member's own nodes (names
+    prefixed `row/`) and yields its one-row output; the Loop stacks them to (B, 1, ...), squeezed to (B, ...).
+
+    `model`: prepared (only real inputs, the one chosen `output`) and upgraded (opset >= 13: Squeeze takes
+    its axes as an input); `row_shape`: its output's shape on one row (the probe's, (1, ...)). Inputs and
+    output keep their names, with the batch dimension made dynamic."""
+    inner = onnx.compose.add_prefix(model, "row/")
+    g = inner.graph
+    outer_inputs = []
+    for vi in model.graph.input:
+        o = onnx.ValueInfoProto()
+        o.CopyFrom(vi)
+        if o.type.tensor_type.HasField("shape") and o.type.tensor_type.shape.dim:
+            o.type.tensor_type.shape.dim[0].Clear()
+            o.type.tensor_type.shape.dim[0].dim_param = "batch"
+        outer_inputs.append(o)
+    elem = model.graph.output[0].type.tensor_type.elem_type
+    body_nodes = [helper.make_node("Reshape", ["loop/i", "loop/index_shape"], ["loop/index"], name="loop/index")]
+    body_nodes += [helper.make_node("Gather", [vi.name, "loop/index"], [f"row/{vi.name}"], axis=0, name=f"loop/row/{vi.name}")
+                   for vi in model.graph.input]
+    body_nodes += list(g.node)
+    body_nodes.append(helper.make_node("Identity", ["loop/cond_in"], ["loop/cond_out"], name="loop/cond"))
+    body = helper.make_graph(
+        body_nodes, "one_row",
+        [helper.make_tensor_value_info("loop/i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("loop/cond_in", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("loop/cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info(f"row/{output}", elem, list(row_shape))],
+        [*g.initializer, helper.make_tensor("loop/index_shape", TensorProto.INT64, [1], [1])],
+        value_info=list(g.value_info))
+    nodes = [
+        helper.make_node("Shape", [model.graph.input[0].name], ["loop/shape"], name="loop/shape"),
+        helper.make_node("Gather", ["loop/shape", "loop/zero"], ["loop/n"], axis=0, name="loop/n"),
+        helper.make_node("Loop", ["loop/n", ""], ["loop/rows"], body=body, name="loop/rows"),
+        helper.make_node("Squeeze", ["loop/rows", "loop/one"], [output], name="loop/squeeze"),
+    ]
+    graph = helper.make_graph(nodes, f"{model.graph.name or 'member'}_one_row", outer_inputs,
+                              [helper.make_tensor_value_info(output, elem, ["batch", *row_shape[1:]])],
+                              [helper.make_tensor("loop/zero", TensorProto.INT64, [], [0]),
+                               helper.make_tensor("loop/one", TensorProto.INT64, [1], [1])])
+    out = helper.make_model(graph, opset_imports=list(model.opset_import), functions=list(inner.functions))
+    out.ir_version = model.ir_version
+    return out
 
 
 # ---- the combiner head ---------------------------------------------------------------------------------------
@@ -412,6 +494,10 @@ class Prepared:
     output_name: str
     shapes: dict  # the probe's {batch: output shape}
 
+    @property
+    def one_row(self) -> bool:
+        return self.member.fixed_batch == ONE_ROW
+
 
 def prepare_members(members: Sequence, inputs: Sequence[TensorSpec]) -> list[Prepared]:
     """Every check that needs no composing: names, input maps, shapes, outputs, domains, the batch probe."""
@@ -431,6 +517,8 @@ def prepare_members(members: Sequence, inputs: Sequence[TensorSpec]) -> list[Pre
                               f"got the members {names}")
         if m.output not in OUTPUT_KINDS:
             raise MemberError(f"member '{m.name}': output expected one of {list(OUTPUT_KINDS)}; got {m.output!r}")
+        if m.fixed_batch not in FIXED_BATCH:
+            raise MemberError(f"member '{m.name}': fixed_batch expected one of {list(FIXED_BATCH)}; got {m.fixed_batch!r}")
     check_domains(members)
     specs = {s.name: s for s in inputs}
     out = []
@@ -439,7 +527,8 @@ def prepare_members(members: Sequence, inputs: Sequence[TensorSpec]) -> list[Pre
         check_input_shapes(m, imap, inputs)
         out_name = chosen_output(m)
         model = prepare(m)
-        shapes = probe_batch(model, {k: specs[v] for k, v in imap.items()}, name=m.name)
+        shapes = probe_batch(model, {k: specs[v] for k, v in imap.items()}, name=m.name,
+                             one_row=m.fixed_batch == ONE_ROW)
         out.append(Prepared(m, model, imap, out_name, shapes))
     widths = {p.member.name: int(np.prod(p.shapes[max(p.shapes)][1:], dtype=np.int64)) for p in out}
     if len(set(widths.values())) != 1:
@@ -476,6 +565,11 @@ def compose(members: Sequence, combiner, inputs: Sequence[TensorSpec], *, temper
     opset = max([_opsets(p.model).get("", 0) for p in prepared] + [_opsets(head)[""]])
     head = upgrade(head, ir, opset, "the combiner")
     models = [upgrade(p.model, ir, opset, f"member '{p.member.name}'") for p in prepared]
+    models = [loop_rows(m, p.output_name, p.shapes[1]) if p.one_row else m for p, m in zip(prepared, models)]
+    for p in prepared:
+        if p.one_row:
+            log.info("member '%s' (fixed_batch = \"one_row\"): its batch is fixed at 1; the fused graph runs it one row "
+                     "at a time inside a Loop, and members mode calls it once per row", p.member.name)
 
     # the fan-out: bundle input -> Identity -> one tensor per (member, member input)
     fan_nodes, fan_outs = [], []
@@ -538,7 +632,7 @@ def member_scores(prepared: Sequence[Prepared], feeds: Mapping[str, np.ndarray],
     out = []
     for i, p in enumerate(prepared):
         sess = session(p.member.model)
-        z = sess.run([p.output_name], {k: feeds[v] for k, v in p.input_map.items()})[0]
+        z = run_member(sess, [p.output_name], {k: feeds[v] for k, v in p.input_map.items()}, p.one_row)[0]
         z = np.asarray(z, dtype=np.float32).reshape(len(z), -1)
         if p.member.output == "probabilities":
             z = np.log(np.maximum(z, np.float32(SMALLEST)))
@@ -665,7 +759,8 @@ def write_onnx_bundle(out: str | Path, members: Sequence, combiner, inputs: Sequ
                       "ir_version": p.member.model.ir_version, "opsets": _opsets(p.member.model),
                       **({"source": f"onnx:{os.path.basename(p.member.path)}"} if p.member.path else {})},
                 n_parameters=sum(int(np.prod(t.dims, dtype=np.int64)) for t in p.model.graph.initializer),
-                input_map=dict(p.input_map), output=p.member.output, output_name=p.output_name)
+                input_map=dict(p.input_map), output=p.member.output, output_name=p.output_name,
+                fixed_batch=ONE_ROW if p.one_row else "")
         config = combiner.config() if hasattr(combiner, "config") else {"name": str(combiner)}
         method = {"compose": "onnx.compose", "ir_version": composed.ir_version, "opset": _opsets(composed)[""]}
         if temperatures is not None:
@@ -680,6 +775,10 @@ def write_onnx_bundle(out: str | Path, members: Sequence, combiner, inputs: Sequ
         if bundle_inputs is None and all(s.kind == "tensor" for s in inputs):  # the service re-runs these rows on load (runtime.check_probe)
             probe = {"inputs": {k: v.tolist() for k, v in probe_feeds.items()},
                      "outputs": {"ensemble": session(data).run([OUTPUT_NAME], probe_feeds)[0].tolist()}}
+        elif bundle_inputs is not None and any(s.kind == "text" for s in bundle_inputs):  # fixed strings, tokenized as the service does
+            from fusion.text import text_probe
+
+            probe = text_probe(data, bundle_inputs, files or {})
         manifest = Manifest(
             schema_version=SCHEMA_VERSION, bundle_version="", created="", task=task, input=_input_spec(bundle_inputs or inputs),
             output_name=OUTPUT_NAME, classes=classes, variants={"ensemble": ensemble}, members=entries,

@@ -178,6 +178,13 @@ def load_named(path: str | Path, specs, *, task: str = "classification", seed: i
     arrays = {}
     for s in specs:
         a, want = raw[s.name], list(s.shape)
+        if getattr(s, "kind", "tensor") == "text":  # one string per row, tokenized later (fusion/text.py)
+            if a.dtype.kind != "U" or a.shape != (len(y),):
+                raise DataFormatError(f"{path}: text input '{s.name}' expected a numpy unicode string array of shape "
+                                      f"[{len(y)}] (dtype '<U…', one string per row, as y's rows); got dtype {a.dtype} "
+                                      f"shape {list(a.shape)}")
+            arrays[s.name] = a
+            continue
         if a.ndim != len(want) or a.shape[0] != len(y) or any(
                 isinstance(d, int) and d != g for d, g in zip(want[1:], a.shape[1:])):
             raise DataFormatError(f"{path}: input '{s.name}' expected shape {[len(y)] + want[1:]} (rows as y's; "

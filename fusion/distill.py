@@ -353,3 +353,89 @@ def save_student(
         paths["onnx"] = out_dir / f"{name}.onnx"
         export_onnx(Probabilities(student).eval(), paths["onnx"], data.X_test)
     return paths
+
+
+# --- named inputs (issue 15): text, several tensors ----------------------------------------------
+
+
+class NamedStudent(nn.Module):
+    """A student over a bundle's graph feeds: forward(*feeds), in `input_names` order -> probabilities (the
+    softmax of the student's logits), as a distilled variant is served."""
+
+    def __init__(self, student: nn.Module, input_names: tuple[str, ...]):
+        super().__init__()
+        self.student, self.input_names = student, tuple(input_names)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.student(*inputs), -1)
+
+
+def _batch(X: dict, idx: np.ndarray, names: tuple[str, ...], trim: tuple[str, ...]) -> list[torch.Tensor]:
+    """Rows `idx` of each feed in `names` order; the `trim` feeds (text, (B, S)) cut after the longest row's
+    last token (the attention mask's), since the split is padded to its longest row."""
+    rows = {n: X[n][idx] for n in names}
+    if trim and "attention_mask" in X:
+        width = max(1, int(X["attention_mask"][idx].sum(1).max()))
+        rows = {n: (v[:, :width] if n in trim else v) for n, v in rows.items()}
+    return [torch.from_numpy(np.ascontiguousarray(rows[n])) for n in names]
+
+
+def distill_named(student: nn.Module, names: tuple[str, ...], X_train: dict, teacher_train: np.ndarray, y_train: np.ndarray,
+                  X_val: dict, teacher_val: np.ndarray, y_val: np.ndarray, cfg: DistillSection, *,
+                  trim: tuple[str, ...] = (), progress: bool = True) -> tuple[nn.Module, DistillHistory]:
+    """Hinton's loss over named feeds: `student(*feeds)` (B, C) logits against the teacher's probabilities on
+    the same rows (the composed graph run once over the splits in onnxruntime by the caller), no augmentation
+    (the augmentations are for float rows); early stopping on validation agreement as `distill`."""
+    if teacher_train.shape[0] != len(y_train) or teacher_val.shape[0] != len(y_val):
+        raise ConfigError(f"expected teacher probabilities for every row ({len(y_train)} train, {len(y_val)} val); "
+                          f"got {teacher_train.shape[0]} and {teacher_val.shape[0]}")
+    with torch_threads(cfg.threads):
+        gen = seed_everything(cfg.seed)
+        n_classes = teacher_train.shape[1]
+        zt_train = teacher_logits(torch.from_numpy(np.asarray(teacher_train, np.float32)))
+        zt_val = teacher_logits(torch.from_numpy(np.asarray(teacher_val, np.float32)))
+        Y = F.one_hot(torch.from_numpy(np.asarray(y_train, np.int64)), n_classes).float()
+        t_val_pred = zt_val.argmax(-1)
+        opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+
+        @torch.no_grad()
+        def predict(X: dict, n: int) -> torch.Tensor:
+            student.eval()
+            return torch.cat([student(*_batch(X, np.arange(i, min(i + 256, n)), names, trim)) for i in range(0, n, 256)])
+
+        losses, agreements, kls = [], [], []
+        best, best_state, best_epoch, since_best = (-1.0, float("inf")), copy.deepcopy(student.state_dict()), 0, 0
+        bar = progress_bar(range(1, cfg.epochs + 1), desc="distill", unit="epoch", disable=not progress, leave=False)
+        for epoch in bar:
+            student.train()
+            total, seen = 0.0, 0
+            for idx in torch.randperm(len(y_train), generator=gen).split(cfg.batch_size):
+                loss = kd_loss(student(*_batch(X_train, idx.numpy(), names, trim)), zt_train[idx], Y[idx],
+                               temperature=cfg.temperature, alpha=cfg.alpha)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total, seen = total + float(loss.detach()) * len(idx), seen + len(idx)
+            sched.step()
+            zs = predict(X_val, len(y_val))
+            agree = float((zs.argmax(-1) == t_val_pred).double().mean())
+            kl = float(F.kl_div(F.log_softmax(zs, -1), zt_val.log_softmax(-1), reduction="batchmean", log_target=True))
+            losses.append(total / seen)
+            agreements.append(agree)
+            kls.append(kl)
+            if (agree, -kl) > (best[0], -best[1]):
+                best, best_epoch, since_best, best_state = (agree, kl), epoch, 0, copy.deepcopy(student.state_dict())
+            else:
+                since_best += 1
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", agree=f"{agree:.4f}", best=best_epoch)
+            if cfg.patience and since_best >= cfg.patience:
+                break
+        bar.close()
+        student.load_state_dict(best_state)
+        s_val_pred = predict(X_val, len(y_val)).argmax(-1).numpy()
+    history = DistillHistory(
+        train_loss=tuple(losses), val_agreement=tuple(agreements), val_kl=tuple(kls), best_epoch=best_epoch,
+        epochs_run=len(losses), teacher_val_accuracy=float((t_val_pred.numpy() == y_val).mean()),
+        student_val_accuracy=float((s_val_pred == y_val).mean()))
+    return student.eval(), history

@@ -84,15 +84,41 @@ def parse_params(items: Sequence[str] | None) -> dict:
     return params
 
 
-def data_inputs(method: str, models: list[dict], spec: MemberSpec, data: Dataset) -> dict:
-    """What data-aware methods need besides the weights: Fisher diagonals, Gram matrices or a scorer."""
+def _member_module(template: nn.Module, state: dict) -> tuple[nn.Module, str]:
+    """A copy of `template` holding `state`, and the key prefix its state dict adds to `state`'s keys
+    ("model." for fusion.sources' Hugging Face wrapper loaded with the transformers model's own keys)."""
+    import copy
+
+    from fusion.sources import check_state_dict
+
+    model = copy.deepcopy(template)
+    inner = getattr(model, "model", None)
+    if isinstance(inner, nn.Module) and hasattr(model, "input_names") and set(state) == set(inner.state_dict()):
+        inner.load_state_dict(state)
+        return model.eval(), "model."
+    check_state_dict(model.state_dict(), state, "merge member")
+    model.load_state_dict(state)
+    return model.eval(), ""
+
+
+def data_inputs(method: str, models: list[dict], spec: MemberSpec | nn.Module, data: Dataset) -> dict:
+    """What data-aware methods need besides the weights: Fisher diagonals, Gram matrices or a scorer.
+
+    spec: a zoo MemberSpec, or any module of the members' architecture (a resolved member source:
+    timm, torchvision, Hugging Face, python:), whose copy takes each member's weights. Fisher and
+    RegMean hook every layer of it and run on the train split (`data.X_train`: features, or named
+    inputs such as input_ids/attention_mask).
+    """
     from fusion.merge import diagonal_fisher, regmean_grams
 
-    X = torch.from_numpy(data.X_train)
-    if method == "fisher":
-        return {"fishers": [diagonal_fisher(module_for(spec, sd), X) for sd in models]}
-    if method == "regmean":
-        return {"grams": [regmean_grams(module_for(spec, sd), X) for sd in models]}
+    X = data.X_train if data.named else torch.from_numpy(data.X_train)
+    if method in ("fisher", "regmean"):
+        estimate = diagonal_fisher if method == "fisher" else regmean_grams
+        out = []
+        for sd in models:
+            model, prefix = _member_module(spec, sd) if isinstance(spec, nn.Module) else (module_for(spec, sd), "")
+            out.append({k[len(prefix):]: v for k, v in estimate(model, X).items() if k.startswith(prefix)})
+        return {"fishers" if method == "fisher" else "grams": out}
     if method == "greedy_soup":
         def score(sd):  # held-out accuracy on the validation split
             return evaluate(finish_state(module_for(spec, sd), data), data)["val_accuracy"]
@@ -110,15 +136,28 @@ def finish_state(model: nn.Module, data: Dataset) -> nn.Module:
     return model.eval()
 
 
+def has_spec(path: str | Path) -> bool:
+    """A zoo checkpoint: a file with its `<name>.json` MemberSpec next to it (architecture and metrics)."""
+    path = Path(path)
+    return path.is_file() and path.with_suffix(".json").is_file()
+
+
 def merge_checkpoints(
     method: str, paths: Sequence[str | Path], out: str | Path, *, base: str | Path | None = None,
     weights: Sequence[float] | None = None, params: dict | None = None, arch: str | None = None,
-    data: Dataset | None = None,
+    data: Dataset | None = None, dtype: str | None = None, max_shard_size: int | str | None = None,
 ) -> dict:
-    """Merge safetensors checkpoints into `out` (+ its JSON spec with metrics when data is given).
+    """Merge checkpoints into `out`.
 
-    Streams tensor by tensor (peak memory about one model) when the method allows it and no
-    BatchNorm statistics need recomputing; otherwise merges in memory.
+    With a model source (a `<name>.json` spec next to the first checkpoint, or `arch`): safetensors
+    in, `out` .safetensors + its JSON spec with metrics when data is given; streams tensor by tensor
+    when the method allows it and no BatchNorm statistics need recomputing, else merges in memory.
+
+    Without one (any safetensors files of identical keys and shapes, or Hugging Face directories):
+    architecture-free, weight-only methods streamed by `merge_files`; `out` is one file when it ends
+    in .safetensors, else a directory of shards (at most `max_shard_size`, default 5GB) + index +
+    the base's (else the first model's) config and tokenizer files. No metrics, no BatchNorm
+    recomputation: nothing knows how to run the model. `dtype`: float32 / bfloat16 / float16 output.
     """
     from fusion.merge import get_merge, merge, merge_files, streamable_methods
 
@@ -127,19 +166,36 @@ def merge_checkpoints(
     needs_data = get_merge(method).needs_data  # an unknown name: UnknownNameError listing the registry's names
     if len(paths) < 1:
         raise ConfigError("expected at least one --models checkpoint; got none")
-    spec = read_spec(paths[0], arch)
     out = Path(out)
+    inputs = [*paths, *([base] if base else [])]
+    if any(Path(p).is_dir() for p in inputs) or (not arch and not has_spec(paths[0])):
+        if arch:
+            raise ConfigError(f"--arch {arch}: expected .safetensors checkpoints for a zoo architecture; got a directory among {[str(p) for p in inputs]}")
+        if needs_data or method not in streamable_methods():
+            raise ConfigError(
+                f"merge method '{method}' needs a model to run on data; expected a {Path(paths[0]).with_suffix('.json').name} "
+                f"spec next to {paths[0]} or --arch; got neither (weight-only methods need none: {streamable_methods()})"
+            )
+        summary = merge_files(method, paths, out, base_path=base, weights=weights, out_dtype=dtype,
+                              max_shard_bytes=max_shard_size, **params)
+        return {**summary, "streamed": True, "arch_free": True, "out": str(out), "metrics": {},
+                "params": dict(params), "inputs": [str(p) for p in paths], "base": str(base) if base else None}
+    spec = read_spec(paths[0], arch)
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out expected a .safetensors path; got '{out}'")
+    if max_shard_size is not None:
+        raise ConfigError(f"--max-shard-size applies to a directory output; got --out '{out}' for a zoo checkpoint")
     out.parent.mkdir(parents=True, exist_ok=True)
     if needs_data and data is None:
         raise ConfigError(f"merge method '{method}' needs data (--data digits or a file)")
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module_for(spec).modules())
     if method in streamable_methods() and not needs_data and not (has_bn and data is not None):
-        summary = merge_files(method, paths, out, base_path=base, weights=weights, **params)
+        summary = merge_files(method, paths, out, base_path=base, weights=weights, out_dtype=dtype, **params)
         streamed = True
         model = module_for(spec, read_state(out)) if data is not None else None
     else:
+        if dtype is not None:
+            raise ConfigError(f"--dtype applies to streamed merges; got '{method}' merged in memory (data-aware, or BatchNorm to recompute)")
         states = [read_state(p) for p in paths]
         base_sd = read_state(base) if base is not None else None
         extra = data_inputs(method, states, spec, data) if needs_data else {}
@@ -154,7 +210,7 @@ def merge_checkpoints(
         out.with_suffix(".json").write_text(out_spec.to_json())
     else:
         save_member(model, out_spec, out.parent)
-    return {**summary, "streamed": streamed, "out": str(out), "metrics": metrics,
+    return {**summary, "streamed": streamed, "arch_free": False, "out": str(out), "metrics": metrics,
             "params": {k: v for k, v in params.items()}, "inputs": [str(p) for p in paths],
             "base": str(base) if base else None}
 
@@ -162,14 +218,29 @@ def merge_checkpoints(
 def align_checkpoints(
     method: str, reference: str | Path, paths: Sequence[str | Path], out_dir: str | Path, *,
     arch: str | None = None, data: Dataset | None = None, seed: int = 0,
+    source: str | None = None, source_args: dict | None = None, input_shape: Sequence[int] | None = None,
 ) -> list[dict]:
-    """Permute each checkpoint into the reference's basis (Git Re-Basin); writes `<out_dir>/<name>.safetensors`."""
+    """Permute each checkpoint into the reference's basis (Git Re-Basin); writes `<out_dir>/<name>.safetensors`.
+
+    Zoo checkpoints (a `<name>.json` spec next to them, or `arch`) use the hand-written permutation
+    spec of fusion/align/spec.py. Any other architecture names its member `source` (`timm:resnet10t`,
+    `torchvision:resnet18`, `python:pkg.mod:factory`, with `source_args`, as in a recipe's [[members]]):
+    its spec is derived from a torch.fx trace (fusion/align/fx_spec.py); transformers are refused.
+    """
     from fusion.align import align_to_reference, spec_for
 
     kind = {"weight_matching": "weight", "activation_matching": "activation"}.get(method)
     if kind is None:
         raise ConfigError(f"expected --method weight_matching or activation_matching; got '{method}'")
     refuse_onnx_members([(Path(p).name, p) for p in [reference, *paths]], "align")
+    if source is not None:
+        if arch:
+            raise ConfigError(f"expected either --arch (a zoo architecture) or --source; got both ({arch!r}, {source!r})")
+        return _align_source(kind, reference, paths, out_dir, source, dict(source_args or {}), data, seed, input_shape)
+    if arch is None and not Path(reference).with_suffix(".json").is_file():
+        raise ConfigError(f"{reference}: no {Path(reference).with_suffix('.json').name} next to it; pass --arch (a zoo "
+                          "architecture) or --source (e.g. timm:resnet10t, torchvision:resnet18, python:pkg.mod:factory) "
+                          "so that the permutation spec can be derived from the model")
     ref_spec = read_spec(reference, arch)
     ref = read_state(reference)
     others = [read_state(p) for p in paths]
@@ -186,6 +257,61 @@ def align_checkpoints(
             spec = replace(spec, metrics=evaluate(model, data))
         save_member(model, spec, out_dir)
         report.append({"model": str(p), "out": str(out_dir / f"{spec.name}.safetensors"), "metrics": spec.metrics})
+    return report
+
+
+def _example_input(module: nn.Module, source: str, input_shape: Sequence[int] | None) -> torch.Tensor:
+    """One input batch for tracing shapes: `input_shape` (without batch), else timm's pretrained_cfg input_size."""
+    shape = input_shape or (getattr(module, "pretrained_cfg", None) or {}).get("input_size")
+    if not shape:
+        raise ConfigError(f"{source}: expected --input-shape (e.g. 3,64,64, without the batch) to trace the model; "
+                          "got none and the model declares no input size")
+    shape = [int(d) for d in shape]
+    first = next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
+    if input_shape is None and first is not None and len(shape) == 3:  # timm keeps input_size (3, …) under in_chans=1
+        shape[0] = first.in_channels
+    return torch.zeros(1, *shape)
+
+
+def _align_source(kind: str, reference, paths, out_dir, source: str, args: dict, data: Dataset | None, seed: int,
+                  input_shape) -> list[dict]:
+    """`align_checkpoints` for a member source: fx-derived spec, checkpoints checked against the module's keys."""
+    from safetensors.torch import save_file
+
+    from fusion.align import align_to_reference
+    from fusion.align.fx_spec import refuse_transformers, spec_for_module
+    from fusion.sources import check_state_dict, resolve, source_kind
+
+    if source_kind(source) != "torch":
+        refuse_onnx_members([(source, source)], "align")
+    module = resolve(source, args).eval()
+    refuse_transformers(module)
+    ref = read_state(reference)
+    others = [read_state(p) for p in paths]
+    expected = module.state_dict()
+    for p, sd in zip([reference, *paths], [ref, *others]):
+        check_state_dict(expected, sd, f"{p} (for {source})")
+    X = None
+    if kind == "activation":
+        if data is None:
+            raise ConfigError("activation_matching expected --data (inputs the model takes); got none")
+        X = data.X_train if data.named else data.X_train.reshape(len(data.X_train), *(input_shape or data.X_train.shape[1:]))
+        example = X
+    else:
+        example = _example_input(module, source, input_shape)
+    from fusion.merge.estimates import model_inputs
+
+    example = tuple(t[:1] for t in model_inputs(module, example))
+    perm_spec = spec_for_module(module, example)
+    res = align_to_reference(ref, others, perm_spec, method=kind, model=module, X=X, seed=seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = []
+    for p, sd in zip(paths, res.state_dicts):
+        out = out_dir / f"{Path(p).stem}.safetensors"
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(out))
+        report.append({"model": str(p), "out": str(out), "metrics": {}, "source": source,
+                       "permutations": len(perm_spec.perms)})
     return report
 
 

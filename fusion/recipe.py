@@ -27,6 +27,9 @@
     compare = true               # comparison.md/.json/.png in the bundle and in the manifest
     quantize = false             # int8 variants of merged/distilled, kept within quantize_max_loss_pp
 
+    [serve]
+    split = false                # true: also the split layout, a front + one bundle per member (issue 19)
+
     [[members]]                  # bring your own models (issue 15): with these, [zoo] is not used
     name = "resnet_a"
     source = "timm:resnet10t"    # zoo:mlp | timm:NAME | torchvision:NAME | hf:DIR | python:pkg.mod:factory | onnx:PATH
@@ -153,13 +156,19 @@ class EnsembleSection:
 @dataclass(frozen=True, config=_CONFIG)
 class MergeSection:
     """The `merged` variant: by default the zoo's MLPs, aligned to the first by weight matching, then
-    averaged (`linear`). `method = ""` turns it off."""
+    averaged (`linear`). `method = ""` turns it off.
+
+    With `[[members]]` (issue 16): `members` names recipe members of one architecture (same class, keys and
+    shapes; not onnx:), merged by `method`/`params`/`weights` onto `base` (a member's name, a .safetensors file
+    or a Hugging Face directory) and exported like them (fusion/byo_pipeline.py); or `config` names a mergekit
+    YAML (fusion/merge/mergekit_config.py) over Hugging Face directories, run as `fusion merge --config` runs it."""
 
     method: StrictStr = "linear"
     zoo: StrictStr = ""  # the zoo to merge (default: the [zoo] dir); merging needs one architecture
     arch: StrictStr = "mlp"  # with no `members`: every member of this architecture in the zoo
     members: tuple[StrictStr, ...] = ()
-    base: StrictStr = ""  # a base checkpoint name in that zoo, for task-vector methods
+    base: StrictStr = ""  # a base checkpoint name in that zoo, for task-vector methods (BYO: a member, file or HF dir)
+    config: StrictStr = ""  # BYO: a mergekit YAML (merge_method, base_model, models...) instead of method/members
     weights: tuple[Number, ...] = ()
     params: dict[str, Any] = field(default_factory=dict)
     align: Literal[ALIGNMENTS] = "weight_matching"
@@ -220,6 +229,35 @@ class BuildSection:
     quantize_max_loss_pp: Number = 0.5  # accuracy points an int8 file may lose (negative: it must gain that many)
 
 
+SPLIT_URL_TEMPLATE = "http://member-{host}:3000/v2/models/{name}"  # fusion.split.DEFAULT_URL_TEMPLATE (no torch here)
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class ServeSection:
+    """How the bundle is served (issue 19). `split`: also write the split layout (`fusion build --split`): a
+    front bundle whose members are remote plus one bundle per member (fusion/split.py), in `split_dir` (empty:
+    `<[build].out>-split`, artifacts/bundle-split by default, where `deploy/bento.py build --split` and
+    deploy/overlays/split expect it), each member at `url_template` ({name}: the member, {host}: it as a DNS
+    label; FUSION_MEMBER_URL_<NAME> overrides it when serving)."""
+
+    split: StrictBool = False
+    split_dir: StrictStr = ""
+    url_template: StrictStr = SPLIT_URL_TEMPLATE
+
+    @model_validator(mode="after")
+    def _url_template(self):
+        import string
+
+        try:
+            fields_ = {f for _, f, _, _ in string.Formatter().parse(self.url_template) if f is not None}
+        except ValueError as exc:
+            raise ValueError(f"url_template expected a format string; got {self.url_template!r} ({exc})") from None
+        if not self.url_template.startswith(("http://", "https://")) or not fields_ & {"name", "host"} or fields_ - {"name", "host"}:
+            raise ValueError(f"url_template expected an http(s) URL with {{name}} and/or {{host}} (one URL per member) "
+                             f"and no other fields; got {self.url_template!r}")
+        return self
+
+
 @dataclass(frozen=True, config=_CONFIG)
 class MemberSection:
     """One `[[members]]` table: a model the user brings (fusion/sources.py resolves `source`).
@@ -227,7 +265,10 @@ class MemberSection:
     `weights`: a .safetensors file loaded with strict key matching ("" keeps the source's own weights:
     random for timm/torchvision/zoo/python, the directory's for hf:). `args`: keyword arguments of the
     constructor. `output`: what the module returns. `input_map`: {member input: bundle input} (empty: by
-    position). `output_name`: which output when the member has several ("": the first)."""
+    position). `output_name`: which output when the member has several ("": the first). `fixed_batch`:
+    what to do with a member whose batch dimension is fixed (the probe at batch 1, 2, 7 fails): "refuse"
+    it, or run it "one_row" at a time (an ONNX Loop over the rows in the fused graph, one call per row in
+    members mode; fusion/compose.py)."""
 
     name: Name
     source: StrictStr
@@ -236,12 +277,16 @@ class MemberSection:
     output: Literal[MEMBER_OUTPUTS] = "logits"
     input_map: dict[str, StrictStr] = field(default_factory=dict)
     output_name: StrictStr = ""
+    fixed_batch: Literal["refuse", "one_row"] = "refuse"
 
     @model_validator(mode="after")
     def _known_source(self):
         from fusion.sources import check_source  # stdlib-only at import: the recipe stays free of torch
 
         check_source(self.source)
+        if self.fixed_batch == "one_row" and not self.source.startswith("onnx:"):
+            raise ValueError(f"fixed_batch = \"one_row\" expected an onnx: source (a file that cannot be re-exported; "
+                             f"torch members are exported with a dynamic batch); got {self.source!r}")
         return self
 
 
@@ -344,6 +389,7 @@ class Recipe:
     merge: MergeSection = MergeSection()
     distill: DistillSection = DistillSection()
     build: BuildSection = BuildSection()
+    serve: ServeSection = ServeSection()
     members: tuple[MemberSection, ...] = ()  # [[members]]: empty, the [zoo] dir's checkpoints
     inputs: tuple[InputSection, ...] = ()  # [[inputs]]: empty, the data set's flat feature input "input"
 
@@ -364,7 +410,8 @@ class Recipe:
 
 
 SECTIONS = {"data": DataSection, "zoo": ZooSection, "ensemble": EnsembleSection, "merge": MergeSection,
-            "distill": DistillSection, "build": BuildSection, "members": MemberSection, "inputs": InputSection}
+            "distill": DistillSection, "build": BuildSection, "serve": ServeSection, "members": MemberSection,
+            "inputs": InputSection}
 ARRAYS = ("members", "inputs")  # arrays of tables: [[members]], [[inputs]]
 NAMED_TABLES = ("weights", "input_map", "params", "args")  # tables whose keys the user names (messages say "for KEY")
 

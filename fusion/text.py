@@ -122,14 +122,16 @@ def token_feeds(names: Sequence[str], batch: int, length: int, vocab: int, rng: 
 
 
 def check_text_parity(composed: bytes, members: Sequence[tuple[str, object, object]], combiner, graph: Sequence[TensorSpec],
-                      *, vocab: int, max_length: int, kinds: Sequence[str], atol: float = ATOL, seed: int = 3) -> dict:
+                      *, vocab: int, max_length: int, kinds: Sequence[str], atol: float = ATOL, seed: int = 3,
+                      temperatures: Sequence[float] | None = None) -> dict:
     """The gate over every dynamic dimension: at batch 1/2/7 x sequence 1/7/max_length, each member's ONNX
     file (members: (name, torch module or None, OnnxMember)) equals its torch module, and the composed graph
     equals the members combined by `combiner` in torch (probabilities members through log, as the composed
-    head): each torch member run in torch, an `onnx:` member (module None) run alone in onnxruntime."""
+    head, divided by the member's temperature when calibrated): each torch member run in torch, an `onnx:`
+    member (module None) run alone in onnxruntime."""
     import torch
 
-    from fusion.compose import SMALLEST, session
+    from fusion.compose import SMALLEST, run_member, session
     from fusion.export import OUTPUT_NAME
 
     rng = np.random.default_rng(seed)
@@ -149,7 +151,8 @@ def check_text_parity(composed: bytes, members: Sequence[tuple[str, object, obje
             for (name, module, om, sess), kind in zip(sessions, kinds):
                 imap = om.input_map or {i.name: i.name for i in sess.get_inputs()}
                 try:
-                    got = sess.run([om.output_name] if om.output_name else None, {k: feeds[v] for k, v in imap.items()})[0]
+                    got = run_member(sess, [om.output_name] if om.output_name else None, {k: feeds[v] for k, v in imap.items()},
+                                     om.fixed_batch == "one_row")[0]
                     if module is not None:
                         with torch.no_grad():
                             want = module(*(torch.from_numpy(feeds[n]) for n in member_inputs(module))).float().numpy()
@@ -165,7 +168,8 @@ def check_text_parity(composed: bytes, members: Sequence[tuple[str, object, obje
                                           f"sequence {length} (allowed {atol:g}): an export that fixed a dimension")
                     worst_member = max(worst_member, d)
                 z = want.reshape(b, -1)
-                scores.append(np.log(np.maximum(z, SMALLEST)) if kind == "probabilities" else z)
+                z = np.log(np.maximum(z, SMALLEST)) if kind == "probabilities" else z
+                scores.append(z / np.float32(temperatures[len(scores)]) if temperatures is not None else z)
             with torch.no_grad():
                 want = combiner(torch.from_numpy(np.stack(scores).astype(np.float32))).numpy()
             got = fused.run([OUTPUT_NAME], feeds)[0]
@@ -179,6 +183,70 @@ def check_text_parity(composed: bytes, members: Sequence[tuple[str, object, obje
         raise ExportError(f"the composed text ensemble disagrees with its torch members: max |Δ| = {worst:.3g} "
                           f"(allowed {atol:g}), argmax agreement {agree:.2%} (required 100%)")
     return report
+
+
+# the strings a text bundle's probe records (Manifest.probe): words, punctuation, digits, accents, and one past
+# any small max_length; those that give no token with the bundle's tokenizer are left out
+PROBE_TEXTS = ("the", "hello world", "The quick brown fox jumps over the lazy dog.", "rain, 42 birds & 7 trains!",
+               "déjà vu: naïve café", " ".join(["one two three four five six seven eight"] * 8))
+
+
+def service_tokenizer(path: str | Path, max_length: int):
+    """(tokenizer, pad id) as the service uses them (service/inputs.load_tokenizer): truncation at max_length,
+    no padding of its own (rows are padded per batch with the file's pad id, 0 when it names none)."""
+    tok = load_tokenizer(path)
+    pad = int((tok.padding or {}).get("pad_id", 0))
+    tok.no_padding()
+    tok.enable_truncation(int(max_length))
+    return tok, pad
+
+
+def encode(tokenizer, pad: int, texts: Sequence[str], names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Strings -> the text graph feeds `names` as the service makes them (service/inputs.py): ids truncated at
+    the tokenizer's max_length, padded to the longest row with `pad`, mask 1 on tokens, token types zero."""
+    encodings = [tokenizer.encode(t) for t in texts]
+    lengths = [len(e.ids) for e in encodings]
+    width = max(lengths + [1])
+    ids = np.full((len(texts), width), pad, dtype=np.int64)
+    mask = np.zeros((len(texts), width), dtype=np.int64)
+    for i, e in enumerate(encodings):
+        ids[i, :lengths[i]] = e.ids
+        mask[i, :lengths[i]] = 1
+    made = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    return {n: made[n] for n in names}
+
+
+def tokenize_inputs(specs: Sequence[TensorSpec], root: str | Path, X: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Named rows {bundle input: (N, ...)} with each text input's strings replaced by its graph feeds, tokenized
+    with the tokenizer.json under `root` (a bundle or its staging directory) as the service tokenizes them."""
+    out = dict(X)
+    for s in specs:
+        if s.kind == "text" and s.name in out:
+            tok, pad = service_tokenizer(Path(root) / s.text["tokenizer"], s.text["max_length"])
+            out |= encode(tok, pad, out.pop(s.name).tolist(), s.text["graph_inputs"])
+    return out
+
+
+def text_probe(composed: bytes, bundle_inputs: Sequence[TensorSpec], files: Mapping[str, str | Path],
+               seed: int = 2) -> dict | None:
+    """The manifest's probe of a text bundle: PROBE_TEXTS (those that give a token) as a client sends them,
+    the other inputs' random rows, and the composed graph's probabilities on them tokenized as one batch the
+    way the service does; the service re-runs it on load (runtime.check_probe) and refuses a bundle whose
+    files do not reproduce it. None when an input is an image (its probe rows would be encoded images)."""
+    from fusion.compose import random_feeds, session
+    from fusion.export import OUTPUT_NAME
+
+    if any(s.kind == "image" for s in bundle_inputs):
+        return None
+    spec = next(s for s in bundle_inputs if s.kind == "text")
+    tok, pad = service_tokenizer(files[spec.text["tokenizer"]], spec.text["max_length"])
+    texts = [t for t in PROBE_TEXTS if tok.encode(t).ids]
+    if not texts:
+        return None
+    others = random_feeds({s.name: s for s in bundle_inputs if s.kind != "text"}, len(texts), np.random.default_rng(seed))
+    feeds = {**encode(tok, pad, texts, spec.text["graph_inputs"]), **others}
+    out = session(composed).run([OUTPUT_NAME], feeds)[0]
+    return {"inputs": {spec.name: texts, **{k: v.tolist() for k, v in others.items()}}, "outputs": {"ensemble": out.tolist()}}
 
 
 def tokenizer_file(inputs_sections: Sequence) -> tuple[Path, int, int] | None:

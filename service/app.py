@@ -511,7 +511,8 @@ class FusionService:
         self.cfg = cfg  # the whole ServiceConfig (service/config.py)
         self.settings = cfg.http
         self.tokens = cfg.tokens
-        self.engine = Engine(cfg.engine, cfg.routing, runtime=cfg.runtime, load_limits=cfg.load_limits, rollout=cfg.rollout)
+        self.engine = Engine(cfg.engine, cfg.routing, runtime=cfg.runtime, load_limits=cfg.load_limits, rollout=cfg.rollout,
+                             remote=cfg.remote)
         self.engine.start()  # a bundle that fails to load leaves the service up and not ready
         # the admission middleware was built with the import-time settings; this instance's own rule
         limits = Traffic.from_settings(cfg.http.max_concurrency, cfg.http.workers, cfg.http.body_timeout_s)

@@ -12,6 +12,11 @@ recent calls: runtime.Model.inline_ok) run in a worker thread, so that the loop 
 requests, which join the next call, while the model computes. Each request was validated before it
 joined, so one bad request can never fail the others (BentoML's batching fails the whole batch).
 
+Named inputs (issue 15) join too: feeds of the same names concatenated along the batch when their other
+dimensions agree, text feeds (ids, masks) re-padded on the right to the longest row of the call with their
+pad values (`pads`, service/inputs.Inputs.pads; the graph masks the padding, so a row's answer is the same
+in any call). A request that cannot join the call being gathered (another dynamic dimension) starts the next.
+
 The per-model state lives as long as the model: a weak reference drops it when the model goes (a
 hot swap lets go of the old version's models once their last request is done), so neither swaps
 nor a recycled `id()` can leave a stale queue behind (issue 13, finding 13).
@@ -28,6 +33,7 @@ import numpy as np
 from prometheus_client import Histogram
 from starlette.concurrency import run_in_threadpool
 
+from service.inputs import can_join, join_feeds, n_rows
 from service.metrics import Bounded
 from service.runtime import INLINE_ROWS
 
@@ -44,7 +50,7 @@ BATCH_ROWS, BATCH_REQUESTS = Bounded(BATCH_ROWS), Bounded(BATCH_REQUESTS)  # mod
 
 @dataclass
 class _Queue:
-    pending: list = field(default_factory=list)  # [(X (b, F), future)]
+    pending: list = field(default_factory=list)  # [(X (b, F) or named feeds, future, pads)]
     running: int = 0  # drain tasks of this model (at most `instances`), each making one call at a time
     metrics: tuple = ()  # (rows, requests) Prometheus children of this model
     model: object = None  # a weak reference that drops this queue when the model goes (a strong one if it cannot be weak)
@@ -60,13 +66,14 @@ class AdaptiveBatcher:
         self.requests = 0
         self._tasks: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
 
-    async def run(self, model: Callable[[np.ndarray], np.ndarray], X: np.ndarray) -> np.ndarray:
-        """X (b, F) -> model output rows for X (b, C), computed in a shared call."""
+    async def run(self, model: Callable[[np.ndarray], np.ndarray], X: np.ndarray, pads: dict | None = None) -> np.ndarray:
+        """X (b, F), or named feeds {graph input: (b, ...)}, -> model output rows for X (b, C), computed in a
+        shared call; `pads`: {text feed: its padding value} for named feeds (service/inputs.Inputs.pads)."""
         q = self.queues.get(id(model))
         if q is None:
             q = self.queues[id(model)] = self._queue(model)
         fut = asyncio.get_running_loop().create_future()
-        q.pending.append((X, fut))
+        q.pending.append((X, fut, pads or {}))
         if q.running < self.instances:  # an idle instance starts a call; busy ones pick it up next
             q.running += 1
             task = asyncio.create_task(self._drain(q, model))
@@ -101,33 +108,39 @@ class AdaptiveBatcher:
                 if not q.pending:  # another instance took them during that turn
                     break
                 batch, rows = [], 0
-                while q.pending and (not batch or rows + len(q.pending[0][0]) <= self.max_rows):
-                    X, fut = q.pending.pop(0)
-                    batch.append((X, fut))
-                    rows += len(X)
+                while q.pending and (not batch or (rows + _rows(q.pending[0][0]) <= self.max_rows
+                                                   and can_join(batch[0][0], q.pending[0][0], batch[0][2]))):
+                    X, fut, pads = q.pending.pop(0)
+                    batch.append((X, fut, pads))
+                    rows += _rows(X)
                 self.calls += 1
                 self.requests += len(batch)
                 q.metrics[0].observe(rows)
                 q.metrics[1].observe(len(batch))
                 try:
-                    Xb = batch[0][0] if len(batch) == 1 else np.concatenate([x for x, _ in batch])  # (rows, F)
+                    Xb = (batch[0][0] if len(batch) == 1 else join_feeds([x for x, _, _ in batch], batch[0][2])
+                          if type(batch[0][0]) is dict else np.concatenate([x for x, _, _ in batch]))  # (rows, ...)
                     out = model(Xb) if self._inline(model, rows) else await run_in_threadpool(model, Xb)
                 except Exception as exc:  # noqa: BLE001 - handed to every waiting request
-                    for _, fut in batch:
+                    for _, fut, _ in batch:
                         if not fut.done():
                             fut.set_exception(exc)
                     batch = []
                     continue
                 start = 0
-                for X, fut in batch:
+                for X, fut, _ in batch:
                     if not fut.done():
-                        fut.set_result(out[start : start + len(X)])
-                    start += len(X)
+                        fut.set_result(out[start : start + _rows(X)])
+                    start += _rows(X)
                 batch = []
         except asyncio.CancelledError:  # the loop is shutting down: nobody may wait forever
-            for _, fut in batch:
+            for _, fut, _ in batch:
                 if not fut.done():
                     fut.cancel()
             raise
         finally:
             q.running -= 1
+
+
+def _rows(X) -> int:
+    return n_rows(X) if type(X) is dict else len(X)

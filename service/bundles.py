@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from fusion.bundle import MANIFEST
 from fusion.errors import BundleError, ConfigError, FusionError, InputError, UnavailableError
-from service import preflight, runtime
+from service import preflight, remote, runtime
 from service.config import EngineConfig
 from service.members import FailurePolicy, MembersEnsemble
 from service.metrics import BUNDLE
@@ -40,11 +42,27 @@ class Served:
 
     def names(self) -> set[str]:
         extra = {MEMBERS} if self.members else set()
+        if self.members and self.members.remotes and "ensemble" in self.loaded.manifest.variants:
+            extra.add("ensemble")  # a split front (issue 19): its ensemble is its remote members, combined
         return set(self.loaded.models) | extra
 
     def close(self) -> None:
         if self.members:
             self.members.close()
+
+
+def check_front(loaded: runtime.LoadedBundle, members: MembersEnsemble) -> None:
+    """A split front (its ensemble has no file: `fusion build --split`): the members, combined here, must
+    reproduce the ensemble's recorded probe outputs (skipped when some member is not verified yet)."""
+    probe = loaded.manifest.probe or {}
+    expected = probe.get("outputs", {}).get("ensemble")
+    if expected is None or not all(r.health.verified for r in members.remotes.values()):
+        return
+    got, extra = members(np.asarray(probe["inputs"], dtype=np.float32))
+    diff = float(np.abs(got - np.asarray(expected, dtype=np.float32)).max()) if got.shape == np.shape(expected) else float("inf")
+    if extra["degraded"] or not diff <= runtime.PROBE_ATOL:
+        raise UnavailableError(f"the members combined do not reproduce the ensemble's recorded probe outputs "
+                               f"(max |Δ| = {diff:.3g} > {runtime.PROBE_ATOL}; failed: {extra.get('members_failed', {})})")
 
 
 class BundleHolder:
@@ -57,8 +75,10 @@ class BundleHolder:
     """
 
     def __init__(self, cfg: EngineConfig, failure_policy: FailurePolicy, check: Callable[[Served], None], *,
-                 runtime_cfg: RuntimeConfig | None = None, load_limits: LoadLimits | None = None):
+                 runtime_cfg: RuntimeConfig | None = None, load_limits: LoadLimits | None = None,
+                 remote_cfg: remote.RemoteConfig | None = None):
         self.cfg = cfg
+        self.remote_cfg = remote_cfg or remote.RemoteConfig()  # remote members (issue 19): service/remote.py
         self.failure_policy = failure_policy
         self.check = check  # raises ConfigError when the live routing policy cannot run on a version
         self.runtime_cfg = runtime_cfg
@@ -83,8 +103,13 @@ class BundleHolder:
             raise BundleError(f"the bundle is malformed: {type(exc).__name__}: {exc}"[:400]) from None
         members = None
         ens = loaded.manifest.variants.get("ensemble")
-        if ens is not None and ens.members and all(m in loaded.models for m in ens.members):
-            members = MembersEnsemble(loaded, self.failure_policy)
+        remotes = remote.remote_members(loaded.manifest, self.failure_policy.deadline_s, self.remote_cfg)  # {} for most bundles
+        if ens is not None and ens.members and all(m in loaded.models or m in remotes for m in ens.members):
+            if remotes:  # each checked against the probe rows: a member serving another model is refused here
+                remote.verify_members(remotes, self.failure_policy.quorum, len(ens.members), self.remote_cfg)
+            members = MembersEnsemble(loaded, self.failure_policy, remotes)
+            if remotes and "ensemble" not in loaded.models:
+                check_front(loaded, members)
         return Served(loaded, members)
 
     def start(self) -> None:

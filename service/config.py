@@ -29,6 +29,7 @@ from fusion.sequential import NonInferiority
 from service.auth import Tokens
 from service.inputs import Limits as InputLimits
 from service.preflight import LoadLimits, default_memory_mb
+from service.remote import RemoteConfig
 from service.rollout import RolloutLimits, RolloutPlan
 from service.routing import Cascade, RoutingPolicy, parse_weights
 from service.runtime import RuntimeConfig
@@ -137,6 +138,7 @@ class ServiceConfig:
     routing: RoutingPolicy = field(default_factory=RoutingPolicy)  # the initial policy; /admin/routing changes it
     rollout: "RolloutConfig" = field(default_factory=lambda: RolloutConfig())
     serve: ServeSettings = field(default_factory=ServeSettings)
+    remote: RemoteConfig = field(default_factory=RemoteConfig)  # remote members (issue 19): service/remote.py
 
 
 # ---- parsing: each reader names the variable, what it expects and what it got ------------------------
@@ -364,6 +366,12 @@ def _rollout(r: _Reader) -> RolloutConfig:
     return RolloutConfig(plan=r.parsed("FUSION_ROLLOUT", RolloutPlan.parse), limits=limits)
 
 
+def _remote(r: _Reader) -> RemoteConfig:
+    """Remote members' settings (service/remote.py parses them), and every FUSION_MEMBER_URL_<NAME> set."""
+    r.names.update(RemoteConfig.VARIABLES)
+    return RemoteConfig.from_env(r.env)
+
+
 def _serve(r: _Reader) -> ServeSettings:
     return ServeSettings(host=r.text("BENTOML_HOST").strip() or ServeSettings.host,
                          port=r.int("BENTOML_PORT", ServeSettings.port, 1, "a TCP port (1-65535)", maximum=65535))
@@ -375,7 +383,7 @@ def read(env: Mapping[str, str]) -> tuple[ServiceConfig, frozenset[str]]:
     http = _http(r)
     cfg = ServiceConfig(http=http, engine=_engine(r), runtime=_runtime(r, http.timeout_s),
                         load_limits=_load_limits(r, env), tokens=_tokens(r), routing=_routing(r), serve=_serve(r),
-                        rollout=_rollout(r))
+                        rollout=_rollout(r), remote=_remote(r))
     if not 0 < cfg.serve.port < 65536:
         raise ConfigError(f"BENTOML_PORT: expected a TCP port (1-65535); got {cfg.serve.port}")
     return cfg, frozenset(r.names)

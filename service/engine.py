@@ -27,6 +27,7 @@ from service.feedback import check_labels
 from service.members import FailurePolicy
 from service.predictor import Predictor, Result
 from service.preflight import LoadLimits
+from service.remote import RemoteConfig
 from service.rollout import MemoryRolloutState, RolloutController, RolloutStore, split
 from service.router import Router
 from service.routing import CASCADE, RoutingPolicy
@@ -38,14 +39,15 @@ __all__ = ["Engine", "EngineConfig", "MEMBERS", "Result", "Served"]
 class Engine:
     def __init__(self, cfg: EngineConfig, policy: RoutingPolicy, *, runtime: RuntimeConfig | None = None,
                  load_limits: LoadLimits | None = None, rollout: RolloutConfig | None = None,
-                 rollout_store: RolloutStore | None = None):
+                 rollout_store: RolloutStore | None = None, remote: RemoteConfig | None = None):
         self.cfg = cfg
         self.failure_policy = FailurePolicy.parse(cfg.failure_policy, cfg.member_deadline_ms)
         # the shared, durable A/B store (service/abstore.py; None: FUSION_AB_STORE=memory, per-process figures)
         self.ab_store = open_store(cfg.ab_store_config())
         self.stats = Stats(store=self.ab_store)
         self.stats.rule = cfg.ab_test  # the verdict's margin and alpha (fusion/sequential.py)
-        self.bundles = BundleHolder(cfg, self.failure_policy, self._check_served, runtime_cfg=runtime, load_limits=load_limits)
+        self.bundles = BundleHolder(cfg, self.failure_policy, self._check_served, runtime_cfg=runtime, load_limits=load_limits,
+                                    remote_cfg=remote)
         self.router = Router(policy, self.bundles.install_lock)
         self.predictor = Predictor(cfg, self.router, self.stats, self.bundles.current)
         # [answered, failed] requests per variant in this worker (`outcomes()`); the rollout's guardrail reads the
@@ -187,9 +189,15 @@ class Engine:
         m, loaded = served.loaded.manifest, served.loaded
         policy = self.policy
 
+        remotes = served.members.remotes if served.members is not None else {}
+
         def entry(name, e):
-            return {"kind": e.kind, "file": e.file, "sha256": e.sha256, "metrics": e.metrics, "device": loaded.models[name].device,
-                    "combiner": e.combiner, "method": e.method, "n_parameters": e.n_parameters, "members": list(e.members)}
+            local = loaded.models.get(name)
+            return {"kind": e.kind, "file": e.file, "sha256": e.sha256, "metrics": e.metrics,
+                    "device": local.device if local is not None else "remote",
+                    "combiner": e.combiner, "method": e.method, "n_parameters": e.n_parameters, "members": list(e.members),
+                    # a remote member (issue 19): URL, health, latency, errors, circuit breaker (service/remote.py)
+                    **({"remote": remotes[name].status()} if name in remotes else {})}
 
         return {
             "bundle_version": m.bundle_version, "created": m.created, "task": m.task,

@@ -28,7 +28,7 @@ import binascii
 import io
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -72,6 +72,34 @@ def take(X, rows: np.ndarray):
     if type(X) is dict:
         return {k: np.ascontiguousarray(v[rows]) for k, v in X.items()}
     return np.ascontiguousarray(X[rows])
+
+
+def can_join(a, b, pads: Mapping[str, int]) -> bool:
+    """Whether two requests' inputs can share one model call: flat rows of the same width, or named feeds with
+    the same names, each of the same dtype and the same dimensions past the batch, except the text feeds in
+    `pads` ((B, S) ids and masks), which are re-padded to the longest row (the graph masks the padding)."""
+    if type(a) is not dict or type(b) is not dict:
+        return type(a) is not dict and type(b) is not dict and a.shape[1:] == b.shape[1:]
+    if a.keys() != b.keys():
+        return False
+    return all(a[k].dtype == b[k].dtype and (a[k].shape[1:] == b[k].shape[1:] or (k in pads and a[k].ndim == b[k].ndim == 2))
+               for k in a)
+
+
+def join_feeds(parts: Sequence[Feeds], pads: Mapping[str, int]) -> Feeds | None:
+    """Several requests' named feeds as one call's (rows in order), text feeds padded on the right to the
+    widest with `pads[name]` (the tokenizer's pad id for input_ids, 0 for masks and token types); None when
+    they cannot share a call (`can_join`)."""
+    if not all(can_join(parts[0], p, pads) for p in parts[1:]):
+        return None
+    out = {}
+    for k in parts[0]:
+        arrays = [p[k] for p in parts]
+        width = max(a.shape[1] for a in arrays) if k in pads else None
+        if width is not None and any(a.shape[1] != width for a in arrays):
+            arrays = [np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=pads[k]) for a in arrays]
+        out[k] = np.concatenate(arrays)
+    return out
 
 
 def _kind(v) -> str:
@@ -147,6 +175,15 @@ class Inputs:
                 return None
             total += math.prod(fixed)  # Python ints: numpy's int64 product wraps
         return total
+
+    @property
+    def pads(self) -> dict[str, int]:
+        """{text graph feed: the value its padding holds}: the tokenizer's pad id for input_ids, 0 for the
+        attention mask and token types; what the adaptive batcher re-pads requests of different lengths with."""
+        pads = {}
+        for name, (_tok, pad) in self.tokenizers.items():
+            pads |= {g: (pad if g == "input_ids" else 0) for g in self.graph_inputs[name]}
+        return pads
 
     def example(self, batch: int) -> Feeds:
         """Feeds of `batch` rows for the warm-up: zeros (attention masks ones), dynamic dims of WARMUP_SEQUENCE."""

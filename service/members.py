@@ -70,17 +70,21 @@ def _probabilities(out: np.ndarray, logits: bool) -> np.ndarray:
 class MembersEnsemble:
     """Run every member of the ensemble in its own session, concurrently; combine with the bundle's combiner."""
 
-    def __init__(self, loaded, policy: FailurePolicy):
+    def __init__(self, loaded, policy: FailurePolicy, remotes: dict | None = None):
         entry = loaded.manifest.variants["ensemble"]
         self.names = list(entry.members)
+        # remote members (issue 19, service/remote.py): {name: RemoteMember}, called like a local member
+        self.remotes = dict(remotes or {})
         # bring-your-own members (issue 15): a member file may output logits, or several outputs of which
         # the manifest names one; every member hands over (B, C) probabilities to combine()
         records = getattr(loaded.manifest, "members", {}) or {}
-        self.models = [_chosen_output(loaded.model(n), getattr(records.get(n), "output_name", "")) for n in self.names]
+        self.models = [self.remotes[n] if n in self.remotes else
+                       _chosen_output(loaded.model(n), getattr(records.get(n), "output_name", "")) for n in self.names]
         classify = getattr(loaded.manifest, "task", "classification") == "classification"
-        # a runtime.Model of a logits member already answers probabilities (runtime.Model.softmax)
+        # a runtime.Model of a logits member already answers probabilities (runtime.Model.softmax); a remote
+        # member answers what it declares
         self.softmax = [classify and getattr(records.get(n), "output", "") == "logits"
-                        and not getattr(loaded.model(n), "softmax", False) for n in self.names]
+                        and not getattr(self.remotes.get(n) or loaded.model(n), "softmax", False) for n in self.names]
         self.combiner = entry.combiner or {"name": "soft_vote", "weights": None}
         # temperature-calibrated ensembles divide each member's logits by T inside the fused graph;
         # on probabilities that is softmax(log p / T) (the per-row log-softmax offset cancels)

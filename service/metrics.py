@@ -206,6 +206,15 @@ AB_STORE_REPLAYED = Counter("fusion_ab_store_replayed", "Spooled A/B observation
 AB_STORE_WRITE_ERRORS = Counter("fusion_ab_store_write_errors", "Batched writes to the A/B store that failed (then spooled)")
 AB_STORE_WRITER_ERRORS = Counter("fusion_ab_store_writer_errors", "Unexpected errors in the A/B store's writer thread "
                                   "(e.g. a malformed operation): logged, the batch skipped, the writer goes on")
+# Remote members (service/remote.py, issue 19), by member name (the bundle's): latency of successful calls,
+# failed calls by reason (connection | deadline | status | answer | mismatch | breaker_open), and the circuit
+# breaker's state (0 closed, 1 half-open, 2 open)
+REMOTE_LATENCY = Histogram("fusion_remote_latency_seconds", "Remote member call latency (successful calls), by member",
+                           ["member"], buckets=LATENCY._upper_bounds[:-1])
+REMOTE_ERRORS = Counter("fusion_remote_errors", "Failed remote member calls, by member and reason", ["member", "reason"])
+REMOTE_BREAKER = Gauge("fusion_remote_breaker_state", "Remote member circuit breaker: 0 closed, 1 half-open, 2 open",
+                       ["member"], multiprocess_mode="livemostrecent")
+REMOTE_LATENCY, REMOTE_ERRORS, REMOTE_BREAKER = (Bounded(m) for m in (REMOTE_LATENCY, REMOTE_ERRORS, REMOTE_BREAKER))
 # Label values (issue 13, finding 2): variant and member names are the served bundle's (a request's
 # variant is checked against it before any metric is touched), status is the code we answer with,
 # reason is "queue_full" or an exception class name, the rest are literals; none is a client's string.

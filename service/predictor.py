@@ -75,10 +75,11 @@ class Predictor:
         name = self.router.resolve(served, variant, key, policy)
         t0 = time.perf_counter()
         model = served.loaded.models.get(name)  # one onnxruntime session, no waiting on other threads
-        # named feeds (Manifest.inputs) bypass the batcher and run per request: coalescing them would need
-        # re-padding text rows of different lengths (and every feed concatenated); a flat batch is one array
-        if model is not None and self.batcher is not None and type(X) is not dict:
-            out, extra = await self.batcher.run(model, X), {}
+        # named feeds (Manifest.inputs) join too: concatenated when their other dimensions agree, text rows
+        # re-padded to the longest of the call with the tokenizer's pad id (service/batching.py)
+        if model is not None and self.batcher is not None:
+            pads = served.loaded.inputs.pads if type(X) is dict and served.loaded.inputs is not None else None
+            out, extra = await self.batcher.run(model, X, pads=pads), {}
         elif model is not None and model.inline_ok(len(X) if type(X) is not dict else n_rows(X)):
             out, extra = model(X), {}
         else:
@@ -90,7 +91,8 @@ class Predictor:
             policy: RoutingPolicy | None = None) -> tuple[np.ndarray, dict]:
         """One variant on X (B, F) -> (B, C) plus extra response fields; blocking (a worker thread).
         `policy`: the routing policy the request read (its cascade); the live one if None."""
-        if variant == MEMBERS:
+        if variant == MEMBERS or (variant == "ensemble" and served.members is not None and "ensemble" not in served.loaded.models):
+            # (a split front's `ensemble` has no file: it is its remote members, combined: issue 19)
             if served.members is None:
                 raise UnknownNameError("members mode needs an 'ensemble' variant whose members are in the bundle")
             return served.members(X)

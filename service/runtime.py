@@ -182,6 +182,8 @@ class Model:
     # a member whose file answers logits (ModelEntry.output "logits", classification): answered as (B, C)
     # probabilities, like every other variant, whether served alone (X-Variant) or in members mode
     softmax: bool = False
+    # a member whose batch dimension is fixed at 1 (ModelEntry.fixed_batch "one_row", issue 15): one call per row
+    one_row: bool = False
 
     def __call__(self, X) -> np.ndarray:
         """A client's rows -> (B, C). onnxruntime's InvalidArgument while running on them (token ids past the
@@ -199,12 +201,20 @@ class Model:
         # X: (B, F) float32 C-contiguous, or named feeds {graph input: (B, ...)} -> (B, C) float32
         t0 = time.perf_counter()
         if self.binds is None:
-            out = self.deadline.run(self.session, {self.input_name: X}, self.name)[self.output_index]
+            out = self._session_run({self.input_name: X})
             self.cost.observe(len(X), time.perf_counter() - t0)
             return softmax_rows(out) if self.softmax else out
-        out = self.deadline.run(self.session, {mine: X[feed] for mine, feed in self.binds}, self.name)[self.output_index]
+        out = self._session_run({mine: X[feed] for mine, feed in self.binds})
         self.cost.observe(n_rows(X), time.perf_counter() - t0)
         return softmax_rows(out) if self.softmax else out
+
+    def _session_run(self, feeds: dict) -> np.ndarray:
+        """The chosen output on `feeds`: one session call, or one per row for a `one_row` member."""
+        if not self.one_row:
+            return self.deadline.run(self.session, feeds, self.name)[self.output_index]
+        rows = len(next(iter(feeds.values())))
+        return np.concatenate([self.deadline.run(self.session, {k: v[i:i + 1] for k, v in feeds.items()}, self.name)[self.output_index]
+                               for i in range(rows)])
 
     def inline_ok(self, rows: int, budget_s: float | None = None) -> bool:
         """Whether a call on `rows` rows is cheap enough to run on the event loop (see CallCost); the
@@ -260,6 +270,8 @@ def load(path: str | Path, cfg: RuntimeConfig | None = None, *, manifest_sha256:
     if manifest.inputs:
         loaded.inputs = Inputs.load(bundle)  # tokenizers parsed once per bundle version, from verified bytes
     for i, (name, entry) in enumerate(manifest.entries().items()):
+        if not entry.file:  # a remote member, or a split front's ensemble: served elsewhere (service/remote.py)
+            continue
         is_member = entry.kind == "member"
         # members spread round-robin over the visible GPUs; variants on the first one
         device_id = (gpus[i % len(gpus)] if is_member else gpus[0]) if gpus else None
@@ -278,7 +290,8 @@ def load(path: str | Path, cfg: RuntimeConfig | None = None, *, manifest_sha256:
                                     inline_budget_s=cfg.inline_budget_s,
                                     binds=bind_inputs(name, entry, sess, loaded.inputs) if loaded.inputs else None,
                                     output_index=output_index(name, entry, sess),
-                                    softmax=is_member and entry.output == "logits" and manifest.task == "classification")
+                                    softmax=is_member and entry.output == "logits" and manifest.task == "classification",
+                                    one_row=entry.fixed_batch == "one_row")
     warm_up(loaded)
     return loaded
 

@@ -124,7 +124,8 @@ def train_tokenizer() -> str:
     return tok.to_str()
 
 
-def text_model(vocab: int, seed: int = 3, dim: int = 6) -> bytes:
+def text_model(vocab: int, seed: int = 3, dim: int = 6, weights: dict | None = None) -> bytes:
+    """`weights`: {"E": (vocab, dim), "W": (dim, C), "b": (C,)} to use instead of random ones."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -132,6 +133,7 @@ def text_model(vocab: int, seed: int = 3, dim: int = 6) -> bytes:
               "W": rng.standard_normal((dim, N_CLASSES)).astype(np.float32),
               "b": (0.1 * rng.standard_normal(N_CLASSES)).astype(np.float32),
               "ax1": np.asarray([1], np.int64), "axlast": np.asarray([-1], np.int64)}
+    consts |= {k: np.asarray(v, np.float32) for k, v in (weights or {}).items()}
     inits = [numpy_helper.from_array(v, k) for k, v in consts.items()]
     nodes = [
         helper.make_node("Gather", ["E", "input_ids"], ["emb"], axis=0),  # (B, S, D)
@@ -235,3 +237,43 @@ def png(pixels_hwc: np.ndarray, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels_hwc.astype(np.uint8), "RGB").save(buf, format=fmt)
     return buf.getvalue()
+
+
+def bag_student(vocab: int, n_classes: int = N_CLASSES, dim: int = 16, seed: int = 0):
+    """A small text student for `[distill] source = "python:tests.byo_bundles:bag_student"`: embedding, mean over
+    the attention mask, linear; forward(input_ids, attention_mask) -> logits (its `input_names`)."""
+    import torch
+    from torch import nn
+
+    class Bag(nn.Module):
+        input_names = ("input_ids", "attention_mask")
+
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(seed)
+            self.emb, self.out = nn.Embedding(vocab, dim), nn.Linear(dim, n_classes)
+
+        def forward(self, input_ids, attention_mask):
+            m = attention_mask.unsqueeze(-1).float()  # (B, S, 1)
+            return self.out((self.emb(input_ids) * m).sum(1) / m.sum(1).clamp_min(1.0))
+
+    return Bag()
+
+
+def two_input_student(dim: int = 8, seed: int = 0):
+    """A student over the tensor bundle's two inputs, forward(x (B, 4) float, ids (B, 3) int64) -> logits:
+    the ids' mean embedding beside x, then an MLP (no `input_names`: it takes the graph inputs in order)."""
+    import torch
+    from torch import nn
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(seed)
+            self.emb = nn.Embedding(10, dim)
+            self.mlp = nn.Sequential(nn.Linear(4 + dim, 32), nn.ReLU(), nn.Linear(32, N_CLASSES))
+
+        def forward(self, x, ids):
+            return self.mlp(torch.cat([x, self.emb(ids).mean(1)], -1))
+
+    return TwoInputs()

@@ -63,7 +63,7 @@ def image_server(bundles):
 
 @pytest.fixture(scope="module")
 def text_server(bundles):
-    # batching on: named feeds bypass the batcher (rows of different lengths are not coalesced)
+    # batching on: text requests join one call, re-padded to its longest row (service/batching.py)
     with Server(bundles / "text", env={"FUSION_MAX_TEXT_CHARS": "300", "FUSION_BATCH_MAX_ROWS": "64"}) as srv:
         yield srv
 

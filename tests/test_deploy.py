@@ -264,6 +264,79 @@ def test_a_damaged_bundle_is_refused(tiny_bundle, work, home):
     assert proc.returncode != 0 and "sha256 mismatch" in proc.stderr
 
 
+# the split layout in the bento (issue 19): tests/test_remote_members.py's bundle of three MLP members and its split
+from tests.test_remote_members import single, split  # noqa: E402,F401  (fixtures)
+
+
+def overlay_bundles() -> dict[str, str]:
+    """FUSION_BUNDLE of every Deployment deploy/overlays/split renders, by Deployment name."""
+    return {d["metadata"]["name"]: {e["name"]: e.get("value") for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}["FUSION_BUNDLE"]
+            for d in kustomize("split") if d["kind"] == "Deployment"}
+
+
+def test_the_split_layout_is_staged_where_the_overlay_points(single, split, tmp_path):
+    """`deploy/bento.py build --split DIR`: every bundle of the layout lands, byte for byte, at the path the split
+    overlay's FUSION_BUNDLE names inside the image, and the bentofiles include it."""
+    out = tmp_path / "stage"
+    _, version, digest = bento_py.stage(single, "cpu", out, split)
+    layout = json.loads((split / "split.json").read_text())
+    assert version == read_manifest(single)["bundle_version"]
+    paths = overlay_bundles()
+    assert sorted(paths) == sorted(["fusion-serve", *(m["host"] for m in layout["members"].values())])
+    prefix = bento_py.IMAGE_BENTO_PATH + "/src/"
+    for deployment, path in paths.items():
+        assert path.startswith(prefix), f"{deployment}: expected FUSION_BUNDLE under {prefix}; got {path}"
+        staged = out / path.removeprefix(prefix)
+        source = split / Path(path.removeprefix(prefix)).relative_to(bento_py.SPLIT_DEST)
+        want = {p.relative_to(source): sha(p) for p in source.rglob("*") if p.is_file()}
+        assert want and {p.relative_to(staged): sha(p) for p in staged.rglob("*") if p.is_file()} == want, deployment
+        manifest = read_manifest(staged)
+        if deployment == "fusion-serve":
+            assert manifest["bundle_version"] == layout["front_version"]
+            assert {n: m["remote"] for n, m in manifest["members"].items()} == {n: m["url"] for n, m in layout["members"].items()}
+        else:
+            (name,) = manifest["members"]
+            assert layout["members"][name]["host"] == deployment
+            assert manifest["bundle_version"] == layout["members"][name]["bundle_version"]
+    assert sha(out / bento_py.SPLIT_DEST / "split.json") == sha(split / "split.json")
+    for flavour in ("cpu", "gpu"):  # `bentoml build` packages what was staged
+        assert f"{bento_py.SPLIT_DEST}/**" in bentofile(flavour)["include"], flavour
+    # the split layout is part of the bento's inputs: its digest (so the bento tag) changes with it
+    assert bento_py.stage(single, "cpu", tmp_path / "no-split")[2] != digest
+
+
+def read_manifest(bundle: Path) -> dict:
+    return json.loads((bundle / "manifest.json").read_text())
+
+
+def test_a_tampered_split_member_is_refused_before_staging(single, split, work, home, tmp_path):
+    bad = tmp_path / "bad-split"
+    shutil.copytree(split, bad)
+    victim = next((bad / "members").rglob("*.onnx"))
+    victim.write_bytes(victim.read_bytes()[:-1] + b"\0")
+    stage_dir = tmp_path / "stage"
+    env = {**os.environ, "BENTOML_HOME": str(home), **OFFLINE}
+    proc = subprocess.run([sys.executable, str(BENTO_PY), "build", "--bundle", str(single), "--split", str(bad),
+                           "--stage", str(stage_dir)], env=env, cwd=ROOT, text=True, capture_output=True, timeout=60)
+    assert proc.returncode != 0 and "sha256 mismatch" in proc.stderr, proc.stderr[-2000:]
+    assert not stage_dir.exists()  # checked before anything was staged
+
+
+def test_a_split_layout_from_another_split_is_refused(single, split, tmp_path):
+    bad = tmp_path / "mixed-split"
+    shutil.copytree(split, bad)
+    layout = json.loads((bad / "split.json").read_text())
+    name = next(iter(layout["members"]))
+    layout["members"][name]["bundle_version"] = layout["front_version"]  # split.json recorded another member bundle
+    (bad / "split.json").write_text(json.dumps(layout))
+    with pytest.raises(SystemExit, match=rf"member '{name}': expected bundle version {layout['front_version']}"):
+        bento_py.stage(single, "cpu", tmp_path / "stage", bad)
+    assert not (tmp_path / "stage").exists()
+    (bad / "split.json").unlink()
+    with pytest.raises(SystemExit, match="expected a split layout with split.json"):
+        bento_py.stage(single, "cpu", tmp_path / "stage", bad)
+
+
 # ------------------------------------------------------------------------------------- container
 
 
@@ -526,6 +599,74 @@ def test_kustomize_manifests_validate(overlay):
         assert gpus is None and c["image"].startswith("fusion-serve:")
 
 
+def test_split_overlay_validates():
+    """Issue 19: a front plus, per member, a Deployment, Service, HPA and PDB; only the front reaches the members."""
+    docs = kustomize("split")
+    for doc in docs:
+        validate(doc)
+    by = {}
+    for d in docs:
+        by.setdefault(d["kind"], {})[d["metadata"]["name"]] = d
+    members = sorted(n for n in by["Deployment"] if n.startswith("member-"))
+    assert members == ["member-mlp-0", "member-mlp-1", "member-mlp-2"]
+    assert set(by["Deployment"]) == {"fusion-serve", *members}
+    for kind in ("Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"):
+        assert set(by[kind]) == {"fusion-serve", *members}, kind
+    (policy,) = by["NetworkPolicy"].values()
+    grace_checked = 0
+    for name, dep in by["Deployment"].items():
+        pod = dep["spec"]["template"]
+        labels = pod["metadata"]["labels"]
+        assert dep["spec"]["selector"]["matchLabels"] == labels == by["Service"][name]["spec"]["selector"]
+        assert by["PodDisruptionBudget"][name]["spec"]["selector"]["matchLabels"] == labels
+        assert by["PodDisruptionBudget"][name]["spec"]["maxUnavailable"] == 1
+        assert by["HorizontalPodAutoscaler"][name]["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+        assert "replicas" not in dep["spec"]
+        (c,) = pod["spec"]["containers"]
+        env = {e["name"]: e["value"] for e in c["env"]}
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True and pod["spec"]["securityContext"]["runAsNonRoot"] is True
+        assert [r["secretRef"] for r in c["envFrom"] if "secretRef" in r] == [{"name": "fusion-serve-tokens"}]
+        command = c["lifecycle"]["preStop"]["exec"]["command"]
+        assert float(command[1]) + float(env["FUSION_DRAIN_MAX_S"]) + SHUTDOWN_MARGIN_S <= pod["spec"]["terminationGracePeriodSeconds"]
+        grace_checked += 1
+        # the NetworkPolicy selects every member pod and no front pod
+        selected = all(labels.get(k) == v for k, v in policy["spec"]["podSelector"]["matchLabels"].items())
+        if name == "fusion-serve":
+            assert not selected and labels["app.kubernetes.io/component"] == "front"
+            assert env["FUSION_BUNDLE"].endswith("/artifacts/bundle-split/front")
+            assert re.fullmatch(r"strict|quorum:\d+", env["FUSION_FAILURE_POLICY"]) and float(env["FUSION_MEMBER_DEADLINE_MS"]) > 0
+            assert by["Service"][name]["spec"]["ports"][0]["port"] == 80
+            continue
+        host = name.removeprefix("member-")
+        assert selected and labels["fusion-serve/member"] == host
+        assert env["FUSION_BUNDLE"].endswith(f"/artifacts/bundle-split/members/{host}")
+        assert env["FUSION_AB_WEIGHTS"] == host.replace("-", "_") + "=1"
+        # the front bundle's default URL http://member-<host>:3000/v2/models/<name> resolves to this Service
+        assert by["Service"][name]["spec"]["ports"] == [{"name": "http", "port": 3000, "targetPort": "http", "protocol": "TCP"}]
+        gpus = c["resources"]["limits"].get("nvidia.com/gpu")
+        if gpus:  # a GPU member: its own node pool, the taint tolerated, the CUDA provider required
+            assert c["resources"]["requests"]["nvidia.com/gpu"] == gpus == 1 and env["FUSION_DEVICE"] == "cuda"
+            assert pod["spec"]["nodeSelector"] and {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["spec"]["tolerations"]
+    assert grace_checked == 4
+    assert any("nvidia.com/gpu" in by["Deployment"][m]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] for m in members)
+    # ingress to the members: from the front's pods (and Prometheus in `monitoring`), on the server port only
+    sources = [f for rule in policy["spec"]["ingress"] for f in rule["from"]]
+    front_labels = by["Deployment"]["fusion-serve"]["spec"]["template"]["metadata"]["labels"]
+    pods_in_namespace = [f["podSelector"]["matchLabels"] for f in sources if "namespaceSelector" not in f]
+    assert pods_in_namespace and all(all(front_labels.get(k) == v for k, v in m.items()) for m in pods_in_namespace)
+    assert {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]} == {3000}
+
+
+def test_compose_split_validates():
+    proc = check_compose(DEPLOY / "compose-split.yaml")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    services = yaml.safe_load((DEPLOY / "compose-split.yaml").read_text())["services"]
+    for name, svc in services.items():
+        env = svc["environment"]
+        assert float(env["FUSION_DRAIN_MAX_S"]) + SHUTDOWN_MARGIN_S <= duration_s(svc["stop_grace_period"]), name
+        assert svc["read_only"] is True and svc["cap_drop"] == ["ALL"], name
+
+
 def test_secret_example_validates():
     validate(yaml.safe_load((DEPLOY / "base/secret-tokens.example.yaml").read_text()))
 
@@ -550,6 +691,10 @@ SHUTDOWN_MARGIN_S = 10
 DEPLOYMENT_FILES = {"base/deployment.yaml", "base/kustomization.yaml", "overlays/gpu/deployment-gpu.yaml",
                     "docker-compose.yml", "bentocloud.yaml", "bentofile.gpu.yaml", "../bentofile.yaml",
                     "base/secret-tokens.example.yaml", "kserve/inferenceservice.yaml"}
+# the split layout (issue 19): its Deployments and compose services are checked with the others below
+DEPLOYMENT_FILES |= {"overlays/split/kustomization.yaml", "overlays/split/front/deployment-front.yaml",
+                     "overlays/split/member/deployment.yaml", "compose-split.yaml",
+                     *(f"overlays/split/members/mlp-{i}/deployment.yaml" for i in range(3))}
 
 
 def compose_services() -> dict[str, dict]:
@@ -573,6 +718,11 @@ def deployment_envs() -> dict[str, dict[str, str]]:
         envs[f"kubernetes/{overlay}"] = {e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
     for name, svc in compose_services().items():
         envs[f"compose/{name}"] = {k: str(v) for k, v in svc["environment"].items()}
+    for dep in (d for d in kustomize("split") if d["kind"] == "Deployment"):  # the split layout: front and members
+        envs[f"kubernetes/split/{dep['metadata']['name']}"] = {
+            e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    for name, svc in yaml.safe_load((DEPLOY / "compose-split.yaml").read_text())["services"].items():
+        envs[f"compose-split/{name}"] = {k: str(v) for k, v in svc["environment"].items()}
     cloud = yaml.safe_load((DEPLOY / "bentocloud.yaml").read_text())
     envs["bentocloud"] = {e["name"]: e["value"] for e in cloud["envs"]}
     for svc in cloud["services"].values():
@@ -596,8 +746,10 @@ def test_every_deployment_makes_admin_token_only():
     from service.errors import AuthError
 
     envs = deployment_envs()
+    split = {f"{where}/{n}" for where, prefix in (("kubernetes/split", "member-"), ("compose-split", "member-"))
+             for n in ("fusion-serve" if where.startswith("kube") else "front", *(f"{prefix}mlp-{i}" for i in range(3)))}
     assert set(envs) == {"kubernetes/cpu", "kubernetes/gpu", "compose/fusion-serve", "compose/fusion-serve-gpu",
-                         "bentocloud", "bentofile/cpu", "bentofile/gpu", "kserve"}, set(envs)
+                         "bentocloud", "bentofile/cpu", "bentofile/gpu", "kserve"} | split, set(envs)
     for where, env in envs.items():
         # read as the service reads it; compose's `${VAR:-default}` as compose resolves it with VAR unset
         resolved = {k: re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", v) for k, v in env.items()}

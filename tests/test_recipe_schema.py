@@ -65,6 +65,10 @@ def test_every_bad_item_of_a_list_is_named():
     ({"inputs": [{"name": "x", "shape": ["batch", 1.5]}]}, "[[inputs]][0].shape[1] expected an integer or a string; got 1.5"),
     ({"inputs": [{"name": "x", "shape": [4, 8]}]}, '[[inputs]][0]: shape expected a first dimension "batch"; got [4, 8]'),
     ({"inputs": [{"name": "x", "shape": ["batch", 8], "dtype": "double"}]}, "[[inputs]][0].dtype expected one of ['float32'"),
+    ({"serve": {"split": "yes"}}, "[serve].split expected true or false; got 'yes'"),
+    ({"serve": {"url_template": "http://member:3000/v2/models/x"}},
+     "[serve]: url_template expected an http(s) URL with {name} and/or {host} (one URL per member)"),
+    ({"serve": {"url_template": "http://{host}/v2/models/{model}"}}, "and no other fields; got 'http://{host}/v2/models/{model}'"),
 ])
 def test_strict_types_and_choices(doc, message):
     with pytest.raises(ConfigError) as info:
@@ -74,7 +78,7 @@ def test_strict_types_and_choices(doc, message):
 
 def test_unknown_keys_and_sections_list_the_valid_ones():
     with pytest.raises(ConfigError, match=r"unknown keys in \[\[members\]\]\[0\]: \['wieghts'\]; expected some of "
-                                          r"\['args', 'input_map', 'name', 'output', 'output_name', 'source', 'weights'\]"):
+                                          r"\['args', 'fixed_batch', 'input_map', 'name', 'output', 'output_name', 'source', 'weights'\]"):
         parse_recipe({"members": [{"name": "a", "source": "zoo:mlp", "wieghts": "x"}]})
     with pytest.raises(ConfigError, match=r"unknown keys in \[\[inputs\]\]\[0\].image: \['mena'\]"):
         parse_recipe({"inputs": [{"name": "x", "shape": ["batch", 3, 8, 8], "kind": "image", "image": {"mena": [0]}}]})
@@ -176,7 +180,10 @@ def test_recipe_schema_command_prints_a_valid_json_schema(capsys):
     jsonschema.Draft202012Validator.check_schema(printed)
     assert printed == json.loads(json.dumps(recipe_schema()))
     assert printed["additionalProperties"] is False
-    assert set(printed["properties"]) == {"data", "zoo", "ensemble", "merge", "distill", "build", "members", "inputs"}
+    assert set(printed["properties"]) == {"data", "zoo", "ensemble", "merge", "distill", "build", "serve", "members", "inputs"}
+    serve = printed["$defs"]["ServeSection"]["properties"]  # issue 19: the recipe switch for `fusion build --split`
+    assert serve["split"] == {"default": False, "title": "Split", "type": "boolean"}, serve
+    assert {"split_dir", "url_template"} <= set(serve) and printed["$defs"]["ServeSection"]["additionalProperties"] is False
 
 
 def test_schema_accepts_the_example_and_its_commented_members_and_inputs(schema):
@@ -190,7 +197,7 @@ def test_schema_accepts_the_example_and_its_commented_members_and_inputs(schema)
 
 @pytest.mark.parametrize("doc", [d for d, _ in WRONGLY_ACCEPTED] + [
     {"ensemble": {"weigths": [1]}}, {"members": [{"name": "a"}]}, {"inputs": [{"name": "x", "shape": ["batch", 1.5]}]},
-    {"distill": {"epochs": 0}},
+    {"distill": {"epochs": 0}}, {"serve": {"split": 1}}, {"serve": {"spilt": True}},
 ])
 def test_schema_rejects_the_bad_values_the_models_reject(schema, doc):
     assert list(jsonschema.Draft202012Validator(schema).iter_errors(doc)), doc

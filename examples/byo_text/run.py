@@ -9,8 +9,11 @@
 2. a WordPiece `tokenizer.json` trained on the training split with `tokenizers`;
 3. three classifiers (two `BertConfig`s and one `DistilBertConfig` of one or two layers), trained 2 epochs each,
    saved with `save_pretrained(safe_serialization=True)` as local Hugging Face directories;
-4. `fusion build --recipe examples/byo_text/recipe.toml` (hf: members over one [[inputs]] kind "text":
-   dynamo export, every dynamic dimension gated against torch, one composed ONNX graph);
+4. the held-out docstrings written to `data.npz` (a numpy unicode string array `text` and `y`) and a random-init
+   one-layer BERT saved as the distillation student; `fusion build --recipe examples/byo_text/recipe.toml`
+   (hf: members over one [[inputs]] kind "text": dynamo export, every dynamic dimension gated against torch,
+   one composed ONNX graph; with [data]: every model's accuracy on the build's test split of the held-out
+   docstrings, the comparison report, and the student distilled from the composed graph in onnxruntime);
 5. `FUSION_BUNDLE=... python -m service.serve service.app:FusionService` (what `make serve` runs), the
    held-out strings posted to /predict, and the figures printed: every member's and the ensemble's accuracy
    (torch and served), the time each step took, one /predict answer.
@@ -149,6 +152,14 @@ def predict_proba(model, tok, texts: list[str], max_length: int, batch: int = 12
     return torch.cat(out).numpy()
 
 
+def student_config(vocab: int, n_classes: int, max_length: int):
+    """The distillation student: one BERT layer, narrower than the members (a random init; the build trains it)."""
+    import transformers
+
+    return transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=64, max_position_embeddings=max_length, num_labels=n_classes)
+
+
 def train_member(name: str, config, tok, train, max_length: int, seconds: float, epochs: int, seed: int):
     import torch
     import transformers
@@ -233,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     import tomllib
 
     max_length = int(tomllib.loads(recipe.read_text())["inputs"][0]["max_length"])
-    per_class, limit_files, vocab_size, epochs = (60, 25, 400, 1) if args.tiny else (600, 400, 2000, 2)
+    per_class, limit_files, vocab_size, epochs = (60, 100, 400, 1) if args.tiny else (600, 400, 2000, 2)
     seconds = args.seconds if args.seconds is not None else (1.5 if args.tiny else 150.0)
     t_all = time.perf_counter()
 
@@ -260,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     soft = np.mean(list(probs.values()), axis=0)
     log(f"ensemble accuracy (soft vote in torch): {(soft.argmax(1) == labels).mean():.3f}")
 
+    # [data]: the held-out docstrings (the members never saw them), one string per row; the student, untrained
+    np.savez(work / "data.npz", text=np.asarray(texts, dtype=str), y=labels)
+    torch.manual_seed(len(probs))
+    transformers.BertForSequenceClassification(student_config(tok.get_vocab_size(), len(classes), max_length)).save_pretrained(
+        work / "student", safe_serialization=True)
+
     t = time.perf_counter()
     fusion = Path(sys.executable).with_name("fusion")
     cmd = [str(fusion)] if fusion.exists() else [sys.executable, "-m", "fusion.cli"]
@@ -271,6 +288,16 @@ def main(argv: list[str] | None = None) -> int:
     log(f"fusion build: {time.perf_counter() - t:.1f} s; gate over batch x sequence "
         f"{sorted({b for b, _ in gate['cases']})} x {sorted({s for _, s in gate['cases']})}: max |Δ| vs torch "
         f"{gate['max_abs_diff']:.1e}")
+    ds, variants = manifest["dataset"], manifest["variants"]
+    accs = ", ".join(f"{n} {e['metrics']['test_accuracy']:.3f}" for n, e in {**variants, **manifest["members"]}.items()
+                     if "test_accuracy" in e.get("metrics", {}))
+    log(f"build on data.npz ({ds['n_train']} train / {ds['n_val']} val / {ds['n_test']} test of the held-out strings): "
+        f"test accuracy {accs}")
+    if "distilled" in variants:
+        d = variants["distilled"]
+        log(f"distilled: {d['n_parameters']:,}-parameter BERT student, {d['method']['epochs_run']} epochs on the composed "
+            f"graph's probabilities (onnxruntime), validation agreement {d['method']['val_agreement']:.3f}, gate over "
+            f"{len(d['parity']['cases'])} batch x sequence cases: max |Δ| vs torch {d['parity']['max_abs_diff']:.1e}")
 
     t = time.perf_counter()
     with served(work / "bundle", work / "serve.log") as base:
@@ -282,6 +309,12 @@ def main(argv: list[str] | None = None) -> int:
                                  for i in range(0, len(texts), 64)])
         log(f"/predict on the {len(texts)} held-out strings: accuracy {(served.argmax(1) == labels).mean():.3f}, "
             f"max |served - torch soft vote| {np.abs(served - soft).max():.1e}, {time.perf_counter() - t:.1f} s")
+        if "distilled" in manifest["variants"]:
+            student = np.concatenate([np.asarray(post(url, {"inputs": texts[i:i + 64], "variant": "distilled"})["probabilities"])
+                                      for i in range(0, len(texts), 64)])
+            log(f"/predict variant distilled on the {len(texts)} held-out strings: accuracy "
+                f"{(student.argmax(1) == labels).mean():.3f}, agreement with the ensemble "
+                f"{(student.argmax(1) == served.argmax(1)).mean():.3f}")
         answer = post(url, {"inputs": EXAMPLES})
         log(f"POST /predict {json.dumps({'inputs': EXAMPLES})}")
         shown = {k: answer[k] for k in answer if k != "probabilities"}

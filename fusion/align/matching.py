@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from fusion.align.spec import Perm, PermutationSpec, StateDict, apply_permutation, identity_perm, permuted_entry
 from fusion.errors import ConfigError
-from fusion.merge.estimates import _as_features
+from fusion.merge.estimates import _batches, model_inputs
 
 
 def _unit_rows(t: Tensor, axis: int, n: int) -> Tensor:
@@ -100,15 +100,14 @@ class _Recorder:
 @torch.no_grad()
 def activation_stats(model_a: nn.Module, model_b: nn.Module, X, spec: PermutationSpec, *, batch_size: int = 512) -> dict[str, dict[str, Tensor]]:
     """Per activation point: means, stds (population) and the cross-correlation (n_a, n_b) of the two models' units on X."""
-    X = _as_features(X)
+    inputs = model_inputs(model_a, X)  # features (n, F), images (n, C, H, W), token ids, a tuple or dict
     rec_a, rec_b = _Recorder(model_a, spec), _Recorder(model_b, spec)
     modes = (model_a.training, model_b.training)
     model_a.eval(), model_b.eval()
     sums: dict[str, dict[str, Tensor]] = {}
     try:
-        for s in range(0, len(X), batch_size):
-            xb = X[s : s + batch_size]
-            model_a(xb), model_b(xb)
+        for xb in _batches(inputs, batch_size):
+            model_a(*xb), model_b(*xb)
             for p in spec.activations:
                 a, b = rec_a.out[p], rec_b.out[p]  # (rows, n)
                 acc = sums.setdefault(p, {"n": torch.zeros((), dtype=torch.float64), "sa": 0, "sb": 0, "saa": 0, "sbb": 0, "sab": 0})
@@ -136,7 +135,8 @@ def activation_stats(model_a: nn.Module, model_b: nn.Module, X, spec: Permutatio
 def activation_matching(model_ref: nn.Module, model_other: nn.Module, X, spec: PermutationSpec, *, batch_size: int = 512) -> Perm:
     """Activation matching: per permutation, the assignment maximising the correlation of the two models' units on X.
 
-    X: (n, n_features) raw features; both models in eval mode. Convolutional units count each
+    X: a batch of inputs, (n, n_features) raw features or any batched input the models take (images
+    (n, C, H, W), a tuple of inputs); both models in eval mode. Convolutional units count each
     spatial position as an observation. Layers are matched independently (each model's activations
     are computed in its own basis).
     https://arxiv.org/abs/2209.04836 (Ainsworth et al. 2023, §3.1)

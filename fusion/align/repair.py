@@ -14,11 +14,11 @@ from torch import nn
 
 from fusion.align.spec import PermutationSpec
 from fusion.errors import ConfigError
-from fusion.merge.estimates import _as_features, has_batchnorm, reset_bn
+from fusion.merge.estimates import _batches, has_batchnorm, model_inputs, reset_bn
 
 
 @torch.no_grad()
-def _unit_stats(model: nn.Module, module: nn.Module, X: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _unit_stats(model: nn.Module, module: nn.Module, X: tuple[torch.Tensor, ...], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-unit mean and population std of `module`'s output over X (channel dim 1). -> (n,), (n,) float64."""
     acc = {}
 
@@ -30,8 +30,8 @@ def _unit_stats(model: nn.Module, module: nn.Module, X: torch.Tensor, batch_size
 
     handle = module.register_forward_hook(hook)
     try:
-        for s in range(0, len(X), batch_size):
-            model(X[s : s + batch_size])
+        for xb in _batches(X, batch_size):
+            model(*xb)
     finally:
         handle.remove()
     mean = acc["s"] / acc["n"]
@@ -45,7 +45,7 @@ def repair(
 ) -> nn.Module:
     """REPAIR the interpolation (1 − lam)·A + lam·B of two aligned models in place; returns `merged`.
 
-    X: (n, n_features) raw features (training data). BatchNorm statistics are reset first. Then,
+    X: training inputs, (n, n_features) raw features or any batched input (`model_inputs`). BatchNorm statistics are reset first. Then,
     layer by layer in the spec's order, every activation point whose module is an nn.Linear or
     nn.Conv2d gets its output rescaled: per unit, W' = W·σ*/σ_M and b' = (b − μ_M)·σ*/σ_M + μ*, with
     μ* = (1 − lam)μ_A + lam·μ_B and σ* likewise, μ_M, σ_M measured on the merged model after the
@@ -54,11 +54,13 @@ def repair(
     """
     if not 0.0 <= lam <= 1.0:
         raise ConfigError(f"expected lam in [0, 1]; got {lam}")
-    X = _as_features(X)
+    X = model_inputs(merged, X)
     for m in (merged, model_a, model_b):
         m.eval()
     if has_batchnorm(merged):
-        reset_bn(merged, X)
+        if len(X) != 1:
+            raise ConfigError(f"REPAIR resets BatchNorm statistics on one input tensor; got {len(X)} inputs")
+        reset_bn(merged, X[0])
     mods = {name: dict(m.named_modules()) for name, m in (("a", model_a), ("b", model_b), ("m", merged))}
     for p, point in spec.activations.items():
         layer = mods["m"].get(point.module)

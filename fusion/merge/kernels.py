@@ -86,19 +86,22 @@ def _check_same(xs: Sequence[Tensor], base: Tensor | None = None) -> None:
             raise ValueError(f"expected tensors of shape {tuple(ref.shape)} and {ref.dtype}; got {tuple(x.shape)} and {x.dtype}")
 
 
-def linear_kernel(xs: Sequence[Tensor], weights: Sequence[float] | None = None, *, out: Tensor | None = None) -> Tensor:
+def linear_kernel(
+    xs: Sequence[Tensor], weights: Sequence[float] | None = None, *, out: Tensor | None = None, normalize: bool = True,
+) -> Tensor:
     """Weighted mean Σ w_i x_i / Σ w_i of K tensors, cache-blocked (Wortsman et al. 2022, uniform soup).
 
     xs: K tensors of shape S -> S. Equal (or absent) weights take the unweighted path
-    (x_0 + … + x_{K-1}) / K, which saves K multiplications per element.
+    (x_0 + … + x_{K-1}) / K, which saves K multiplications per element. normalize=False gives the
+    weighted sum Σ w_i x_i instead (mergekit's linear with `normalize: false`; default True).
     https://arxiv.org/abs/2203.05482
     """
     _check_same(xs)
     k = len(xs)
     flats = [_flat(x) for x in xs]
-    uniform = weights is None or all(w == weights[0] for w in weights)
+    uniform = normalize and (weights is None or all(w == weights[0] for w in weights))
     ws = [float(w) for w in weights] if weights is not None else [1.0] * k
-    total = float(k) if uniform else math.fsum(ws)
+    total = (float(k) if uniform else math.fsum(ws)) if normalize else 1.0
     same = compute_dtype(xs[0].dtype) == xs[0].dtype
 
     def body(s, e, acc, tmp):
@@ -234,6 +237,18 @@ def breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
     return mask.reshape(delta.shape)
 
 
+def rescale_l1(delta: Tensor, kept: Tensor, eps: float = 1e-7) -> Tensor:
+    """`kept` (δ with entries zeroed) scaled so its L1 norm equals δ's: mergekit's `rescale: true`
+    (sparsify.py `rescaled_masked_tensor`, RescaleNorm.l1), not DARE's 1/density. Either norm below
+    eps leaves `kept` unscaled. delta, kept: S -> S.
+    """
+    before = delta.abs().sum()
+    after = kept.abs().sum()
+    if float(before) < eps or float(after) < eps:
+        return kept
+    return kept * (before / after)
+
+
 def dare_sparsify(delta: Tensor, density: float, generator: torch.Generator) -> Tensor:
     """Drop each entry with probability p = 1 − density and rescale survivors by 1/(1 − p) (DARE).
 
@@ -291,12 +306,16 @@ def finish(base: Tensor, merged_delta: Tensor, scaling: float) -> Tensor:
 # geometric kernels
 
 
-def slerp_kernel(a: Tensor, b: Tensor, t: float, *, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
+def slerp_kernel(
+    a: Tensor, b: Tensor, t: float, *, dot_threshold: float = 0.9995, eps: float = 1e-8,
+    zero_norm: Literal["lerp", "unit"] = "lerp",
+) -> Tensor:
     """Spherical interpolation of two tensors viewed as flat vectors; lerp when |cos| > dot_threshold.
 
     a, b: S -> S. The angle is computed in float64; the combination s0·a + s1·b in the compute dtype.
-    A zero (norm < eps) endpoint has no direction, so it falls back to lerp too (mergekit would
-    divide by eps instead). t = 0 and t = 1 return a and b exactly.
+    zero_norm="lerp" (default): a zero (norm < eps) endpoint has no direction, so it falls back to
+    lerp. zero_norm="unit" is mergekit's: a norm <= eps counts as 1, so a zero endpoint gives cos 0,
+    an angle of π/2 and s1 = sin(tπ/2). t = 0 and t = 1 return a and b exactly.
     https://dl.acm.org/doi/10.1145/325165.325242 (Shoemake 1985)
     """
     _check_same([a], b)
@@ -304,7 +323,11 @@ def slerp_kernel(a: Tensor, b: Tensor, t: float, *, dot_threshold: float = 0.999
     fa, fb = a.to(cd), b.to(cd)
     a64, b64 = _flat(a).double(), _flat(b).double()
     na, nb = float(a64.norm()), float(b64.norm())
-    cos = float(a64 @ b64) / (na * nb) if na >= eps and nb >= eps else 1.0
+    if zero_norm == "unit":
+        na, nb = (na if na > eps else 1.0), (nb if nb > eps else 1.0)
+        cos = max(-1.0, min(1.0, float((a64 / na) @ (b64 / nb)))) if a64.numel() else 1.0
+    else:
+        cos = float(a64 @ b64) / (na * nb) if na >= eps and nb >= eps else 1.0
     if abs(cos) > dot_threshold:
         s0, s1 = 1.0 - t, t
     else:
@@ -316,31 +339,41 @@ def slerp_kernel(a: Tensor, b: Tensor, t: float, *, dot_threshold: float = 0.999
     return (fa * s0 + fb * s1).to(a.dtype)
 
 
-def model_stock_ratio(deltas: Sequence[Tensor], eps: float = 1e-8) -> float:
+def model_stock_ratio(deltas: Sequence[Tensor], eps: float = 1e-8, *, convention: Literal["clamped", "mergekit"] = "clamped") -> float:
     """t = N·cos / (1 + (N−1)·cos) from the mean pairwise cosine of N ≥ 2 task vectors (Model Stock).
 
-    deltas: N tensors of shape S. Cosines are computed in float64. A negative mean cosine would make
-    t negative (and unbounded near −1/(N−1)), so cos is clamped to [0, 1]: such a layer keeps the base.
+    deltas: N tensors of shape S. Cosines are computed in float64.
+    convention="clamped" (default): a negative mean cosine would make t negative (and unbounded near
+    −1/(N−1)), so the mean cos is clamped to [0, 1]: such a layer keeps the base.
+    convention="mergekit" (merge_methods/model_stock.py): each pairwise cos is clamped to [−1, 1] with
+    the norm product floored at 1e-6, the mean is not clamped, and t = 0 where |1 + (N−1)·cos| < 1e-6.
     https://arxiv.org/abs/2403.19522
     """
     flats = [_flat(d).double() for d in deltas]
     norms = [float(f.norm()) for f in flats]
-    cosines = []
-    for i in range(len(flats)):
-        for j in range(i + 1, len(flats)):
-            cosines.append(float(flats[i] @ flats[j]) / max(norms[i] * norms[j], eps))
-    cos = min(1.0, max(0.0, sum(cosines) / len(cosines)))
     n = len(flats)
+    cosines = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            if convention == "mergekit":
+                cosines.append(max(-1.0, min(1.0, float(flats[i] @ flats[j]) / max(norms[i] * norms[j], 1e-6))))
+            else:
+                cosines.append(float(flats[i] @ flats[j]) / max(norms[i] * norms[j], eps))
+    cos = sum(cosines) / len(cosines)
+    if convention == "mergekit":
+        den = 1.0 + (n - 1) * cos
+        return 0.0 if abs(den) < 1e-6 else n * cos / den
+    cos = min(1.0, max(0.0, cos))
     return n * cos / (1.0 + (n - 1) * cos)
 
 
-def model_stock_kernel(xs: Sequence[Tensor], base: Tensor) -> Tensor:
+def model_stock_kernel(xs: Sequence[Tensor], base: Tensor, *, convention: Literal["clamped", "mergekit"] = "clamped") -> Tensor:
     """θ = t·mean(θ_i) + (1 − t)·θ_base with t from `model_stock_ratio` (one layer = one tensor).
 
-    xs: N ≥ 2 tensors of shape S, base: S -> S.
+    xs: N ≥ 2 tensors of shape S, base: S -> S; convention: see `model_stock_ratio`.
     https://arxiv.org/abs/2403.19522
     """
-    t = model_stock_ratio(task_vectors(xs, base))
+    t = model_stock_ratio(task_vectors(xs, base), convention=convention)
     cd = compute_dtype(base.dtype)
     avg = linear_kernel([x.to(cd) for x in xs])  # S, in the compute dtype
     return (avg * t + base.to(avg.dtype) * (1.0 - t)).to(base.dtype)

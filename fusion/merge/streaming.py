@@ -1,10 +1,10 @@
 """Streaming merge of safetensors checkpoints: entry by entry, never a whole model in memory.
 
-Each member is read lazily with `safetensors.safe_open`, one entry (or one slice of rows of an
-entry, for elementwise methods) at a time; the output is written as it is computed (the header is
-known up front because a merge keeps every shape and dtype), so peak memory is a few entries,
-not a model. A handle is opened per read because safetensors maps the whole file and pages read
-through a handle stay resident until the handle closes.
+Members are `.safetensors` files or Hugging Face directories (sharded or not), read lazily through
+`fusion.merge.checkpoints` one entry (or one slice of rows of an entry, for elementwise methods) at a
+time into fresh buffers (nothing stays mapped); the output, one file or a directory of bounded
+shards, is written as it is computed (each shard's header is known up front because a merge keeps
+every shape), so peak memory is a few entries, not a model, and needs no architecture.
 
 Every entry goes through the same `merge_tensor` as the in-memory `merge`, so both give the same
 bits. Global-scope TIES takes extra passes: an exact radix select of each model's magnitude
@@ -14,110 +14,90 @@ one to merge.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import struct
-import sys
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from fusion.errors import ConfigError
 from fusion.merge import kernels as K
+from fusion.merge.checkpoints import (
+    DEFAULT_MAX_SHARD_BYTES,
+    Checkpoint,
+    CheckpointWriter,
+    check_same_layout,
+    open_checkpoint,
+    parse_dtype,
+    parse_size,
+)
 from fusion.merge.generalized import GeneralizedTaskArithmetic, TiesGlobalStats, elected_balance, global_kth, select_dtype
-from fusion.merge.registry import MERGE_METHODS, check_counts, check_layouts, check_weights, make_method
+from fusion.merge.registry import MERGE_METHODS, MergeMethod, check_counts, check_weights, make_method
 
-CHUNK_BYTES = 64 << 20  # rows of an elementwise entry read per step, per input file
-
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-_CODES = {v: k for k, v in _DTYPES.items()}
+CHUNK_BYTES = 32 << 20  # rows of an elementwise entry merged per step, per input (in the working dtype)
 
 
-class SafetensorsSource:
-    """One safetensors file: its layout from the header, entries read on demand."""
+class _Work:
+    """A checkpoint seen in the merge's working dtypes: float entries cast on read (exactly, to a wider type)."""
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise ConfigError(f"{self.path}: expected a safetensors file; got no such file")
-        try:
-            with safe_open(str(self.path), framework="pt") as f:
-                self.metadata = f.metadata() or {}
-                self.layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-                for key in f.keys():
-                    sl = f.get_slice(key)
-                    code = sl.get_dtype()
-                    if code not in _DTYPES:
-                        raise ConfigError(f"{self.path}, entry '{key}': expected a dtype in {sorted(_DTYPES)}; got {code}")
-                    self.layout[key] = (tuple(sl.get_shape()), _DTYPES[code])
-        except ConfigError:
-            raise
-        except Exception as exc:  # safetensors raises its own error types for malformed headers
-            raise ConfigError(f"{self.path}: not a readable safetensors file ({exc})") from None
+    def __init__(self, ckpt: Checkpoint, work: dict[str, torch.dtype]):
+        self.ckpt, self.path, self.work = ckpt, ckpt.path, work
+        self.layout = {k: (s, work.get(k, d)) for k, (s, d) in ckpt.layout.items()}
 
     def get(self, key: str) -> Tensor:
-        with safe_open(str(self.path), framework="pt") as f:
-            return f.get_tensor(key)
+        return self._cast(key, self.ckpt.get(key))
 
     def rows(self, key: str, start: int, stop: int) -> Tensor:
-        """Rows [start, stop) along the first axis; the whole entry for 0-d entries."""
-        with safe_open(str(self.path), framework="pt") as f:
-            if not self.layout[key][0]:
-                return f.get_tensor(key)
-            return f.get_slice(key)[start:stop]
+        return self._cast(key, self.ckpt.rows(key, start, stop))
+
+    def _cast(self, key: str, t: Tensor) -> Tensor:
+        d = self.work.get(key)
+        return t if d is None or d == t.dtype else t.to(d)
 
 
-class SafetensorsWriter:
-    """Writes a safetensors file entry by entry, in a fixed order declared up front (header first)."""
-
-    def __init__(self, fh, entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]], metadata: dict[str, str] | None):
-        if sys.byteorder != "little":
-            raise ConfigError("safetensors is little-endian; expected a little-endian machine")
-        header: dict[str, Any] = {}
-        offset = 0
-        self.sizes = []
-        for key, shape, dtype in entries:
-            nbytes = math.prod(shape) * dtype.itemsize
-            header[key] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            self.sizes.append((key, nbytes))
-            offset += nbytes
-        if metadata:
-            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * ((-len(raw)) % 8)  # keep the data 8-byte aligned
-        fh.write(struct.pack("<Q", len(raw)))
-        fh.write(raw)
-        self.fh, self.index, self.written, self.total = fh, 0, 0, offset
-
-    def write(self, tensor: Tensor) -> None:
-        """Append bytes of the current entry (a whole entry or its next rows)."""
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self.fh.write(memoryview(data))
-        self.written += data.nbytes
-
-    def close(self) -> None:
-        if self.written != self.total:
-            raise RuntimeError(f"safetensors writer: expected {self.total} data bytes; wrote {self.written}")
+SUB_BLOCK = 1 << 18  # elements widened and merged at a time by `merge_blocked` (1 MiB of float32 per input: cache-sized)
 
 
-@contextmanager
-def _atomic_path(out_path: Path):
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, out_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+def merge_blocked(cfg: MergeMethod, key: str, xs: Sequence[Tensor], base: Tensor | None, weights: tuple,
+                  work: torch.dtype, out: Tensor) -> Tensor:
+    """One slice of an elementwise entry (linear, task arithmetic) merged SUB_BLOCK elements at a time into
+    `out` (its dtype is the output's), half-precision inputs widened to `work` block by block: the widened
+    copies and each block's result stay in cache instead of making more passes over memory. Elementwise
+    kernels give the same bits whatever the slicing (kernels.py). xs: K tensors of shape S in the file's
+    dtype, base: S or None, out: S -> out."""
+    flat_out = out.reshape(-1)
+    flats = [x.reshape(-1) for x in xs]
+    flat_base = base.reshape(-1) if base is not None else None
+    n = flat_out.numel()
+    m = min(n, SUB_BLOCK)
+    widen = xs[0].dtype != work
+    scratch = [torch.empty(m, dtype=work) for _ in range(len(xs) + (base is not None))] if widen else []
+    for s in range(0, n, SUB_BLOCK):
+        e = min(n, s + SUB_BLOCK)
+        if widen:
+            ys = [buf[: e - s].copy_(f[s:e]) for buf, f in zip(scratch, flats)]
+            b = scratch[-1][: e - s].copy_(flat_base[s:e]) if base is not None else None
+        else:
+            ys = [f[s:e] for f in flats]
+            b = flat_base[s:e] if base is not None else None
+        flat_out[s:e].copy_(cfg.merge_tensor(key, ys, b, weights))
+    return out
+
+
+def work_dtype(in_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.dtype:
+    """The dtype an entry is merged in: float32 for half-precision entries (bf16, fp16, fp8), float64 when
+    the entry or the output is float64, else the entry's own.
+
+    The kernels accumulate half-precision entries in float32 anyway (`kernels.compute_dtype`) and round
+    once at the end, so widening the inputs first gives the same bits after the final cast, while
+    torch's mixed-dtype in-place ops (float32 += bfloat16) are an order of magnitude slower than
+    float32 ones."""
+    if in_dtype == out_dtype and in_dtype.itemsize >= 4:
+        return in_dtype
+    return torch.float64 if torch.float64 in (in_dtype, out_dtype) else torch.float32
 
 
 def radix_kth(histogram, k: Sequence[int], bits: int) -> list[int]:
@@ -151,7 +131,7 @@ def _float_of(bits: int, sel: torch.dtype) -> float:
     return float(torch.tensor([bits], dtype=int_dtype).view(sel)[0])
 
 
-def _ties_global_stats_streaming(ties: GeneralizedTaskArithmetic, sources, base: SafetensorsSource, keys: list[str], weights) -> TiesGlobalStats:
+def _ties_global_stats_streaming(ties: GeneralizedTaskArithmetic, sources, base: "_Work", keys: list[str], weights) -> TiesGlobalStats:
     sel = select_dtype([base.layout[k][1] for k in keys])
     d = sum(math.prod(base.layout[k][0]) for k in keys)
     kth = global_kth(d, float(ties.density)) if d else None
@@ -178,37 +158,84 @@ def streamable_methods() -> list[str]:
     return sorted(n for n, cls in MERGE_METHODS.items() if cls.streaming != "none")  # task-arithmetic family: a per-instance property
 
 
+def _per_key(method: str, cfg: MergeMethod, params: dict, ws: tuple, n_models: int, params_for) -> Callable[[str], tuple[MergeMethod, tuple]]:
+    """key -> (method instance, weights) with `params_for(key)` merged over the global params (cached per distinct set)."""
+    if params_for is None:
+        return lambda key: (cfg, ws)
+    if cfg.streaming == "global":
+        raise ConfigError(f"merge method '{method}' with scope='global' takes whole-model thresholds; expected no per-tensor parameters (params_for); got some")
+    cache: dict[tuple, tuple[MergeMethod, tuple]] = {}
+
+    def resolve(key: str):
+        extra = params_for(key) or {}
+        if not isinstance(extra, Mapping):
+            raise ConfigError(f"params_for('{key}'): expected a mapping of parameter -> value; got {type(extra).__name__}")
+        extra = dict(extra)
+        w = extra.pop("weights", None)
+        sig = (repr(sorted(extra.items())), repr(w))
+        if sig not in cache:
+            try:
+                c = make_method(method, **{**params, **extra}) if extra else cfg
+                cache[sig] = (c, ws if w is None else check_weights(w, n_models, c))
+            except ConfigError as exc:
+                raise ConfigError(f"entry '{key}': {exc}") from None
+        return cache[sig]
+
+    return resolve
+
+
 def merge_files(
     method: str, paths: Sequence[str | os.PathLike], out_path: str | os.PathLike,
     base_path: str | os.PathLike | None = None, weights: Sequence[float] | None = None, *,
-    metadata: dict[str, str] | None = None, chunk_bytes: int = CHUNK_BYTES, **params: Any,
+    metadata: dict[str, str] | None = None, chunk_bytes: int = CHUNK_BYTES,
+    params_for: Callable[[str], dict] | None = None, out_dtype: str | torch.dtype | None = None,
+    max_shard_bytes: int | str | None = None, **params: Any,
 ) -> dict[str, Any]:
-    """Merge safetensors checkpoints entry by entry into `out_path`; equals `merge` on the loaded state dicts bit for bit.
+    """Merge checkpoints entry by entry into `out_path`; equals `merge` on the loaded state dicts bit for bit.
 
-    paths: K member files with identical entries, shapes and dtypes; base_path: the base for
+    paths: K members, each a `.safetensors` file or a Hugging Face directory (`open_checkpoint`), with
+    identical entries, shapes and dtypes (shards may split them differently); base_path: the base for
     task-vector methods; weights, params: as for `merge`. Methods: those whose entries merge
     independently (linear, uniform_soup, task_arithmetic, ties, dare_linear, dare_ties, slerp,
     breadcrumbs, model_stock); greedy_soup, fisher and regmean need whole models and are refused.
-    Elementwise methods (linear, uniform_soup, task_arithmetic) read `chunk_bytes` of rows at a time,
-    so even a single huge entry streams. The file is written atomically (temporary file + rename).
-    Returns a JSON-serialisable summary (method, entries, bytes read and written, passes).
+
+    params_for(key) -> dict: per-entry parameters merged over `params` (e.g. a density or `weights`
+    that vary by layer; not with global-scope TIES). out_dtype: float entries are written in it
+    (float32 / bfloat16 / float16); by default in their own dtype (half-precision entries are
+    accumulated in float32 either way). out_path: a `.safetensors` path gets one file; any other path a
+    Hugging Face directory: shards of at most `max_shard_bytes` (default 5 GB; "500MB" style accepted)
+    + `model.safetensors.index.json`, and the config and tokenizer files of the base (else the first
+    member) when that is a directory. Elementwise methods (linear, uniform_soup, task_arithmetic) read
+    `chunk_bytes` of rows at a time, so even one huge entry streams; peak memory is about one entry
+    (or chunk) per input plus the merged one. Written atomically (temporary sibling + rename).
+    Returns a JSON-serialisable summary (method, entries, bytes read and written, passes, files).
     """
     cfg = make_method(method, **params)
     if cfg.streaming == "none":
         raise ConfigError(f"merge method '{method}' needs whole models in memory; expected one of {streamable_methods()} for streaming")
     if not isinstance(chunk_bytes, int) or chunk_bytes < 1:
         raise ConfigError(f"expected chunk_bytes >= 1; got {chunk_bytes!r}")
+    out_path = Path(out_path)
+    as_dir = out_path.suffix != ".safetensors"
+    if max_shard_bytes is not None and not as_dir:
+        raise ConfigError(f"max_shard_bytes applies to a directory output; expected an --out without .safetensors; got '{out_path}'")
+    shard_bytes = parse_size(DEFAULT_MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes)
+    odt = parse_dtype(out_dtype)
     paths = [Path(p) for p in paths]
     check_counts(cfg, len(paths), base_path is not None)
     ws = check_weights(weights, len(paths), cfg)
-    sources = [SafetensorsSource(p) for p in paths]
-    base = SafetensorsSource(base_path) if base_path is not None else None
-    everything = sources + ([base] if base is not None else [])
-    check_layouts([s.layout for s in everything], [str(s.path) for s in everything])
-    out_path = Path(out_path)
-    layout = sources[0].layout
-    keys = list(layout)
-    float_keys = [k for k in keys if layout[k][1].is_floating_point]
+    ckpts = [open_checkpoint(p) for p in paths]
+    base_ckpt = open_checkpoint(base_path) if base_path is not None else None
+    everything = ckpts + ([base_ckpt] if base_ckpt is not None else [])
+    check_same_layout(everything)
+    in_layout = ckpts[0].layout
+    keys = ckpts[0].keys()
+    float_keys = [k for k in keys if in_layout[k][1].is_floating_point]
+    out_layout = {k: (s, odt if (odt is not None and d.is_floating_point) else d) for k, (s, d) in in_layout.items()}
+    work = {k: work_dtype(in_layout[k][1], out_layout[k][1]) for k in float_keys}
+    sources = [_Work(c, work) for c in ckpts]
+    base = _Work(base_ckpt, work) if base_ckpt is not None else None
+    per_key = _per_key(method, cfg, dict(params), ws, len(paths), params_for)
 
     passes = 1
     if cfg.streaming == "global":
@@ -220,34 +247,106 @@ def merge_files(
     else:
 
         def merge_entry(key, xs, b):
-            return cfg.merge_tensor(key, xs, b, ws)
+            c, w = per_key(key)
+            return c.merge_tensor(key, xs, b, w)
 
-    with _atomic_path(out_path) as tmp, open(tmp, "wb") as fh:
-        writer = SafetensorsWriter(fh, [(k, *layout[k]) for k in keys], metadata)
-        for key in keys:
-            shape, dtype = layout[key]
+    companions = next((c.path for c in ([base_ckpt] if base_ckpt is not None else []) + ckpts if c.is_dir), None)
+    ref_index = (base_ckpt if base_ckpt is not None and base_ckpt.is_dir else ckpts[0]).index_metadata
+    index_metadata = {"total_parameters": ref_index["total_parameters"]} if "total_parameters" in ref_index else {}
+    every = sources + ([base] if base is not None else [])
+
+    def steps():
+        """(key, first row, end row or None for the whole entry, bytes read per input, floating?) in output order."""
+        for key in writer.order:
+            shape, dtype = in_layout[key]
+            nbytes = math.prod(shape) * dtype.itemsize
             if not dtype.is_floating_point:  # integer buffers are copied from the first model
-                writer.write(sources[0].get(key))
-            elif cfg.streaming == "elementwise" and shape:
+                yield key, None, None, nbytes, False
+                continue
+            c, _ = per_key(key) if cfg.streaming != "global" else (cfg, ws)
+            if c.streaming == "elementwise" and shape:
                 row_bytes = max(1, math.prod(shape[1:]) * dtype.itemsize)
                 step = max(1, chunk_bytes // row_bytes)
                 for r in range(0, shape[0], step):
-                    xs = [s.rows(key, r, r + step) for s in sources]
-                    writer.write(merge_entry(key, xs, None if base is None else base.rows(key, r, r + step)))
-                    del xs
+                    yield key, r, r + step, min(step, shape[0] - r) * row_bytes, True
             else:
-                xs = [s.get(key) for s in sources]
-                writer.write(merge_entry(key, xs, None if base is None else base.get(key)))
-                del xs
-        writer.close()
-    entry_bytes = sum(math.prod(s) * d.itemsize for s, d in layout.values())
+                yield key, None, None, nbytes, True
+
+    def read(src, key, lo, hi, buf):  # row slices (elementwise steps) stay in the file's dtype: `merge_blocked` widens them
+        return src.get(key) if lo is None else src.ckpt.rows(key, lo, hi, out=buf)
+
+    # elementwise steps read into and merge into reused buffers (two of each, alternating: the next
+    # step's reads and the previous step's write overlap this step), so pages are not faulted in afresh
+    in_bufs: dict[tuple[int, int], Tensor] = {}
+    out_bufs: dict[int, Tensor] = {}
+
+    def buffer(pool: dict, slot, nbytes: int) -> Tensor:
+        if slot not in pool or pool[slot].numel() < nbytes:
+            pool[slot] = torch.empty(nbytes, dtype=torch.uint8)
+        return pool[slot]
+
+    # Reads of one step run in parallel (one thread per input), the next step's reads while this one
+    # merges (only for steps of at most chunk_bytes, so whole large entries are never held twice), and
+    # each merged piece is written by a writer thread while the next one merges: file I/O releases the GIL.
+    with CheckpointWriter(out_path, [(k, *out_layout[k]) for k in keys], as_dir=as_dir, max_shard_bytes=shard_bytes,
+                          metadata=({"format": "pt", **(metadata or {})} if as_dir else metadata),
+                          companions_from=companions if as_dir else None, index_metadata=index_metadata) as writer, \
+            ThreadPoolExecutor(len(every), thread_name_prefix="merge-read") as readers, \
+            ThreadPoolExecutor(1, thread_name_prefix="merge-write") as writes:
+
+        def fetch(st, j):
+            key, lo, hi, nbytes, is_float = st
+            return [readers.submit(read, src, key, lo, hi, None if lo is None else buffer(in_bufs, (j % 2, i), nbytes))
+                    for i, src in enumerate(every if is_float else sources[:1])]
+
+        todo = steps()
+        cur = next(todo, None)
+        j = 0  # step number: buffer slot j % 2
+        pending = fetch(cur, j) if cur is not None else None
+        last_write = None
+        while cur is not None:
+            nxt = next(todo, None)
+            ahead = nxt is not None and nxt[3] <= chunk_bytes
+            futures, pending = pending, (fetch(nxt, j + 1) if ahead else None)
+            vals = [f.result() for f in futures]
+            key, lo, _, _, is_float = cur
+            if is_float and lo is not None:
+                c, w = per_key(key)
+                step_dtype = out_layout[key][1]
+                shape = vals[0].shape
+                nbytes = math.prod(shape) * step_dtype.itemsize
+                out = buffer(out_bufs, j % 2, nbytes)[:nbytes].view(step_dtype).reshape(shape)
+                merged = merge_blocked(c, key, vals[: len(sources)], vals[len(sources)] if base is not None else None, w,
+                                       work[key], out)
+            elif is_float:
+                merged = merge_entry(key, vals[: len(sources)], vals[len(sources)] if base is not None else None)
+                merged = merged.to(out_layout[key][1])
+            else:
+                merged = vals[0]
+            del vals, futures
+            if last_write is not None:
+                last_write.result()
+            last_write = writes.submit(writer.write, key, merged)
+            del merged
+            cur = nxt
+            j += 1
+            if cur is not None and pending is None:
+                pending = fetch(cur, j)
+        if last_write is not None:
+            last_write.result()
+    entry_bytes = sum(math.prod(s) * d.itemsize for s, d in in_layout.values())
     return {
         "method": method,
         "params": {k: v for k, v in params.items() if isinstance(v, (int, float, str, bool))},
         "n_models": len(paths),
         "entries": len(keys),
         "bytes_read": entry_bytes * len(everything) * passes,
-        "bytes_written": entry_bytes,
+        "bytes_written": writer.total_size,
         "passes": passes,
         "out_path": str(out_path),
+        "out_dir": as_dir,
+        "out_dtype": None if odt is None else str(odt).removeprefix("torch."),
+        "files": [p.name for p in writer.files],
+        "largest_shard_bytes": writer.largest_shard_bytes,
+        "per_tensor_params": params_for is not None,
     }
