@@ -276,11 +276,22 @@ def notes(r: dict) -> list[str]:
 
 
 
+def _full_run(r: dict) -> dict:
+    """When and where the last full run measured (today, here, for results without the stamp)."""
+    return r.get("full_run") or {"date": time.strftime("%Y-%m-%d"), "machine": machine()}
+
+
+def _partial_runs(r: dict) -> str:
+    """`--only` runs since the last full run, named so a reader knows which figures are newer."""
+    parts = [f"{', '.join(x['benches'])} re-measured {x['date']} on {x['machine']}" for x in r.get("partial_runs", [])]
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def render(r: dict, images: list[str], smoke: bool) -> str:
     lines = [
         "# Benchmarks",
         "",
-        f"Measured by `make bench` ({time.strftime('%Y-%m-%d')}) on {machine()}. Every figure is a ratio of two",
+        f"Measured by `make bench` ({_full_run(r)['date']}) on {_full_run(r)['machine']}{_partial_runs(r)}. Every figure is a ratio of two",
         "things measured side by side in the same run; these machines are shared and noisy, so absolute",
         "numbers drift while the ratios hold. Client and server share the same cores in the served figures.",
         *(["", "**Smoke run: too few iterations for these numbers to mean anything.**"] if smoke else []),
@@ -382,14 +393,24 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     names = a.only.split(",") if a.only else list(BENCHES)
+    unknown = sorted(set(names) - set(BENCHES) - {"variants"})
+    if unknown:
+        p.error(f"--only expected names from {', '.join([*BENCHES, 'variants'])}; got {', '.join(unknown)}")
     previous = out / "benchmarks.json"
     # --only re-measures a subset and keeps the other figures of the last full run
     results: dict = json.loads(previous.read_text()) if a.only and previous.is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
+        for name in (n for n in names if n != "variants"):
             print(f"== {name}", flush=True)
             results[name] = run_one(name, a.bundle, a.smoke, Path(tmp))
-    results["variants"] = variants_latency(a.bundle, a.smoke)
+    if not a.only or "variants" in names:  # --only re-measures only what it names
+        results["variants"] = variants_latency(a.bundle, a.smoke)
+    stamp = {"date": time.strftime("%Y-%m-%d"), "machine": machine()}
+    if a.only:
+        results.setdefault("partial_runs", []).append({**stamp, "benches": names})
+    else:
+        results["full_run"] = stamp
+        results.pop("partial_runs", None)
     (out / "benchmarks.json").write_text(json.dumps(results, indent=2, default=str))
     images = plots(results, out)
     (out / "BENCHMARKS.md").write_text(render(results, images, a.smoke))

@@ -22,8 +22,14 @@ length) and the bundle records a probe of fixed strings (fusion.text.text_probe)
 Distillation: with one float input, distill.py's augmented flat rows (`export_distilled`); with text or
 several inputs, `[distill] source` is trained on the composed graph's probabilities over the train split's
 feeds (`export_distilled_named`, no augmentation), exported with the dynamo exporter and gated at batch
-1/2/7 (and sequence 1/7/max_length). Merging needs weights of one architecture and int8 variants are built
-for merged/distilled only on the flat path: both are skipped here with a note.
+1/2/7 (and sequence 1/7/max_length). int8 variants are built for merged/distilled only on the flat path: skipped
+here with a note.
+
+Merged variant (issue 16): `[merge] members` names [[members]] of one architecture (same class, keys and shapes;
+not onnx:, whose weights are no state dict), merged by `method`/`params`/`weights` onto `base` (a member, a
+.safetensors file or an HF directory); or `[merge] config` names a mergekit YAML over HF directories. The merged
+module is exported as the members are (fusion.compose.torch_member) and gated against torch like the distilled
+student; members of different architectures give a note and no merged variant.
 """
 
 from __future__ import annotations

@@ -233,6 +233,7 @@ def align_checkpoints(
     if kind is None:
         raise ConfigError(f"expected --method weight_matching or activation_matching; got '{method}'")
     refuse_onnx_members([(Path(p).name, p) for p in [reference, *paths]], "align")
+    check_align_outputs(paths, out_dir)
     if source is not None:
         if arch:
             raise ConfigError(f"expected either --arch (a zoo architecture) or --source; got both ({arch!r}, {source!r})")
@@ -258,6 +259,19 @@ def align_checkpoints(
         save_member(model, spec, out_dir)
         report.append({"model": str(p), "out": str(out_dir / f"{spec.name}.safetensors"), "metrics": spec.metrics})
     return report
+
+
+def check_align_outputs(paths: Sequence[str | Path], out_dir: str | Path) -> None:
+    """Each aligned member is written to `<out_dir>/<stem>.safetensors`: refuse two members of one stem (the second
+    would overwrite the first) and an out_dir that holds a member (it would be overwritten in place)."""
+    stems: dict[str, Path] = {}
+    for p in map(Path, paths):
+        if p.stem in stems:
+            raise ConfigError(f"align: expected members with distinct file names; got '{p.stem}' twice ({stems[p.stem]}, {p})")
+        stems[p.stem] = p
+        if (Path(out_dir) / f"{p.stem}.safetensors").resolve() == p.resolve():
+            raise ConfigError(f"align: expected an out_dir that holds none of the members; got {out_dir}, where the "
+                              f"aligned {p.name} would overwrite {p}")
 
 
 def _example_input(module: nn.Module, source: str, input_shape: Sequence[int] | None) -> torch.Tensor:

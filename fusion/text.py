@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from fusion.bundle import TensorSpec
-from fusion.errors import ConfigError, ExportError
+from fusion.errors import ConfigError, DataFormatError, ExportError
 
 GRAPH_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # service/inputs.py TEXT_GRAPH_INPUTS
 BATCHES = (1, 2, 7)
@@ -203,9 +203,14 @@ def service_tokenizer(path: str | Path, max_length: int):
 
 def encode(tokenizer, pad: int, texts: Sequence[str], names: Sequence[str]) -> dict[str, np.ndarray]:
     """Strings -> the text graph feeds `names` as the service makes them (service/inputs.py): ids truncated at
-    the tokenizer's max_length, padded to the longest row with `pad`, mask 1 on tokens, token types zero."""
+    the tokenizer's max_length, padded to the longest row with `pad`, mask 1 on tokens, token types zero. A
+    string that gives no token is refused (DataFormatError), as the service refuses it: a row of padding alone."""
     encodings = [tokenizer.encode(t) for t in texts]
     lengths = [len(e.ids) for e in encodings]
+    for i, n in enumerate(lengths):
+        if n == 0:
+            raise DataFormatError(f"text row {i}: expected a string that gives at least one token with the tokenizer "
+                                  f"(the service refuses one that gives none); got {texts[i]!r:.80}")
     width = max(lengths + [1])
     ids = np.full((len(texts), width), pad, dtype=np.int64)
     mask = np.zeros((len(texts), width), dtype=np.int64)

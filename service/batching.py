@@ -10,7 +10,9 @@ Cheap calls run on the event loop (a thread hop costs more than the model); expe
 than `inline_rows` rows, or expected to take longer than FUSION_INLINE_BUDGET_MS from the model's
 recent calls: runtime.Model.inline_ok) run in a worker thread, so that the loop keeps reading
 requests, which join the next call, while the model computes. Each request was validated before it
-joined, so one bad request can never fail the others (BentoML's batching fails the whole batch).
+joined, so one bad request can never fail the others (BentoML's batching fails the whole batch); values
+only the model can refuse (token ids past its vocabulary: InputError) fail the joined call, which is then
+re-run one request at a time, so that only the request at fault gets the 400.
 
 Named inputs (issue 15) join too: feeds of the same names concatenated along the batch when their other
 dimensions agree, text feeds (ids, masks) re-padded on the right to the longest row of the call with their
@@ -33,6 +35,7 @@ import numpy as np
 from prometheus_client import Histogram
 from starlette.concurrency import run_in_threadpool
 
+from fusion.errors import InputError
 from service.inputs import can_join, join_feeds, n_rows
 from service.metrics import Bounded
 from service.runtime import INLINE_ROWS
@@ -100,6 +103,18 @@ class AdaptiveBatcher:
         inline_ok = getattr(model, "inline_ok", None)  # runtime.Model knows its cost; a plain callable is cheap
         return rows <= self.inline_rows and (inline_ok is None or inline_ok(rows))
 
+    async def _each_alone(self, model, batch: list) -> None:
+        """Each request of a call that failed on input values, in a call of its own: its answer or its error."""
+        for X, fut, _ in batch:
+            try:
+                out = model(X) if self._inline(model, _rows(X)) else await run_in_threadpool(model, X)
+            except Exception as exc:  # noqa: BLE001 - this request's own error
+                if not fut.done():
+                    fut.set_exception(exc)
+            else:
+                if not fut.done():
+                    fut.set_result(out)
+
     async def _drain(self, q: _Queue, model) -> None:
         batch: list = []
         try:
@@ -121,6 +136,14 @@ class AdaptiveBatcher:
                     Xb = (batch[0][0] if len(batch) == 1 else join_feeds([x for x, _, _ in batch], batch[0][2])
                           if type(batch[0][0]) is dict else np.concatenate([x for x, _, _ in batch]))  # (rows, ...)
                     out = model(Xb) if self._inline(model, rows) else await run_in_threadpool(model, Xb)
+                except InputError as exc:
+                    if len(batch) == 1:
+                        if not batch[0][1].done():
+                            batch[0][1].set_exception(exc)
+                    else:  # one request's values were refused (ids past the vocabulary) and the joined call with
+                        await self._each_alone(model, batch)  # them: each runs alone, only the culprit gets the 400
+                    batch = []
+                    continue
                 except Exception as exc:  # noqa: BLE001 - handed to every waiting request
                     for _, fut, _ in batch:
                         if not fut.done():

@@ -179,10 +179,13 @@ class Inputs:
     @property
     def pads(self) -> dict[str, int]:
         """{text graph feed: the value its padding holds}: the tokenizer's pad id for input_ids, 0 for the
-        attention mask and token types; what the adaptive batcher re-pads requests of different lengths with."""
+        attention mask and token types; what the adaptive batcher re-pads requests of different lengths with.
+        Only inputs whose graph takes the attention mask: without it, padding would change a row's answer, so
+        such requests share a call only at the same width."""
         pads = {}
         for name, (_tok, pad) in self.tokenizers.items():
-            pads |= {g: (pad if g == "input_ids" else 0) for g in self.graph_inputs[name]}
+            if "attention_mask" in self.graph_inputs[name]:
+                pads |= {g: (pad if g == "input_ids" else 0) for g in self.graph_inputs[name]}
         return pads
 
     def example(self, batch: int) -> Feeds:

@@ -117,14 +117,18 @@ class RunDeadline:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def run(self, session: ort.InferenceSession, feeds: dict, what: str) -> list:
+    def run(self, session: ort.InferenceSession, feeds: dict, what: str, until: float | None = None) -> list:
+        """`session.run` stopped at `until` (time.monotonic(); default: limit_s from now). Several runs of one
+        call (a one_row member's rows) share one `until`: the limit bounds the call, not each run."""
         if self.limit_s <= 0:
             return session.run(None, feeds)
+        if until is not None and time.monotonic() >= until:
+            raise self._late(what)
         options = ort.RunOptions()
         options.log_severity_level = 4  # a stopped run is reported here, not also as an ERROR line per run
         key = id(options)
         with self._lock:
-            self._active[key] = (time.monotonic() + self.limit_s, options)
+            self._active[key] = (time.monotonic() + self.limit_s if until is None else until, options)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._watch, name="run-deadline", daemon=True)
                 self._thread.start()
@@ -132,14 +136,17 @@ class RunDeadline:
             return session.run(None, feeds, options)
         except Exception:
             if options.terminate:
-                from service.errors import DeadlineError  # lazy: the preflight child imports no web stack
-
-                raise DeadlineError(f"'{what}' ran past {self.limit_s:g} s (FUSION_RUN_TIMEOUT_S) and was stopped; "
-                                    "expected a model whose run time does not depend on the input's values") from None
+                raise self._late(what) from None
             raise
         finally:
             with self._lock:
                 self._active.pop(key, None)
+
+    def _late(self, what: str) -> Exception:
+        from service.errors import DeadlineError  # lazy: the preflight child imports no web stack
+
+        return DeadlineError(f"'{what}' ran past {self.limit_s:g} s (FUSION_RUN_TIMEOUT_S) and was stopped; "
+                             "expected a model whose run time does not depend on the input's values")
 
     def _watch(self) -> None:
         while True:
@@ -212,8 +219,8 @@ class Model:
         """The chosen output on `feeds`: one session call, or one per row for a `one_row` member."""
         if not self.one_row:
             return self.deadline.run(self.session, feeds, self.name)[self.output_index]
-        rows = len(next(iter(feeds.values())))
-        return np.concatenate([self.deadline.run(self.session, {k: v[i:i + 1] for k, v in feeds.items()}, self.name)[self.output_index]
+        rows, until = len(next(iter(feeds.values()))), time.monotonic() + self.deadline.limit_s  # one deadline for the call
+        return np.concatenate([self.deadline.run(self.session, {k: v[i:i + 1] for k, v in feeds.items()}, self.name, until)[self.output_index]
                                for i in range(rows)])
 
     def inline_ok(self, rows: int, budget_s: float | None = None) -> bool:

@@ -188,3 +188,73 @@ def test_a_module_called_twice_keeps_its_spaces_fixed():
         before = model(x)
         model.load_state_dict(apply_permutation(spec, random_perm(spec, sd), sd))
         assert torch.equal(model(x), before)
+
+
+def _permuted_outputs_match(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """Max |output change| after applying a random permutation of `fx_spec(model)` to its weights."""
+    model.eval()
+    spec = fx_spec(model, x[:1])
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        before = model(x)
+    model.load_state_dict(apply_permutation(spec, random_perm(spec, sd, seed=1), sd))
+    with torch.no_grad():
+        after = model(x)
+    return (after - before).abs().max().item()
+
+
+def test_a_per_channel_prelu_follows_its_space():
+    """PReLU(num_parameters=C) has one slope per unit: permuting the units must permute the slopes too."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.PReLU(6), torch.nn.Linear(6, 3))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.linspace(-2, 2, 6))
+    spec = fx_spec(model, torch.zeros(1, 4))
+    assert ("1.weight", 0) in {(r.key, r.axis) for refs in spec.perms.values() for r in refs}
+    assert _permuted_outputs_match(model, torch.randn(8, 4)) < 1e-5
+
+
+def test_a_pool_over_the_unit_axis_freezes_its_space():
+    """A 1-d pool of a Linear's (B, F) output slides over the units themselves: not permutation-equivariant."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.MaxPool1d(3, stride=1, padding=1), torch.nn.Linear(6, 3))
+    spec = fx_spec(model, torch.zeros(1, 4))
+    assert "0" not in spec.perms
+    assert _permuted_outputs_match(model, torch.randn(8, 4)) < 1e-5
+
+
+def test_align_refuses_outputs_that_collide_or_overwrite_an_input(tmp_path):
+    """Outputs are `<out_dir>/<stem>.safetensors`: two members of one stem would overwrite each other, and an
+    out_dir holding a member would overwrite it."""
+    from fusion.fuse import align_checkpoints
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    ref, m1, m2 = tmp_path / "ref.safetensors", tmp_path / "a" / "m.safetensors", tmp_path / "b" / "m.safetensors"
+    with pytest.raises(ConfigError, match=r"expected members with distinct file names; got 'm' twice"):
+        align_checkpoints("weight_matching", ref, [m1, m2], tmp_path / "out", source="torchvision:resnet18")
+    with pytest.raises(ConfigError, match=r"expected an out_dir that holds none of the members; got .* would overwrite"):
+        align_checkpoints("weight_matching", ref, [m1], tmp_path / "a", arch="mlp")
+
+
+def test_a_stateful_module_without_parameters_called_twice_keeps_its_spaces_fixed():
+    """BatchNorm(affine=False) has no parameters but running statistics: reused on two spaces, its buffers
+    would need two permutations at once."""
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = torch.nn.Linear(4, 6), torch.nn.Linear(6, 6), torch.nn.Linear(6, 3)
+            self.bn = torch.nn.BatchNorm1d(6, affine=False)
+
+        def forward(self, x):
+            return self.c(self.bn(self.b(self.bn(self.a(x)))))
+
+    torch.manual_seed(0)
+    model = Twice()
+    with torch.no_grad():
+        model.bn.running_mean.copy_(torch.randn(6))
+        model.bn.running_var.copy_(torch.rand(6) + 0.5)
+    spec = fx_spec(model, torch.zeros(1, 4))
+    owners = [name for name, refs in spec.perms.items() if any(r.key == "bn.running_mean" for r in refs)]
+    assert len(owners) <= 1, owners
+    assert _permuted_outputs_match(model, torch.randn(8, 4)) < 1e-5

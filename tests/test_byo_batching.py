@@ -85,3 +85,44 @@ def test_a_request_that_cannot_join_runs_in_the_next_call(tmp_path):
     assert [c["x"] for c in calls] == [(1, 2), (3, 3)]
     for X, got in zip(requests, outs):
         np.testing.assert_allclose(got, X["x"].sum(1, keepdims=True))
+
+
+def test_a_request_with_values_the_model_refuses_fails_alone_and_the_others_get_their_answers(tmp_path):
+    """Ids past the embedding table in one request: onnxruntime refuses the whole joined call; that request gets
+    the 400 (InputError) it would get alone, the requests that shared its call get their own rows."""
+    from fusion.errors import InputError
+
+    bb.tensor_bundle(tmp_path / "tensor")
+    model = runtime.load(tmp_path / "tensor").model("ensemble")
+    rng = np.random.default_rng(1)
+    requests = [{"x": rng.standard_normal((n, 4)).astype(np.float32), "ids": rng.integers(0, 10, (n, 3))} for n in (2, 1, 3)]
+    requests[1]["ids"][0, 1] = 10 ** 6  # past the vocabulary
+
+    async def each():
+        return await asyncio.gather(*(batcher.run(model, X, pads={}) for X in requests), return_exceptions=True)
+
+    batcher = AdaptiveBatcher(max_rows=64)
+    outs = asyncio.run(each())
+    assert isinstance(outs[1], InputError), outs[1]
+    for i in (0, 2):
+        np.testing.assert_allclose(outs[i], model(requests[i]), atol=ATOL)
+
+
+def test_text_without_an_attention_mask_joins_only_requests_of_the_same_width():
+    """A text input whose graph takes input_ids alone cannot mask padding: re-padding a request to another's
+    width would change its answer, so such requests share a call only at the same width."""
+    from tokenizers import Tokenizer
+
+    from fusion.bundle import TensorSpec
+    from service.inputs import Inputs, can_join
+
+    tok = Tokenizer.from_str(bb.train_tokenizer())
+    spec = TensorSpec(name="text", dtype="int64", shape=("batch", "sequence"), kind="text",
+                      text={"tokenizer": "tokenizer.json", "max_length": bb.MAX_LENGTH, "graph_inputs": ["input_ids"]})
+    inputs = Inputs((spec,), {"text": (tok, 0)})
+    a, b = {"input_ids": np.asarray([[5, 6]])}, {"input_ids": np.asarray([[7, 8, 9]])}
+    assert not can_join(a, b, inputs.pads)
+    assert can_join(a, {"input_ids": np.asarray([[1, 2]])}, inputs.pads)
+    masked = Inputs((TensorSpec(name="text", dtype="int64", shape=("batch", "sequence"), kind="text",
+                                text={**spec.text, "graph_inputs": ["input_ids", "attention_mask"]}),), {"text": (tok, 3)})
+    assert masked.pads == {"input_ids": 3, "attention_mask": 0}

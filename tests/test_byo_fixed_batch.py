@@ -183,3 +183,27 @@ def test_one_row_with_data_serves_fused_and_members_mode_equal_to_the_members(ro
         r = httpx.post(srv.url + "/predict", json={"inputs": X.tolist(), "variant": "old"})  # the member alone, row by row
         assert r.status_code == 200, r.text[:400]
         np.testing.assert_allclose(np.asarray(r.json()["probabilities"]), alone(root / "fixed.onnx", X, True), atol=ATOL)
+
+
+def test_a_one_row_members_rows_share_one_run_deadline():
+    """FUSION_RUN_TIMEOUT_S bounds a call, not each of its rows: a one_row member whose rows each stay within
+    the limit but together run past it is stopped (DeadlineError), as the same work in one run would be.
+    A stand-in session sleeps 0.08 s per row; 12 rows against a 0.2 s limit (slower machines only stop it sooner)."""
+    import time
+
+    from service.errors import DeadlineError
+    from service.runtime import Model, RunDeadline
+
+    class Slow:
+        calls = 0
+
+        def run(self, outputs, feeds, options=None):
+            Slow.calls += 1
+            time.sleep(0.08)
+            return [np.zeros((len(feeds["x"]), C), np.float32)]
+
+    model = Model(name="fixed", session=Slow(), input_name="x", device="cpu", deadline=RunDeadline(0.2), one_row=True)
+    assert model.run(np.zeros((1, F), np.float32)).shape == (1, C)
+    with pytest.raises(DeadlineError, match=r"'fixed' ran past 0.2 s"):
+        model.run(np.zeros((12, F), np.float32))
+    assert Slow.calls < 1 + 12  # stopped before its last rows

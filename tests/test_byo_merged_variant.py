@@ -9,6 +9,7 @@ weight matrices (linear) or base + sum of task vectors (task_arithmetic), softma
 
 from __future__ import annotations
 
+import json
 import logging
 import textwrap
 from pathlib import Path
@@ -190,3 +191,59 @@ def test_an_unknown_member_name_is_a_config_error(workdir):
 
     with pytest.raises(ConfigError, match=r"\[merge\]\.members expected names of \[\[members\]\].*got \['nope'\]"):
         build(recipe(workdir["root"], "unknown", 'method = "linear"\nmembers = ["a", "nope"]'))
+
+
+def test_hf_text_members_merged_onto_a_base_directory_equal_the_hand_merge_in_torch(tmp_path):
+    """Text: two tiny BERT fine-tunes (hf: directories) merged by task arithmetic onto their base directory; the
+    merged file (dynamo export, gated over batch x sequence) equals base + sum of weighted task vectors in torch."""
+    pytest.importorskip("transformers")
+    import torch
+    import transformers
+
+    from tests.test_byo_text_data import sentences, tokenizer
+
+    texts, y = sentences()
+    np.savez(tmp_path / "text.npz", text=texts, y=y)
+    tok = tokenizer(texts)
+    (tmp_path / "tokenizer.json").write_text(tok)
+    config = transformers.BertConfig(vocab_size=len(json.loads(tok)["model"]["vocab"]), hidden_size=8,
+                                     num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                                     max_position_embeddings=16, num_labels=5)
+    torch.manual_seed(0)
+    base = transformers.BertForSequenceClassification(config).eval()
+    base.save_pretrained(tmp_path / "base", safe_serialization=True)
+    tunes = {}
+    for i, name in enumerate(("t1", "t2")):
+        model = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "base").eval()
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(i)
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        model.save_pretrained(tmp_path / name, safe_serialization=True)
+        tunes[name] = model
+    members = "".join(f'\n[[members]]\nname = "{n}"\nsource = "hf:{tmp_path / n}"\n' for n in tunes)
+    (tmp_path / "r.toml").write_text(
+        f'[data]\nsource = "{tmp_path / "text.npz"}"\n\n[ensemble]\nweights = "equal"\n\n[distill]\nenabled = false\n\n'
+        f'[merge]\nmethod = "task_arithmetic"\nmembers = ["t1", "t2"]\nbase = "{tmp_path / "base"}"\nweights = [0.7, 0.4]\n\n'
+        f'[build]\nout = "{tmp_path / "bundle"}"\ncompare = false\n\n[[inputs]]\nname = "text"\nkind = "text"\n'
+        f'dtype = "int64"\nshape = ["batch", "sequence"]\ntokenizer = "{tmp_path / "tokenizer.json"}"\nmax_length = 12\n'
+        + members)
+    out = build(tmp_path / "r.toml")
+    entry = read_bundle(out).manifest.variants["merged"]
+    assert entry.method["method"] == "task_arithmetic" and entry.arch["arch"] == "BertForSequenceClassification"
+    assert {c[1] for c in entry.parity["cases"]} == {1, 7, 12} and entry.parity["max_abs_diff"] <= 1e-5
+    # the reference: base + 0.7 (t1 - base) + 0.4 (t2 - base), in torch
+    ref = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "base").eval()
+    sd_b, sd_1, sd_2 = base.state_dict(), tunes["t1"].state_dict(), tunes["t2"].state_dict()
+    ref.load_state_dict({k: (v + 0.7 * (sd_1[k] - v) + 0.4 * (sd_2[k] - v)) if v.is_floating_point() else v
+                         for k, v in sd_b.items()})
+    rng = np.random.default_rng(3)
+    ids = rng.integers(2, config.vocab_size, (4, 9)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 5:] = 0
+    sess = ort.InferenceSession(str(out / entry.file), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    got = sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})[0]
+    with torch.no_grad():
+        want = torch.softmax(ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits, -1).numpy()
+    assert np.abs(got - want).max() < 1e-5, np.abs(got - want).max()

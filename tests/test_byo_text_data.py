@@ -186,3 +186,19 @@ def test_fusion_compare_tokenizes_the_strings_with_the_bundles_tokenizer(built):
     rows = {r["name"]: r for r in report["rows"]}
     assert rows["ensemble"]["accuracy"] == pytest.approx(m.variants["ensemble"].metrics["test_accuracy"])
     assert rows["distilled"]["accuracy"] == pytest.approx(m.variants["distilled"].metrics["test_accuracy"])
+
+
+def test_a_data_string_that_gives_no_token_is_refused_naming_its_row(tmp_path):
+    """The service refuses a string that gives no token (400); offline it would be a row of padding alone,
+    fully masked, scored as if it were data: refused with the row and the string."""
+    from fusion.bundle import TensorSpec
+    from fusion.text import tokenize_inputs
+
+    (tmp_path / "tokenizer.json").write_text(bb.train_tokenizer())
+    spec = TensorSpec(name="text", dtype="int64", shape=("batch", "sequence"), kind="text",
+                      text={"tokenizer": "tokenizer.json", "max_length": bb.MAX_LENGTH,
+                            "graph_inputs": ["input_ids", "attention_mask"]})
+    ok = tokenize_inputs([spec], tmp_path, {"text": np.asarray(["the cat", "rain"])})
+    assert ok["input_ids"].shape == (2, 2) and ok["attention_mask"].tolist() == [[1, 1], [1, 0]]
+    with pytest.raises(DataFormatError, match=r"text row 1: expected a string that gives at least one token.*got ''"):
+        tokenize_inputs([spec], tmp_path, {"text": np.asarray(["the cat", "", "rain"])})

@@ -412,3 +412,44 @@ def test_writer_takes_entries_in_any_order_and_refuses_wrong_sizes(tmp_path):
         with CheckpointWriter(tmp_path / "f.safetensors", entries, as_dir=False) as w:
             w.write("a", state["a"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # failed writes leave nothing behind
+
+
+def _raw_safetensors(path: Path, header: dict, data: bytes) -> Path:
+    """A safetensors file written byte by byte (its header as given, however wrong)."""
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    return path
+
+
+@pytest.mark.parametrize("header, match", [
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]}}, r"entry 'w': expected integer data_offsets"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0.0, 8.0]}}, r"entry 'w': expected integer data_offsets"),
+    ({"w": {"dtype": "F32", "shape": [-1, -2], "data_offsets": [0, 8]}}, r"entry 'w': expected a shape of non-negative integers"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "__metadata__": ["x"]}, r"expected '__metadata__' to be a JSON object"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, r"expected 8 bytes inside the file"),
+    ({"w": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}}, r"entry 'w': expected a dtype in"),
+])
+def test_untrusted_headers_are_refused_with_a_config_error(tmp_path, header, match):
+    path = _raw_safetensors(tmp_path / "bad.safetensors", header, bytes(8))
+    with pytest.raises(ConfigError, match=match):
+        open_checkpoint(path)
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/tmp/outside.safetensors", "sub/../model.safetensors", ".."])
+def test_index_shard_names_outside_the_directory_are_refused(tmp_path, name):
+    outside = tmp_path / "outside.safetensors"
+    save_file({"w": torch.zeros(2)}, str(outside))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {"w": name}}))
+    with pytest.raises(ConfigError, match="expected shard"):
+        open_checkpoint(model)
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt", "weights.pth", "last.ckpt"])
+def test_a_pickled_file_given_directly_is_refused_unread(tmp_path, name):
+    """A pickle is never opened: the error names the fix, as for a directory holding only pytorch_model.bin."""
+    path = tmp_path / name
+    path.write_bytes(b"\x80\x02}q\x00.")  # a pickle's first bytes: would read as a huge header length
+    with pytest.raises(ConfigError, match=r"expected a \.safetensors file; got .*\(pickled weights are not read"):
+        open_checkpoint(path)

@@ -284,3 +284,22 @@ def test_relative_model_paths_resolve_against_the_config_file(dirs, tmp_path, mo
     plan = load_config(yml)
     assert plan.base == tmp_path / "base" and [m.path for m in plan.models] == [tmp_path / "a", tmp_path / "b"]
     assert plan.source == yml.read_text()
+
+
+def test_a_failure_after_the_weights_leaves_no_partial_output(dirs, tmp_path, monkeypatch):
+    """The donor's tokenizer files and mergekit_config.yml are part of the output: written before the rename,
+    so a failure writing them leaves no half-made directory behind."""
+    from pathlib import Path
+
+    real = Path.write_text
+
+    def failing(self, *args, **kwargs):
+        if self.name == "mergekit_config.yml":
+            raise OSError(28, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", failing)
+    with pytest.raises(OSError):
+        run_plan(parse_config(cfg(dirs), source="merge_method: ties\n"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []

@@ -63,8 +63,11 @@ def best_peer(ens: dict, key) -> tuple[str, dict] | None:
 def goals(info: dict) -> tuple[list[str], list[str]]:
     rows, why = [], []
     top = str(max(info["concurrency"]))
-    for kind, ens in info["ensembles"].items():
-        ours = ens["peers"].get("ours")
+    runs = [(kind, ens, "ours") for kind, ens in info["ensembles"].items()]
+    runs += [(f"{kind} (ours again, after the peers)", ens, "ours_again") for kind, ens in info["ensembles"].items()
+             if _ok(ens["peers"].get("ours_again", {}))]
+    for kind, ens, which in runs:
+        ours = ens["peers"].get(which)
         if not ours or not _ok(ours):
             rows.append(f"| throughput at {top} clients, {kind} | ours did not run | ≥ 1.5 | — |")
             continue
@@ -203,6 +206,14 @@ def render(info: dict, doc: Path) -> None:
                   "and this window was shorter than a round, so its requests/s is too low. In brackets: clients ÷ the "
                   "time until every client had its first answer, a lower bound of the rate from the same run. The "
                   "harness now makes the window at least 1.5 rounds long.", ""]
+    drift = [(k, e["peers"]["ours"]["closed"]["1"]["p50_ms"] / e["peers"]["ours_again"]["closed"]["1"]["p50_ms"])
+             for k, e in info["ensembles"].items() if _ok(e["peers"].get("ours", {})) and _ok(e["peers"].get("ours_again", {}))]
+    if drift:
+        lines += ["**Drift within the run**: ours ran first and again after the peers; its 1-client p50 moved by "
+                  + ", ".join(f"{d:.1f}× ({k})" for k, d in drift)
+                  + " between the two, with the same server and bundle: the machine's load, not the servers. Read a "
+                    "peer against the ours row measured nearest to it in time, and no ratio below that drift as a "
+                    "ranking.", ""]
     g, why = goals(info)
     lines += ["## Goals re-based (issue 18), measured in this run", "",
               "| goal | measured | goal | met |", "|---|---|---|---|", *g, ""]

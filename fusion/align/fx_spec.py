@@ -5,7 +5,8 @@ a union-find:
   * Linear and Conv (groups = 1) open a new space on their output (weight axis 0, bias) and record
     their input axis (weight axis 1) in the input's space; a depthwise conv keeps its input's space.
   * BatchNorm (affine and running statistics), LayerNorm over that axis, activations, dropout,
-    pooling, identity and mean/sum over other axes pass the space through.
+    pooling (over axes after the unit axis), identity and mean/sum over other axes pass the space
+    through; a per-channel PReLU's slopes follow the space.
   * `add`/`sub`/`mul`/`div` of two tensors join their spaces (a residual stream shares one
     permutation); a scalar operand passes the space through.
   * flatten (or a view/reshape to (B, -1)) after a conv makes a blocked space: channel c owns the
@@ -59,6 +60,15 @@ REDUCE_METHODS = {"mean", "sum", "amax"}
 REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax}
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _pooled_dims(op: Any) -> int:
+    """How many trailing axes a pooling module or function slides over (0 for anything else): the unit axis
+    must lie before them, or the pool mixes neighbouring units (a 1-d pool of a Linear's (B, F) output)."""
+    name = type(op).__name__ if isinstance(op, nn.Module) else getattr(op, "__name__", "")
+    if "pool" not in name.lower():
+        return 0
+    return next((k for k in (1, 2, 3) if name.endswith(f"{k}d")), 0)
 
 
 class _Spaces:
@@ -195,12 +205,12 @@ def fx_spec(model: nn.Module, example_inputs) -> PermutationSpec:
             if v is not None:
                 S.freeze(v.space)
 
-    def pass_through(node, src):
+    def pass_through(node, src, pooled: int = 0):
         v = vals.get(src)
         shape = _shape(node)
         if v is None or shape is None:
             return None
-        if len(shape) != len(v.shape) or shape[v.axis] != v.shape[v.axis]:
+        if len(shape) != len(v.shape) or shape[v.axis] != v.shape[v.axis] or v.axis >= -pooled:
             S.freeze(v.space)
             return None
         return _Val(v.space, v.axis, v.block, shape)
@@ -262,8 +272,16 @@ def fx_spec(model: nn.Module, example_inputs) -> PermutationSpec:
                 out = pass_through(node, src)
                 if out is not None:
                     chains.setdefault(S.find(v.space), []).append((pos, node))
+            elif isinstance(mod, nn.PReLU) and mod.num_parameters > 1 and len(node.args) == 1:
+                # one slope per channel (axis 1): the slopes follow the channel space, anything else is frozen
+                if v is not None and v.block == 1 and len(v.shape) >= 2 and v.axis == 1 - len(v.shape):
+                    S.add(v.space, AxisRef(f"{node.target}.weight", 0))
+                    out = pass_through(node, src)
+                else:
+                    freeze_args(node)
+                    out = fresh_frozen(node, pos)
             elif isinstance(mod, PASS_MODULES) and len(node.args) == 1:
-                out = pass_through(node, src)
+                out = pass_through(node, src, _pooled_dims(mod))
             elif isinstance(mod, nn.Flatten) and len(node.args) == 1:
                 out = _flatten(S, vals.get(src), shape, mod.start_dim, mod.end_dim)
             else:
@@ -281,7 +299,7 @@ def fx_spec(model: nn.Module, example_inputs) -> PermutationSpec:
             elif (node.op == "call_function" and fn in PASS_FUNCTIONS) or name in PASS_METHODS:
                 others = [a for a in node.all_input_nodes if a is not first]
                 if first is not None and not any(vals.get(a) is not None or a.op == "get_attr" for a in others):
-                    out = pass_through(node, first)
+                    out = pass_through(node, first, _pooled_dims(fn) if node.op == "call_function" else 0)
                 else:
                     freeze_args(node)
                     out = fresh_frozen(node, pos)
@@ -310,10 +328,11 @@ def fx_spec(model: nn.Module, example_inputs) -> PermutationSpec:
                 freeze_args(node)
                 out = fresh_frozen(node, pos)
         vals[node] = out
-        if node.op == "call_module" and any(True for _ in modules[node.target].parameters(recurse=False)):
+        mod_here = modules[node.target] if node.op == "call_module" else None
+        if mod_here is not None and any(True for _ in (*mod_here.parameters(recurse=False), *mod_here.buffers(recurse=False))):
             calls.setdefault(node.target, []).append([vals.get(a) for a in node.all_input_nodes] + [out])
 
-    # a module with parameters called more than once (shared weights) would need one permutation on
+    # a module with parameters or buffers (BatchNorm statistics) called more than once (shared weights) would need one permutation on
     # every space it touches: keep those spaces fixed instead
     for target, seen in calls.items():
         if len(seen) > 1:

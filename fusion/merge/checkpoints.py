@@ -53,6 +53,8 @@ DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 CODES = {v: k for k, v in DTYPES.items()}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+PICKLE_HINT = " (pickled weights are not read: convert them to safetensors first, e.g. save_pretrained(..., safe_serialization=True))"
 OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
@@ -117,14 +119,22 @@ def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
     if not isinstance(header, dict):
         raise ConfigError(f"{path}: expected a JSON object as safetensors header; got {type(header).__name__}")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise ConfigError(f"{path}: expected '__metadata__' to be a JSON object; got {type(metadata).__name__}")
     entries = []
     for key, e in header.items():
         try:
-            code, shape, (lo, hi) = e["dtype"], tuple(int(s) for s in e["shape"]), e["data_offsets"]
+            code, shape, (lo, hi) = e["dtype"], e["shape"], e["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise ConfigError(f"{path}, entry '{key}': expected dtype, shape and data_offsets; got {e!r:.200}") from None
-        if code not in DTYPES:
-            raise ConfigError(f"{path}, entry '{key}': expected a dtype in {sorted(DTYPES)}; got {code}")
+        # an untrusted header: offsets and dims must be plain non-negative JSON integers (not strings, floats, bools)
+        if not all(type(o) is int for o in (lo, hi)):
+            raise ConfigError(f"{path}, entry '{key}': expected integer data_offsets; got {[lo, hi]!r:.200}")
+        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+            raise ConfigError(f"{path}, entry '{key}': expected a shape of non-negative integers; got {shape!r:.200}")
+        shape = tuple(shape)
+        if not isinstance(code, str) or code not in DTYPES:
+            raise ConfigError(f"{path}, entry '{key}': expected a dtype in {sorted(DTYPES)}; got {code!r:.80}")
         dtype = DTYPES[code]
         nbytes = math.prod(shape) * dtype.itemsize
         if hi - lo != nbytes or lo < 0 or 8 + n + hi > size:
@@ -199,6 +209,8 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """A `.safetensors` file, or a directory with `model.safetensors` or `model.safetensors.index.json` + shards."""
     path = Path(path)
     if path.is_file():
+        if path.suffix.lower() in PICKLE_SUFFIXES:  # never opened: unpickling runs arbitrary code
+            raise ConfigError(f"{path}: expected a .safetensors file; got a {path.suffix} file{PICKLE_HINT}")
         entries, metadata = read_header(path)
         return Checkpoint(path, entries, is_dir=False, metadata=metadata, index_metadata={})
     if not path.is_dir():
@@ -231,9 +243,8 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if single.is_file():
         entries, metadata = read_header(single)
         return Checkpoint(path, entries, is_dir=True, metadata=metadata, index_metadata={})
-    present = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt"))
-    hint = " (pickled weights are not read: convert them to safetensors first, e.g. save_pretrained(..., safe_serialization=True))" if any(
-        not n.endswith(".safetensors") for n in present) else ""
+    present = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", *PICKLE_SUFFIXES))
+    hint = PICKLE_HINT if any(not n.endswith(".safetensors") for n in present) else ""
     raise ConfigError(f"{path}: expected {SAFE_WEIGHTS} or {SAFE_INDEX}; got {present or 'no weight files'}{hint}")
 
 
@@ -355,6 +366,7 @@ class CheckpointWriter:
         self, out: str | os.PathLike, entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]], *, as_dir: bool,
         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, metadata: Mapping[str, str] | None = None,
         companions_from: Path | None = None, index_metadata: Mapping[str, Any] | None = None,
+        extra_files: Mapping[str, Path | str] | None = None,
     ):
         if sys.byteorder != "little":
             raise ConfigError("safetensors is little-endian; expected a little-endian machine")
@@ -365,6 +377,14 @@ class CheckpointWriter:
         self.total_size = sum(n for _, n in sizes)
         self.metadata = dict(metadata) if metadata is not None else {"format": "pt"}
         self.companions_from = companions_from
+        # name -> a file to copy (Path) or text to write (str), after the companions (so they win): part of
+        # the output, written before the rename like everything else
+        self.extra_files = dict(extra_files or {})
+        if self.extra_files and not as_dir:
+            raise ConfigError(f"--out {self.out}: expected a directory output for extra files {sorted(self.extra_files)}; got a single file")
+        for name in self.extra_files:
+            if Path(name).name != name or name in ("", ".", ".."):
+                raise ConfigError(f"checkpoint writer: expected a plain file name for an extra file; got '{name}'")
         self.index_metadata = dict(index_metadata or {})
         if as_dir:
             if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
@@ -431,6 +451,11 @@ class CheckpointWriter:
                 (self.tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
             if self.companions_from is not None:
                 copy_companions(self.companions_from, self.tmp, self._out_dtype())
+            for name, what in self.extra_files.items():
+                if isinstance(what, Path):
+                    shutil.copyfile(what, self.tmp / name)
+                else:
+                    (self.tmp / name).write_text(what, encoding="utf-8")
             if self.out.is_dir():
                 self.out.rmdir()  # checked empty at construction
         os.replace(self.tmp, self.out)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Sequence, Union
@@ -528,7 +527,13 @@ def run_plan(plan: MergePlan, out: str | Path, *, max_shard_bytes: Any = None) -
     entries = [(k, layout[k][0], out_dtype(layout[k][1])) for k in keys]
     out = Path(out)
     shard = C.DEFAULT_MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
-    with C.CheckpointWriter(out, entries, as_dir=True, max_shard_bytes=shard, companions_from=ref.path) as writer:
+    extra: dict[str, Path | str] = {}  # written inside the output before its atomic rename
+    if plan.tokenizer_donor is not None and plan.tokenizer_donor.resolve() != ref.path.resolve():
+        extra.update({name: plan.tokenizer_donor / name for name in C.TOKENIZER_FILES if (plan.tokenizer_donor / name).is_file()})
+    if plan.source:
+        extra["mergekit_config.yml"] = plan.source
+    with C.CheckpointWriter(out, entries, as_dir=True, max_shard_bytes=shard, companions_from=ref.path,
+                            extra_files=extra) as writer:
         for key, _, dtype in entries:
             if not layout[key][1].is_floating_point:  # integer buffers: copied from the first input
                 writer.write(key, inputs[0].get(key))
@@ -540,11 +545,5 @@ def run_plan(plan: MergePlan, out: str | Path, *, max_shard_bytes: Any = None) -
             writer.write(key, merged.to(dtype).contiguous())
             del xs, b, merged
         files = [p.name for p in writer.files]
-    if plan.tokenizer_donor is not None and plan.tokenizer_donor.resolve() != ref.path.resolve():
-        for name in C.TOKENIZER_FILES:
-            if (plan.tokenizer_donor / name).is_file():
-                shutil.copyfile(plan.tokenizer_donor / name, out / name)
-    if plan.source:
-        (out / "mergekit_config.yml").write_text(plan.source, encoding="utf-8")
     return {"method": plan.method, "n_models": len(inputs), "base": str(plan.base) if plan.base else None,
             "entries": len(keys), "files": files, "out": str(out)}
