@@ -113,7 +113,8 @@ def scenario(name: str, bundle: Path, rows: np.ndarray, clients: int, seconds: f
     b = read_bundle(bundle)
     ref = make_session(b.read_verified("ensemble"), 1, ["CPUExecutionProvider"])
     expected = ref.run(None, {b.manifest.input.name: rows[:16]})[0]
-    common = {"FUSION_MAX_CONCURRENCY": str(4 * clients), "FUSION_INTRA_OP_THREADS": "1",
+    # a wide bundle loads and warms up slowly on busy cores: a refused load would end the benchmark
+    common = {"FUSION_MAX_CONCURRENCY": str(4 * clients), "FUSION_INTRA_OP_THREADS": "1", "FUSION_LOAD_TIMEOUT_S": "600",
               "FUSION_AB_WEIGHTS": "ensemble=1", "FUSION_ACCESS_LOG": "0"}
     runs: dict = {"off": [], "on": []}
     with Server(bundle, env={**common, "FUSION_BATCH_MAX_ROWS": "0"}) as off, \

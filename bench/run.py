@@ -270,6 +270,15 @@ def notes(r: dict) -> list[str]:
             f"{ms.get('io_gbps', float('nan')):.2f} GB/s of input: the merge reached {ms.get('stream_over_io', float('nan')):.2f}x "
             "of that floor, and copy_ of bytes already in memory is no floor for a merge that has to read and "
             "write files.")
+    m = r.get("merge", {})
+    if m.get("stream_rss_over_model", 0) > 1.5 and m.get("baseline_rss_bytes"):
+        out.append(
+            f"* **Streaming merge peak RSS ÷ one model: {m['stream_rss_over_model']:.2f}.** Most of it is the interpreter: "
+            f"a process that has only imported torch already holds {m['baseline_rss_bytes'] / 1e6:.0f} MB here "
+            f"(torch's PyPI build loads its CUDA libraries even on a CPU machine), against a "
+            f"{m['model_bytes'] / 1e6:.0f} MB model. What the merge itself adds above that is "
+            f"{m['stream_rss_above_baseline_over_model']:.2f} of one model; loading the models and merging in memory "
+            f"reaches {m['in_memory_rss_over_model']:.2f}.")
     out.append("* Ratios within a few per cent of their goal (fused ÷ loop at batch 32) move across the line from "
                "run to run on these shared machines.")
     return out

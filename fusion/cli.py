@@ -495,7 +495,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 # the offline stack (pyproject's [build] extra): the base install serves bundles and has none of it
-BUILD_MODULES = frozenset({"torch", "onnx", "onnxscript", "scipy", "sklearn", "safetensors", "tqdm", "matplotlib", "yaml"})
+BUILD_MODULES = frozenset({"torch", "onnx", "onnxscript", "scipy", "sklearn", "safetensors", "tqdm", "matplotlib"})  # not yaml: bentoml itself imports it
 BUILD_HINT = "install fusion-serve[build] (pip install 'fusion-serve[build]'; in a checkout: make install-build)"
 
 

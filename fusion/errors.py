@@ -14,11 +14,13 @@
     ├── BundleError (OSError)                          a bundle that cannot be used                   -> 503
     │   ├── IntegrityError                             a file whose sha256 differs from the manifest  -> 503
     │   ├── ManifestError                              a manifest that is missing or malformed        -> 503
-    │   └── UnsafeModelError [service.onnx_check]      an ONNX file the service will not load         -> 503
+    │   ├── UnsafeModelError [service.onnx_check]      an ONNX file the service will not load         -> 503
+    │   └── MismatchError [service.remote]             a remote member that answers unlike the bundle -> 503
     ├── ExportError (RuntimeError)                     an ONNX export that failed its parity gate (offline only)
     └── UnavailableError (RuntimeError)                the service is not ready / a member failed     -> 503
         ├── DeadlineError [service.errors]             a member or request past its deadline          -> 504
-        └── OverloadedError [service.errors]           every inference slot of the worker is taken    -> 429
+        ├── OverloadedError [service.errors]           every inference slot of the worker is taken    -> 429
+        └── RemoteError [service.remote]               a remote member's failed call or bad answer    -> 503
 
 A class without [module] lives here. (builtins) are the builtins a class also inherits directly, so
 callers can catch either; -> is the HTTP status `service.errors.status_for` gives it (anything not

@@ -59,7 +59,11 @@ class Server:
             cwd=self.cwd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         if self.wait_ready:
-            self.wait("/readyz", 200)
+            try:
+                self.wait("/readyz", 200)
+            except BaseException:  # a server that never got ready is stopped, not left running after the error
+                self.stop()
+                raise
         return self
 
     def wait(self, path: str, status: int) -> None:
