@@ -266,10 +266,14 @@ def notes(r: dict) -> list[str]:
             f"memory ({ms['copy_gbps']:.2f} GB/s here); the merge also reads every shard through the page cache into "
             f"its buffers, widens bf16 to float32 and rounds back block by block, and writes the merged shards "
             f"({ms['stream_gbps_input']:.2f} GB/s of input here, {ms['threads']} compute thread(s) beside the reader "
-            "and writer threads). The reads and writes alone, without the arithmetic, ran at "
-            f"{ms.get('io_gbps', float('nan')):.2f} GB/s of input: the merge reached {ms.get('stream_over_io', float('nan')):.2f}x "
-            "of that floor, and copy_ of bytes already in memory is no floor for a merge that has to read and "
-            "write files.")
+            "and writer threads)" + (
+                f". The reads and writes alone, without the arithmetic, ran at {ms['io_gbps']:.2f} GB/s of input: the "
+                f"merge reached {ms['stream_over_io']:.2f}x of that floor, and copy_ of bytes already in memory is no "
+                "floor for a merge that has to read and write files." if ms.get("stream_over_io", 2) <= 1 else
+                "; copy_ of bytes already in memory is no floor for a merge that has to read and write files (a "
+                f"separate pass of the reads and writes alone ran at {ms.get('io_gbps', float('nan')):.2f} GB/s here, "
+                "slower than the merge itself: the page cache held different shards in the two passes, so this "
+                "run has no I/O floor to compare with)."))
     m = r.get("merge", {})
     if m.get("stream_rss_over_model", 0) > 1.5 and m.get("baseline_rss_bytes"):
         out.append(

@@ -186,11 +186,11 @@ def served_path() -> dict[str, dict[str, str]]:
     (r"\((\S+)–(\S+)x a Python loop over the members at batch 1\)",
      "fused ensemble ÷ Python loop over member sessions, batch 1, 1 thread"),
     (r"it gave (\S+)–(\S+)x the requests/s for the default ensemble",
-     "throughput with ÷ without adaptive batching, 32 single-row clients: the default ensemble (0.21 ms at batch 1)"),
+     "throughput with ÷ without adaptive batching, 32 single-row clients: the default ensemble ("),
     (r"(\S+)–(\S+)x for a 1 ms one",
-     "throughput with ÷ without adaptive batching, 32 single-row clients: 5 MLPs 64-1024-1024-10 (1.07 ms at batch 1)"),
-    (r"(\S+)–(\S+)x for a 22–35 ms one",
-     "throughput with ÷ without adaptive batching, 32 single-row clients: 5 MLPs 64-4096-4096-10 (22.07 ms at batch 1)"),
+     "throughput with ÷ without adaptive batching, 32 single-row clients: 5 MLPs 64-1024-1024-10 ("),
+    (r"(\S+)–(\S+)x for a 20–35 ms one",
+     "throughput with ÷ without adaptive batching, 32 single-row clients: 5 MLPs 64-4096-4096-10 ("),
     (r"takes (\S+)–(\S+) ms at the median across runs", "/predict, ensemble"),
     (r"against (\S+)–(\S+) ms for an endpoint that only echoes", "/echo (no model)"),
 ])
@@ -200,7 +200,13 @@ def test_readme_performance_ranges_cover_docs_benchmarks(claim, row):
     m = re.search(claim, PROSE)
     assert m, f"expected the README to say /{claim}/; it does not"
     lo, hi = m.groups()
-    measured = _num(served_path()[row]["median ms"]) if row.startswith("/") else _num(benchmark_targets()[row])
+    if row.startswith("/"):
+        measured = _num(served_path()[row]["median ms"])
+    else:  # a row ending in "(" is named up to its per-run figure, e.g. "(1.07 ms at batch 1)"
+        targets = benchmark_targets()
+        names = [n for n in targets if n == row or (row.endswith("(") and n.startswith(row))]
+        assert len(names) == 1, f"expected one docs/BENCHMARKS.md target row named {row!r}; got {names}"
+        measured = _num(targets[names[0]])
     digits = len(lo.partition(".")[2])
     assert float(lo) <= round(measured, digits) <= float(hi), (
         f"README: '{m.group(0)}'; docs/BENCHMARKS.md measured {measured} ({row})")
