@@ -453,3 +453,12 @@ def test_a_pickled_file_given_directly_is_refused_unread(tmp_path, name):
     path.write_bytes(b"\x80\x02}q\x00.")  # a pickle's first bytes: would read as a huge header length
     with pytest.raises(ConfigError, match=r"expected a \.safetensors file; got .*\(pickled weights are not read"):
         open_checkpoint(path)
+
+
+def test_a_safetensors_out_that_is_an_existing_directory_is_refused(tmp_path):
+    paths, _ = _family(tmp_path)
+    out = tmp_path / "out.safetensors"
+    out.mkdir()
+    with pytest.raises(ConfigError, match=r"expected a new \.safetensors file path; got an existing directory"):
+        merge_files("linear", paths, out)
+    assert out.is_dir() and not any(out.iterdir())

@@ -217,6 +217,9 @@ def merge_files(
         raise ConfigError(f"expected chunk_bytes >= 1; got {chunk_bytes!r}")
     out_path = Path(out_path)
     as_dir = out_path.suffix != ".safetensors"
+    if not as_dir and out_path.is_dir():
+        raise ConfigError(f"expected a new .safetensors file path; got an existing directory '{out_path}' "
+                          "(an --out without .safetensors writes a Hugging Face directory)")
     if max_shard_bytes is not None and not as_dir:
         raise ConfigError(f"max_shard_bytes applies to a directory output; expected an --out without .safetensors; got '{out_path}'")
     shard_bytes = parse_size(DEFAULT_MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes)
