@@ -54,30 +54,12 @@ def base_config(vocab: int, n_classes: int, max_length: int, quick: bool):
 
 def train(model, tok, rows, max_length: int, epochs: int, lr: float, seed: int, seconds: float):
     """AdamW over `rows` ((text, label)), batches of 32, at most `seconds`; returns (model in eval mode, steps)."""
-    import random
-
     import torch
 
-    from examples.byo_text.run import encode
+    from examples.byo_text.run import train_classifier
 
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    rng, start, steps = random.Random(seed), time.perf_counter(), 0
-    model.train()
-    for _ in range(epochs):
-        order = list(range(len(rows)))
-        rng.shuffle(order)
-        for i in range(0, len(order), 32):
-            batch = [rows[j] for j in order[i:i + 32]]
-            ids, mask = encode(tok, [t for t, _ in batch], max_length)
-            loss = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([y for _, y in batch])).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            steps += 1
-            if time.perf_counter() - start > seconds:
-                return model.eval(), steps
-    return model.eval(), steps
+    return train_classifier(model, tok, rows, max_length, epochs=epochs, lr=lr, seed=seed, seconds=seconds)
 
 
 def write_recipe(work: Path) -> Path:

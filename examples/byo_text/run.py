@@ -160,6 +160,30 @@ def student_config(vocab: int, n_classes: int, max_length: int):
                                    intermediate_size=64, max_position_embeddings=max_length, num_labels=n_classes)
 
 
+def train_classifier(model, tok, rows, max_length: int, *, epochs: int, lr: float, seed: int, seconds: float):
+    """AdamW over `rows` ((text, label)) in shuffled batches of 32 for at most `epochs` and `seconds`; returns
+    (model in eval mode, steps). Seed torch before building the model: this seeds only the shuffle."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    rng, start, steps = random.Random(seed), time.perf_counter(), 0
+    model.train()
+    for _ in range(epochs):
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+        for i in range(0, len(order), 32):
+            batch = [rows[j] for j in order[i:i + 32]]
+            ids, mask = encode(tok, [t for t, _ in batch], max_length)
+            loss = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([y for _, y in batch])).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            steps += 1
+            if time.perf_counter() - start > seconds:
+                return model.eval(), steps
+    return model.eval(), steps
+
+
 def train_member(name: str, config, tok, train, max_length: int, seconds: float, epochs: int, seed: int):
     import torch
     import transformers
@@ -167,27 +191,9 @@ def train_member(name: str, config, tok, train, max_length: int, seconds: float,
     torch.manual_seed(seed)
     cls = (transformers.DistilBertForSequenceClassification if config.model_type == "distilbert"
            else transformers.BertForSequenceClassification)
-    model = cls(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-    rng = random.Random(seed)
-    start, steps = time.perf_counter(), 0
-    model.train()
-    for _ in range(epochs):
-        order = list(range(len(train)))
-        rng.shuffle(order)
-        for i in range(0, len(order), 32):
-            rows = [train[j] for j in order[i:i + 32]]
-            ids, mask = encode(tok, [t for t, _ in rows], max_length)
-            loss = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([y for _, y in rows])).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            steps += 1
-            if time.perf_counter() - start > seconds:
-                break
-        if time.perf_counter() - start > seconds:
-            break
-    return model.eval(), steps, time.perf_counter() - start
+    model, start = cls(config), time.perf_counter()
+    model, steps = train_classifier(model, tok, train, max_length, epochs=epochs, lr=2e-3, seed=seed, seconds=seconds)
+    return model, steps, time.perf_counter() - start
 
 
 # ---- 4. build, 5. serve ------------------------------------------------------------------------------------
