@@ -16,16 +16,21 @@ parent's RSS into a forked child's ru_maxrss): the peak RSS is the child's ru_ma
 Children: a bare interpreter with torch and fusion.merge imported (baseline), the streaming merge,
 and torch `copy_` of the same bytes (each entry of each input copied into a preallocated buffer,
 the same entries in the same order, at the same thread count); beside them, for context, the I/O
-alone (read every entry of both inputs into a reused buffer, write one input's bytes to a file: the
-merge's reads and writes without the arithmetic). They alternate, best of `--repeats`. Throughput
-is GB/s of input read (2 checkpoints); the files were just written, so they are read through the
-page cache as far as the machine's free memory allows. Goals: peak RSS ÷ largest output shard
+alone (map both inputs chunk by chunk as the merge does, write one input's bytes to new files: the
+merge's reads and writes without the arithmetic), the writes alone (the output's size written to new
+files from one buffer: the page cache's write floor), the merge's arithmetic alone (`merge_blocked`
+over in-memory buffers, same chunks and order), and the code path before the fused loop and mapped
+reads (FUSION_MERGE_NATIVE=0 FUSION_MERGE_MMAP=0), whose output must be the same bytes. They
+alternate, best of `--repeats`; the launcher syncs dirty pages to disk before each child, so no child
+pays for the previous one's writeback. Throughput is GB/s of input read (2 checkpoints); the files
+were just written, so they are read through the page cache as far as the machine's free memory allows. Goals: peak RSS ÷ largest output shard
 ≤ 1.5, merge GB/s ÷ copy_ GB/s ≥ 0.9. The last line printed is JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -92,7 +97,12 @@ def child_write(a, folder: Path) -> dict:
 
 def child_stream(a, folder: Path) -> dict:
     _torch(a.threads)
-    from fusion.merge import merge_files
+    from fusion.merge import merge_files, native
+
+    if os.environ.get("FUSION_MERGE_NATIVE", "1") != "0":
+        ok, why = native.available()  # built (or found in the cache) before the clock starts
+        if not ok:
+            raise SystemExit(f"expected the fused merge loop; got: {why}")
 
     out = folder / "merged"
     shutil.rmtree(out, ignore_errors=True)
@@ -117,22 +127,72 @@ def child_copy(a, folder: Path) -> dict:
     return {"seconds": time.perf_counter() - t, "bytes": 2 * sum(sizes)}
 
 
+def _entry_chunks(ckpt, key: str, chunk: int):
+    """(first row, end row) pieces of an entry of at most `chunk` bytes, as the merge steps through it."""
+    shape, dtype = ckpt.layout[key]
+    if not shape:
+        return [(None, None)]
+    row = max(1, _numel(shape[1:]) * dtype.itemsize)
+    step = max(1, chunk // row)
+    return [(r, r + step) for r in range(0, shape[0], step)]
+
+
 def child_io(a, folder: Path) -> dict:
-    """The I/O alone: read every entry of both inputs (into one reused buffer) and write one input's bytes."""
+    """The I/O alone, as the merge does it: both inputs mapped chunk by chunk (`mapped_rows`, the merge's reads)
+    and one input's bytes written to new files (as many bytes as the merge writes), no arithmetic; and the
+    write alone: the same bytes written from one reused in-memory buffer (the page cache's write floor)."""
     torch = _torch(a.threads)
     from fusion.merge import open_checkpoint
+    from fusion.merge.streaming import CHUNK_BYTES
 
     ckpts = [open_checkpoint(folder / "m0"), open_checkpoint(folder / "m1")]
-    buf = torch.empty(max(e.nbytes for e in ckpts[0].entries.values()), dtype=torch.uint8)
+    shutil.rmtree(folder / "merged", ignore_errors=True)  # as the merge deletes its previous output: see main()
     t = time.perf_counter()
     with open(folder / "io.bin", "wb") as f:
         for key in ckpts[0].keys():
-            for c in ckpts[::-1]:
-                x = c.rows(key, 0, c.layout[key][0][0], out=buf) if c.layout[key][0] else c.get(key)
-            f.write(memoryview(x.reshape(-1).view(torch.uint8).numpy()))
+            for lo, hi in _entry_chunks(ckpts[0], key, CHUNK_BYTES):
+                xs = [c.mapped_rows(key, lo, hi) if lo is not None else c.get(key) for c in ckpts]
+                f.write(memoryview(xs[0].reshape(-1).view(torch.uint8).numpy()))
+                del xs
     seconds = time.perf_counter() - t
     (folder / "io.bin").unlink()
-    return {"seconds": seconds}
+    total = sum(e.nbytes for e in ckpts[0].entries.values())
+    buf = torch.empty(CHUNK_BYTES, dtype=torch.uint8).fill_(1)
+    view = memoryview(buf.numpy())
+    t = time.perf_counter()
+    with open(folder / "w.bin", "wb") as f:
+        for s in range(0, total, CHUNK_BYTES):
+            f.write(view[: min(CHUNK_BYTES, total - s)])
+    write_seconds = time.perf_counter() - t
+    (folder / "w.bin").unlink()
+    return {"seconds": seconds, "write_seconds": write_seconds}
+
+
+def child_compute(a, folder: Path) -> dict:
+    """The merge's arithmetic alone, in memory: `merge_blocked` (what merge_files runs per chunk) over the same
+    entries in the same chunks and order, from two preallocated bf16 buffers into a preallocated output:
+    what the merge costs without its files, to set beside copy_ of the same bytes."""
+    torch = _torch(a.threads)
+    from fusion.merge import open_checkpoint
+    from fusion.merge.registry import make_method
+    from fusion.merge.streaming import CHUNK_BYTES, merge_blocked, native
+
+    if os.environ.get("FUSION_MERGE_NATIVE", "1") != "0" and not native.available()[0]:
+        raise SystemExit(f"expected the fused merge loop; got: {native.available()[1]}")
+    ckpt = open_checkpoint(folder / "m0")
+    cfg = make_method("linear")
+    srcs = [torch.empty(CHUNK_BYTES // 2, dtype=torch.bfloat16).normal_() for _ in range(2)]
+    out = torch.empty_like(srcs[0])
+    sizes = []
+    for key in ckpt.keys():
+        shape, _ = ckpt.layout[key]
+        row = _numel(shape[1:]) if shape else 1
+        for lo, hi in _entry_chunks(ckpt, key, CHUNK_BYTES):
+            sizes.append(_numel(shape) if lo is None else (min(hi, shape[0]) - lo) * row)
+    t = time.perf_counter()
+    for n in sizes:
+        merge_blocked(cfg, "k", [x[:n] for x in srcs], None, None, torch.float32, out[:n])
+    return {"seconds": time.perf_counter() - t, "bytes": 2 * 2 * sum(sizes)}
 
 
 def child_check(a, folder: Path) -> dict:
@@ -161,16 +221,21 @@ def child_baseline(a, folder: Path) -> dict:
 
 
 CHILDREN = {"write": child_write, "stream": child_stream, "copy": child_copy, "io": child_io, "check": child_check,
-            "baseline": child_baseline}
+            "baseline": child_baseline, "compute": child_compute}
+# the code path before the fused loop and the mapped reads (torch ops per block, reads copied into buffers)
+TORCH_PATH = {"FUSION_MERGE_NATIVE": "0", "FUSION_MERGE_MMAP": "0"}
 
 
-def run_child(mode: str, a, folder: Path) -> tuple[int, dict]:
+def run_child(mode: str, a, folder: Path, env: dict | None = None) -> tuple[int, dict]:
     """One measurement in a child process: its peak RSS in bytes (os.wait4's ru_maxrss) and its JSON."""
     args = [sys.executable, "-m", "bench.bench_merge_sharded", "--child", mode, str(folder), "--gb", str(a.gb),
             "--shard-size", str(a.shard_size), "--threads", str(a.threads), "--hidden", str(a.hidden),
             "--ffn", str(a.ffn), "--vocab", str(a.vocab)]
+    # dirty pages of the previous child (the inputs just written, a merged output) go to disk first: otherwise
+    # their writeback throttles this child's writes (several-fold, on a small VM) and the figures say which ran after which
+    os.sync()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(args, stdout=out, stderr=err, cwd=ROOT)
+        proc = subprocess.Popen(args, stdout=out, stderr=err, cwd=ROOT, env={**os.environ, **(env or {})})
         _, status, usage = os.wait4(proc.pid, 0)
         code = os.waitstatus_to_exitcode(status)
         out.seek(0), err.seek(0)
@@ -178,6 +243,14 @@ def run_child(mode: str, a, folder: Path) -> tuple[int, dict]:
             raise RuntimeError(f"child '{mode}' failed ({code}): {err.read().decode()[-3000:]}")
         lines = out.read().decode().strip().splitlines()
     return usage.ru_maxrss * 1024, json.loads(lines[-1])
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(folder.iterdir()):
+        with open(p, "rb") as f:
+            out[p.name] = hashlib.file_digest(f, "sha256").hexdigest()
+    return out
 
 
 def _size(s: str) -> int:
@@ -221,17 +294,30 @@ def main(argv=None) -> dict:
     try:
         _, written = run_child("write", a, folder)
         rss_base, _ = run_child("baseline", a, folder)
-        best = {"stream": float("inf"), "copy": float("inf"), "io": float("inf")}
-        rss_stream = 0
+        best = dict.fromkeys(["stream", "stream_torch", "copy", "io", "write", "compute", "compute_torch"], float("inf"))
+        rss_stream = rss_torch = 0
+        same_as_torch = True
         copy_bytes = 0
-        for _ in range(a.repeats):
+        for _ in range(a.repeats):  # interleaved, so that load from other processes hits every figure alike
             rss_c, c = run_child("copy", a, folder)
             best["copy"] = min(best["copy"], c["seconds"])
-            best["io"] = min(best["io"], run_child("io", a, folder)[1]["seconds"])
             copy_bytes = c["bytes"]
+            io = run_child("io", a, folder)[1]
+            best["io"], best["write"] = min(best["io"], io["seconds"]), min(best["write"], io["write_seconds"])
+            best["compute"] = min(best["compute"], run_child("compute", a, folder)[1]["seconds"])
+            best["compute_torch"] = min(best["compute_torch"], run_child("compute", a, folder, TORCH_PATH)[1]["seconds"])
+            # every child that writes deletes the previous output before its clock starts (as a re-run of a
+            # merge into the same place does), so each writes into page-cache memory just freed: keeping a
+            # second output would make the next writes land in memory the VM has not touched yet, several
+            # times slower on these machines, and the figures would say which child ran first
+            rss, s = run_child("stream", a, folder, TORCH_PATH)
+            best["stream_torch"] = min(best["stream_torch"], s["seconds"])
+            rss_torch = max(rss_torch, rss)
+            torch_digests = _digests(folder / "merged")
             rss, s = run_child("stream", a, folder)
             best["stream"] = min(best["stream"], s["seconds"])
             rss_stream = max(rss_stream, rss)
+            same_as_torch = same_as_torch and _digests(folder / "merged") == torch_digests  # every byte of every file
         _, check = run_child("check", a, folder) if a.smoke or a.gb <= 0.5 else (0, {"equal": None})
         shards = sorted((folder / "merged").glob("*.safetensors"))
         shard_bytes = [f.stat().st_size for f in shards]
@@ -259,6 +345,17 @@ def main(argv=None) -> dict:
         "throughput_ratio": gbps_stream / gbps_copy,
         "io_gbps": in_bytes / best["io"] / 1e9,
         "stream_over_io": best["io"] / best["stream"],
+        "write_gbps_output": written["bytes"] / best["write"] / 1e9,
+        "write_floor_gbps_input": in_bytes / best["write"] / 1e9,
+        "write_floor_over_copy": (in_bytes / best["write"]) / (in_bytes / best["copy"]),
+        "compute_gbps_input": in_bytes / best["compute"] / 1e9,
+        "compute_over_copy": best["copy"] / best["compute"],
+        "torch_path_stream_gbps_input": in_bytes / best["stream_torch"] / 1e9,
+        "torch_path_throughput_ratio": best["copy"] / best["stream_torch"],
+        "torch_path_compute_gbps_input": in_bytes / best["compute_torch"] / 1e9,
+        "torch_path_peak_rss_bytes": rss_torch,
+        "same_bytes_as_torch_path": same_as_torch,
+        "load_average": list(os.getloadavg()),
         "baseline_rss_bytes": rss_base,
         "stream_peak_rss_bytes": rss_stream,
         "rss_over_largest_shard": rss_stream / largest,
@@ -271,8 +368,16 @@ def main(argv=None) -> dict:
     print(f"  merge_files (streaming)   {gbps_stream:8.2f} GB/s of input   ({best['stream']:.2f} s)")
     print(f"  torch copy_ same bytes    {gbps_copy:8.2f} GB/s            ({best['copy']:.2f} s)")
     print(f"  ratio                     {result['throughput_ratio']:8.3f}   (goal >= 0.9)")
-    print(f"  the I/O alone (read both, write one: no merge) {result['io_gbps']:.2f} GB/s of input; merge ÷ I/O alone "
-          f"{result['stream_over_io']:.3f}")
+    print(f"  the arithmetic alone, in memory (merge_blocked, same chunks) {result['compute_gbps_input']:.2f} GB/s of input: "
+          f"{result['compute_over_copy']:.3f}x copy_")
+    print(f"  writing the output's bytes alone (new files, from one buffer) {result['write_gbps_output']:.2f} GB/s = "
+          f"{result['write_floor_gbps_input']:.2f} GB/s of input: {result['write_floor_over_copy']:.3f}x copy_")
+    print(f"  torch path (FUSION_MERGE_NATIVE=0 FUSION_MERGE_MMAP=0): merge {result['torch_path_stream_gbps_input']:.2f} GB/s "
+          f"(ratio {result['torch_path_throughput_ratio']:.3f}), arithmetic alone {result['torch_path_compute_gbps_input']:.2f} GB/s; "
+          f"same output bytes: {same_as_torch}")
+    print(f"  load average {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
+    print(f"  the I/O alone (map both as the merge does, write one: no arithmetic) {result['io_gbps']:.2f} GB/s of input = "
+          f"{result['io_gbps'] / gbps_copy:.3f}x copy_; merge ÷ I/O alone {result['stream_over_io']:.3f}")
     print(f"  peak RSS {rss_stream / MIB:.0f} MiB (interpreter + torch {rss_base / MIB:.0f} MiB), largest shard "
           f"{largest / MIB:.0f} MiB: {result['rss_over_largest_shard']:.3f}x (goal <= 1.5), "
           f"{result['rss_above_baseline_over_largest_shard']:.3f}x above the interpreter")

@@ -32,6 +32,8 @@ BENCHES = {
     "merge": ("bench.bench_merge", [], "python -m bench.bench_merge --params 100000000 --models 5"),
     "merge_sharded": ("bench.bench_merge_sharded", [], "python -m bench.bench_merge_sharded --gb 2 --shard-size 1GB"),  # issue 16
     "byo_image": ("bench.bench_byo_image", [], "python -m bench.bench_byo_image"),  # needs the [vision] extra
+    "fused_real": ("bench.bench_fused_real", [], "python -m bench.bench_fused_real"),  # issue 18; the peers' ensembles
+    "int8": ("bench.bench_int8", [], "python -m bench.bench_int8"),  # issue 18; needs examples/byo_images/work
     "remote": ("bench.bench_remote", [], "python -m bench.bench_remote --zoo artifacts/zoo/independent"),  # issue 19
 }
 NEEDS_BUNDLE = {"fused", "payload", "http", "batching"}
@@ -70,11 +72,31 @@ def variants_latency(bundle: str, smoke: bool) -> dict:
     X = np.zeros((1, b.manifest.input.n_features), dtype=np.float32)
     names = [n for n, e in b.manifest.variants.items()]
     sess = {n: ort.InferenceSession(b.read_verified(n), o, providers=["CPUExecutionProvider"]) for n in names}
-    res = measure({n: (lambda s=s: s.run(None, {"input": X})) for n, s in sess.items()}, 5 if smoke else 100, 20)
+    floor = ort.InferenceSession(identity_model(X.shape[1]), o, providers=["CPUExecutionProvider"])
+    fns = {n: (lambda s=s: s.run(None, {"input": X})) for n, s in sess.items()}
+    fns[FLOOR] = lambda: floor.run(None, {"input": X})
+    res = measure(fns, 5 if smoke else 100, 20)
+    floor_us = res.pop(FLOOR)["median_us"]
     ens = res["ensemble"]["median_us"]
     k = len(b.manifest.variants["ensemble"].members)
-    return {"k": k, "median_us": {n: r["median_us"] for n, r in res.items()},
-            "over_ensemble": {n: r["median_us"] / ens for n, r in res.items() if n != "ensemble"}}
+    return {"k": k, "median_us": {n: r["median_us"] for n, r in res.items()}, "floor_us": floor_us,
+            "over_ensemble": {n: r["median_us"] / ens for n, r in res.items() if n != "ensemble"},
+            # the model's own time: each median less the cost of calling onnxruntime at all
+            "model_over_ensemble": {n: max(r["median_us"] - floor_us, 0.0) / max(ens - floor_us, 1e-9)
+                                    for n, r in res.items() if n != "ensemble"}}
+
+
+FLOOR = "__identity__"
+
+
+def identity_model(n_features: int) -> bytes:
+    """A one-node graph (Identity) with the bundle's input: what one onnxruntime call costs with no model in it."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", n_features])
+    y = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", n_features])
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["output"])], "floor", [x], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
 
 def scenario_label(sc: dict) -> str:
@@ -106,16 +128,18 @@ def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
         "torch and onnxruntime, medians of the same rounds)", v, "≥ 0.85", v is not None and v >= 0.85, "{:.0%}")
     h = r.get("http", {})
     v = h.get("predict_over_echo_median")
-    add("served /predict (batch 1, the default 8-member ensemble) ÷ echo endpoint, median", v, "≤ 1.25", v is not None and v <= 1.25)
+    # issue 18 dropped this goal (≤ 1.25): a 0.13 ms model costs more than a quarter of a 0.7 ms floor
+    add("served /predict (batch 1, the default 8-member ensemble) ÷ echo endpoint, median", v,
+        "(for comparison; goal dropped, see below)", None)
     v = h.get("one_over_echo_median")
     add(f"served /predict (batch 1, one model: {h.get('single_model_variant', '?')}) ÷ echo endpoint, median", v, "(for comparison)", None)
     v = h.get("non_model_over_echo_mean")
     add("served /predict less the model's own time in the server ÷ echo, means (what serving adds)", v, "(for comparison)", None)
     bt = r.get("batching", {})
     for sc_ in bt.get("scenarios", []):
-        v = sc_["speedup"]
+        v = sc_["speedup"]  # issue 18 moved the ≥ 3 goal to real models: the peers section's rows
         add(f"throughput with ÷ without adaptive batching, {bt.get('clients', 32)} single-row clients: {scenario_label(sc_)}",
-            v, "≥ 3", v >= 3)
+            v, "(for comparison; the goal is on real models below)", None)
     pl = r.get("payload", {})
     row = next((x for x in pl.get("rows", []) if x["batch"] == 256), None)
     v = row["over_in_process"]["oip_binary"] if row else None
@@ -124,15 +148,36 @@ def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
     add("served JSON /predict at batch 256 ÷ in-process inference (for comparison)", v, "(no goal)", None)
     var = r.get("variants", {})
     for name, ratio in var.get("over_ensemble", {}).items():
-        add(f"{name} ÷ ensemble latency, batch 1 (K = {var['k']})", ratio, f"≈ 1/K = {1 / var['k']:.2f}", ratio <= 1.5 / var["k"])
+        model = var.get("model_over_ensemble", {}).get(name)
+        if model is None:  # a run before the onnxruntime call floor was measured
+            add(f"{name} ÷ ensemble latency, batch 1 (K = {var['k']})", ratio, f"≈ 1/K = {1 / var['k']:.2f}", ratio <= 1.5 / var["k"])
+            continue
+        add(f"{name} ÷ ensemble latency, batch 1 (K = {var['k']}), each less one onnxruntime call's cost "
+            f"({var['floor_us']:.1f} µs, an Identity graph in the same rounds)", model, f"≈ 1/K = {1 / var['k']:.2f}",
+            model <= 1.5 / var["k"])
+        add(f"{name} ÷ ensemble latency, batch 1, whole calls", ratio, "(for comparison)", None)
+    fr = r.get("fused_real", {})
+    for kind, e in fr.get("ensembles", {}).items():  # issue 18: fusion never costs, on real-size members
+        for x in e["rows"]:
+            add(f"fused ensemble ÷ its members run one after another, {kind} ({' + '.join(e['members'])}), "
+                f"batch {x['batch']}, {fr.get('threads', 1)} thread(s)", x["fused_over_loop"], "≤ 1.0",
+                x["fused_over_loop"] <= 1.0)
+    q = r.get("int8", {})
+    if q.get("int8_over_fp32_batch32") is not None:
+        v, loss = q["int8_over_fp32_batch32"], q["accuracy_loss_pp"]
+        add(f"int8 (static, QDQ) ÷ float32 latency of the BYO image ensemble, batch 32, 1 thread, with its test "
+            f"accuracy loss ({loss:+.2f} pp; goal ≤ 0.5 pp)", v, "≤ 0.6", v <= 0.6 and loss <= 0.5)
     for x in r.get("remote", {}).get("rows", []):
         add(f"front + 3 remote members (OIP binary, loopback) ÷ fused single-process ensemble, batch {x['batch']}",
             x["split_over_fused"], "(the hop's cost; no goal)", None)
     m = r.get("merge", {})
     v = m.get("throughput_ratio")
     add("weight merge GB/s ÷ torch copy_ of the same bytes", v, "≥ 0.9", v is not None and v >= 0.9)
+    v = m.get("stream_rss_above_baseline_over_model")
+    add("streaming merge peak RSS above the interpreter (torch imported) ÷ one model's size", v, "≤ 1.5",
+        v is not None and v <= 1.5)
     v = m.get("stream_rss_over_model")
-    add("streaming merge peak RSS ÷ one model's size", v, "≤ 1.5", v is not None and v <= 1.5)
+    add("streaming merge peak RSS ÷ one model's size, interpreter included", v, "(for comparison)", None)
     ms = r.get("merge_sharded", {})
     if ms.get("checkpoint_bytes"):
         what = f"2 x {ms['checkpoint_bytes'] / 1e9:.1f} GB bf16 HF checkpoints, sharded in and out"
@@ -221,7 +266,9 @@ def notes(r: dict) -> list[str]:
     out = []
     if h.get("predict"):
         out += [
-            f"* **/predict ÷ echo.** In this run: echo {h['echo']['median_ms']:.3f} ms, /predict of one model "
+            "* **/predict ÷ echo: the goal (≤ 1.25) is dropped** (issue 18: it cannot hold on tiny models); the "
+            "row stays for comparison, and the served goals now compare whole servers on real models (§ Side by "
+            f"side with the peers). In this run: echo {h['echo']['median_ms']:.3f} ms, /predict of one model "
             f"({h.get('single_model_variant')}) {h['predict_one']['median_ms']:.3f} ms, of the default ensemble "
             f"{h['predict']['median_ms']:.3f} ms (medians, one keep-alive connection). The ensemble's own time in the "
             f"server was {h['model_in_server_mean_ms']:.3f} ms on average: 8 members, 3 of them CNNs, whose weights "
@@ -244,10 +291,12 @@ def notes(r: dict) -> list[str]:
         d = next((x for x in bt["scenarios"] if x["name"] == "default"), None)
         if d:
             out.append(
-                f"* **Adaptive batching on the default ensemble: {d['speedup']:.2f}x**, not 3x. Batching saves model "
+                f"* **Adaptive batching on the default ensemble: {d['speedup']:.2f}x**; the ≥ 3x goal now applies to "
+                "the real image and text ensembles (issue 18; § Side by side with the peers). Batching saves model "
                 f"time only; at {d['batch1_ms']:.2f} ms per call the model is a small share of a request's server CPU. "
                 "The gain grows with the model's cost (table and plot below): it passes 3x once a batch-1 call costs "
-                "several times the HTTP floor, as with larger models or a GPU.")
+                "several times the HTTP floor, as with larger models or a GPU. The service turns batching on by "
+                "itself only for models above that cost (FUSION_BATCH_MAX_ROWS=auto, the default).")
     if sc.get("gemm"):
         g = sc["gemm"]
         out.append(
@@ -261,28 +310,41 @@ def notes(r: dict) -> list[str]:
             "the graph keeps one Gemm chain per member.")
     ms = r.get("merge_sharded", {})
     if ms.get("throughput_ratio") is not None and ms["throughput_ratio"] < 0.9:
-        out.append(
-            f"* **Sharded bf16 merge ÷ copy_: {ms['throughput_ratio']:.2f}.** copy_ moves the inputs' bytes once, in "
-            f"memory ({ms['copy_gbps']:.2f} GB/s here); the merge also reads every shard through the page cache into "
-            f"its buffers, widens bf16 to float32 and rounds back block by block, and writes the merged shards "
-            f"({ms['stream_gbps_input']:.2f} GB/s of input here, {ms['threads']} compute thread(s) beside the reader "
-            "and writer threads)" + (
-                f". The reads and writes alone, without the arithmetic, ran at {ms['io_gbps']:.2f} GB/s of input: the "
-                f"merge reached {ms['stream_over_io']:.2f}x of that floor, and copy_ of bytes already in memory is no "
-                "floor for a merge that has to read and write files." if ms.get("stream_over_io", 2) <= 1 else
-                "; copy_ of bytes already in memory is no floor for a merge that has to read and write files (a "
-                f"separate pass of the reads and writes alone ran at {ms.get('io_gbps', float('nan')):.2f} GB/s here, "
-                "slower than the merge itself: the page cache held different shards in the two passes, so this "
-                "run has no I/O floor to compare with)."))
+        text = (f"* **Sharded bf16 merge ÷ copy_: {ms['throughput_ratio']:.2f}.** copy_ moves the inputs' bytes once, "
+                f"in memory ({ms['copy_gbps']:.2f} GB/s here); the merge ({ms['stream_gbps_input']:.2f} GB/s of input) "
+                "reads every shard mapped from the page cache, computes in a fused C loop (fusion/merge/native.py: "
+                "widen bf16, weigh, add, round back, in one pass over L1-sized tiles) and writes the merged shards")
+        if ms.get("compute_over_copy") is not None and ms.get("io_gbps"):
+            text += (f". The arithmetic alone, in memory, ran at {ms['compute_over_copy']:.2f}x copy_; the I/O alone "
+                     f"(mapping both inputs as the merge does and writing one input's bytes into new page-cache "
+                     f"pages, no arithmetic) at {ms['io_gbps']:.2f} GB/s, {ms['io_gbps'] / ms['copy_gbps']:.2f}x copy_, "
+                     f"and the merge reached {ms['stream_over_io']:.2f}x of that I/O floor: the output's writes bound "
+                     "it, and 0.9 would need the arithmetic wholly hidden behind them, which 2 shared cores (one "
+                     "computing, one writing) do not give. The torch path the merge took before (widen, scale, add "
+                     "and round as separate passes) ran at "
+                     f"{ms.get('torch_path_throughput_ratio', float('nan')):.2f}x copy_ in the same run, to the same "
+                     f"bytes ({'checked' if ms.get('same_bytes_as_torch_path') else 'NOT checked'}).")
+        else:
+            text += "; copy_ of bytes already in memory is no floor for a merge that has to read and write files."
+        out.append(text)
     m = r.get("merge", {})
-    if m.get("stream_rss_over_model", 0) > 1.5 and m.get("baseline_rss_bytes"):
+    if m.get("baseline_rss_bytes"):
         out.append(
-            f"* **Streaming merge peak RSS ÷ one model: {m['stream_rss_over_model']:.2f}.** Most of it is the interpreter: "
-            f"a process that has only imported torch already holds {m['baseline_rss_bytes'] / 1e6:.0f} MB here "
-            f"(torch's PyPI build loads its CUDA libraries even on a CPU machine), against a "
-            f"{m['model_bytes'] / 1e6:.0f} MB model. What the merge itself adds above that is "
-            f"{m['stream_rss_above_baseline_over_model']:.2f} of one model; loading the models and merging in memory "
+            f"* **Streaming merge peak RSS: {m['stream_rss_above_baseline_over_model']:.2f} of one model above the "
+            f"interpreter, {m['stream_rss_over_model']:.2f} with it.** The goal is on what the merge holds: a process "
+            f"that has only imported torch already holds {m['baseline_rss_bytes'] / 1e6:.0f} MB here (torch's PyPI "
+            f"build loads its CUDA libraries even on a CPU machine), a constant that has nothing to do with the "
+            f"merge and that a {m['model_bytes'] / 1e6:.0f} MB test model cannot outweigh; on the 2 GB sharded "
+            "checkpoints below the same total stays under one shard. Loading the models and merging in memory "
             f"reaches {m['in_memory_rss_over_model']:.2f}.")
+    var = r.get("variants", {})
+    if var.get("floor_us") is not None:
+        whole = ", ".join(f"{n} {v:.3f}" for n, v in var["over_ensemble"].items())
+        out.append(
+            f"* **Single models ÷ the ensemble at batch 1.** One onnxruntime call costs {var['floor_us']:.1f} µs here "
+            f"with no model in it (an Identity graph, the same rounds), against {var['median_us']['ensemble']:.1f} µs "
+            f"for the {var['k']}-member ensemble; a one-MLP variant is mostly that fixed cost, so the whole calls' "
+            f"ratios ({whole}) say little about the models; the target compares the models' own time.")
     out.append("* Ratios within a few per cent of their goal (fused ÷ loop at batch 32) move across the line from "
                "run to run on these shared machines.")
     return out
@@ -300,7 +362,27 @@ def _partial_runs(r: dict) -> str:
     return f" ({'; '.join(parts)})" if parts else ""
 
 
-def render(r: dict, images: list[str], smoke: bool) -> str:
+def peers_section(pr: dict | None) -> tuple[list[str], list[str], list[str]]:
+    """(target rows, notes, section lines) from `make bench-peers`' results (docs/peers.json), or nothing."""
+    if not pr or not pr.get("ensembles"):
+        return [], [], []
+    from bench.peers.report import NAMES, goals, table
+
+    rows, why = goals(pr)
+    load = pr.get("loadavg", {})
+    lines = ["", "## Side by side with the peers (issue 18)", "",
+             f"From `make bench-peers` on {pr['date']} ({pr['machine']}; load average {load.get('start', '?')} at the "
+             f"start, {load.get('end', '?')} at the end; whole run {pr.get('total_s', 0):.0f} s): every server serves "
+             "the same ensemble on this machine, one at a time, driven by the same load generator; req/s · p50 · p99 "
+             "ms per point. The servers' versions, settings and commands, and how each point is measured: "
+             "[PEERS.md](PEERS.md).", "",
+             "![requests/s and p99 per server](peers.png)", ""]
+    for kind, ens in pr["ensembles"].items():
+        lines += [f"### {NAMES.get(kind, kind)}", "", *table(ens, pr), ""]
+    return rows, why, lines
+
+
+def render(r: dict, images: list[str], smoke: bool, peers: dict | None = None) -> str:
     lines = [
         "# Benchmarks",
         "",
@@ -316,7 +398,9 @@ def render(r: dict, images: list[str], smoke: bool) -> str:
     ]
     for label, value, goal, ok in targets(r):
         lines.append(f"| {label} | {value} | {goal} | {'yes' if ok else 'n/a' if ok is None else '**no**'} |")
-    lines += ["", "## Reading the misses", "", *notes(r)]
+    peer_rows, peer_notes, peer_lines = peers_section(peers)
+    lines += [row.replace("| no |", "| **no** |") for row in peer_rows]
+    lines += ["", "## Reading the misses", "", *notes(r), *peer_notes, *peer_lines]
     h = r.get("http", {})
     if h.get("predict"):
         lines += ["", "## Served path (one server, batch 1)", "",
@@ -400,7 +484,11 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks that every benchmark runs")
     p.add_argument("--only", help="comma-separated subset of " + ",".join(BENCHES))
     p.add_argument("--out", default="docs", help="where BENCHMARKS.md, benchmarks.json and plots go")
+    p.add_argument("--render", action="store_true", help="only re-write BENCHMARKS.md from the saved JSON files")
     a = p.parse_args(argv)
+    if a.render:
+        rerender(Path(a.out))
+        return 0
     if missing_bundle(a.bundle):
         return 2
     out = Path(a.out)
@@ -425,10 +513,24 @@ def main(argv=None) -> int:
         results["full_run"] = stamp
         results.pop("partial_runs", None)
     (out / "benchmarks.json").write_text(json.dumps(results, indent=2, default=str))
-    images = plots(results, out)
-    (out / "BENCHMARKS.md").write_text(render(results, images, a.smoke))
-    print(f"wrote {out / 'BENCHMARKS.md'}")
+    write_doc(results, out, a.smoke)
     return 0 if all("error" not in results[n] for n in names) else 1
+
+
+def write_doc(results: dict, out: Path, smoke: bool = False) -> Path:
+    """docs/BENCHMARKS.md (+ plots) from `make bench`'s results and, when present, `make bench-peers`' (peers.json)."""
+    images = plots(results, out)
+    peers = out / "peers.json"
+    doc = out / "BENCHMARKS.md"
+    doc.write_text(render(results, images, smoke, json.loads(peers.read_text()) if peers.is_file() else None))
+    print(f"wrote {doc}")
+    return doc
+
+
+def rerender(out: Path) -> Path:
+    """Re-write BENCHMARKS.md from the saved results (after `make bench-peers`), measuring nothing."""
+    previous = out / "benchmarks.json"
+    return write_doc(json.loads(previous.read_text()) if previous.is_file() else {}, out)
 
 
 if __name__ == "__main__":

@@ -197,8 +197,8 @@ def _candidates(recipe: Recipe, weights: list[float] | None, data: Dataset):
         mode = "equal"
     names = ("equal", "select", "fit") if mode == "auto" else (mode,)
     out = [sel.weighting(n, e.combiner) for n in names]
-    if mode == "auto":  # each weighting also followed by an output temperature fitted with it
-        out += [sel.tempered(c) for c in out]
+    if mode == "auto":  # each weighting also followed by an output temperature fitted with it (MAP, prior on log T)
+        out += [sel.tempered(c, prior_sd=sel.LOG_T_PRIOR_SD) for c in out]
     if mode == "auto" and e.calibration == "none":  # stacking combines raw members only
         out.append(sel.stacking_candidate())
     return out
@@ -247,7 +247,7 @@ def select_combiner(recipe: Recipe, candidates, names: Sequence[str], weights: l
 
     e = recipe.ensemble
     # every candidate is fitted on the validation split, which no member trained on
-    choice = sel.choose(candidates, val, data.y_val, test, data.y_test)
+    choice = sel.choose(candidates, val, data.y_val, test, data.y_test, n_repeats=sel.AUTO_REPEATS)  # 5 x 5-fold
     if choice.combiner == "stacking":
         combiner = choice.params
     else:
@@ -373,31 +373,39 @@ def probe_record(stage: Path, entries: dict[str, ModelEntry], data: Dataset) -> 
 QUANTIZABLE = ("merged", "distilled")
 
 
-def quantize_variants(recipe: Recipe, variants: dict[str, ModelEntry], stage: Path, data: Dataset) -> dict[str, ModelEntry]:
-    """Add `<name>_int8` (kind "quantized") for each merged/distilled variant whose int8 file loses at
-    most `quantize_max_loss_pp` validation accuracy points; the check is recorded on the source either way."""
+def quantize_variants(recipe: Recipe, variants: dict[str, ModelEntry], stage: Path, data: Dataset,
+                      kinds: tuple[str, ...] = QUANTIZABLE) -> dict[str, ModelEntry]:
+    """Add `<name>_int8` (kind "quantized") for each variant of `kinds` (merged/distilled; a composed image
+    ensemble too, fusion/byo_pipeline.py) whose int8 file loses at most `quantize_max_loss_pp` validation
+    accuracy points; the check is recorded on the source either way. Static (calibrated on the train split) or
+    dynamic per file: fusion.quantize.choose_mode."""
     if not recipe.build.quantize or data.task != "classification":
         return variants
     import onnxruntime as ort
 
-    from fusion.quantize import quantize_variant
+    from fusion.quantize import choose_mode, quantize_variant
 
     out = dict(variants)
     for name, e in variants.items():
-        if e.kind not in QUANTIZABLE:
+        if e.kind not in kinds:
             continue
         q_name = f"{name}_int8"
-        with timed(f"build: {q_name} quantized and checked"):
+        mode = choose_mode(stage / e.file, recipe.build.quantize, calibration=len(data.y_train) > 0)
+        with timed(f"build: {q_name} quantized ({mode}) and checked"):
             check = quantize_variant(
                 stage / e.file, stage / f"{q_name}.onnx", data, max_loss_pp=recipe.build.quantize_max_loss_pp, source=name,
+                mode=mode,
             )
         out[name] = replace(e, method={**(e.method or {}), "int8": check.to_dict()})
         if check.accepted:
+            how = ({"weights": "int8 per output channel", "activations": f"uint8, ranges calibrated once ({check.calibration})",
+                    "format": "QDQ", "tool": f"onnxruntime.quantization.quantize_static ({ort.__version__})"}
+                   if mode == "static" else
+                   {"weights": "int8 per tensor", "activations": "uint8, quantized per call",
+                    "tool": f"onnxruntime.quantization.quantize_dynamic ({ort.__version__})"})
             out[q_name] = ModelEntry(
                 file=f"{q_name}.onnx", sha256="", kind="quantized",
-                method={"name": "dynamic_int8", "source": name, "weights": "int8 per tensor",
-                        "activations": "uint8, quantized per call",
-                        "tool": f"onnxruntime.quantization.quantize_dynamic ({ort.__version__})"},
+                method={"name": f"{mode}_int8", "source": name, **how},
                 metrics={"val_accuracy": check.val_accuracy, "test_accuracy": check.test_accuracy},
                 n_parameters=e.n_parameters, parity=check.to_dict(), arch=e.arch,
             )

@@ -550,10 +550,10 @@ def build_composed_with_data(recipe: Recipe):
     inputs = [i.to_tensor_spec() for i in recipe.inputs]
     names = [m.name for m in recipe.members]
     skipped = [s for s, on in (("merged", bool(recipe.merge.method) and not merge_requested(recipe)),
-                               ("int8", recipe.build.quantize)) if on]
+                               ("int8", bool(recipe.build.quantize) and any(i.kind == "text" for i in recipe.inputs))) if on]
     if skipped:
         log.warning("a bundle of named inputs composes its members' graphs (merged: only the members [merge] members "
-                    "names, or a [merge] config; no merged/distilled file to quantize on this path); skipped: %s",
+                    "names, or a [merge] config; int8: not for text inputs on this path); skipped: %s",
                     ", ".join(skipped))
     cm = compose_members(recipe, inputs)
     members, graph = cm.members, cm.graph
@@ -586,6 +586,10 @@ def build_composed_with_data(recipe: Recipe):
             flat = flat_view(data) is not None  # one float input: the augmented flat path; else the named one
             variants |= (export_distilled(recipe, stage, data, inputs) if flat
                          else export_distilled_named(recipe, stage, data, feeds, cm))
+        if recipe.build.quantize and not cm.text:  # issue 18: the composed graph too (static int8 when it has convs)
+            from fusion.build import QUANTIZABLE, quantize_variants
+
+            variants = quantize_variants(recipe, variants, stage, feeds, kinds=("ensemble", *QUANTIZABLE))
         manifest = replace(manifest, variants=variants, members=members_out, ensemble_selection=selection)
         if recipe.build.compare and data.task == "classification":
             with timed("build: comparison report written"):  # text: fusion/compare.py tokenizes with the staged tokenizer

@@ -25,7 +25,8 @@
     [build]
     out = "artifacts/bundle"
     compare = true               # comparison.md/.json/.png in the bundle and in the manifest
-    quantize = false             # int8 variants of merged/distilled, kept within quantize_max_loss_pp
+    quantize = false             # int8 variants of merged/distilled (and a composed image ensemble), kept within
+                                 # quantize_max_loss_pp; true: static when the graph has a Conv, else dynamic; "static" | "dynamic"
 
     [serve]
     split = false                # true: also the split layout, a front + one bundle per member (issue 19)
@@ -87,6 +88,7 @@ Name = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
 
 TASKS = ("classification", "regression")
 CALIBRATIONS = ("none", "temperature")
+QUANTIZE_MODES = ("static", "dynamic")  # fusion.quantize.MODES (kept torch-free here)
 WEIGHT_MODES = ("auto", "equal", "select", "fit")  # fusion.ensemble.selection.MODES (kept torch-free here)
 ALIGNMENTS = ("", "weight_matching", "activation_matching")
 AUGMENTATIONS = ("noise", "shift", "mixup")
@@ -225,7 +227,7 @@ class BuildSection:
     out: StrictStr = "artifacts/bundle"
     compare: StrictBool = True
     compare_rounds: _int_in(1, 100_000) = 300  # interleaved latency rounds per model and batch size
-    quantize: StrictBool = False
+    quantize: Union[StrictBool, Literal[QUANTIZE_MODES]] = False  # fusion/quantize.py choose_mode
     quantize_max_loss_pp: Number = 0.5  # accuracy points an int8 file may lose (negative: it must gain that many)
 
 

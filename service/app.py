@@ -251,8 +251,10 @@ async def ab_report(request: Request, svc: "FusionService", rid: str) -> Respons
 
 @endpoint("inference")
 async def info(request: Request, svc: "FusionService", rid: str) -> Response:
-    """The served bundle: version, input spec, classes, variants and members with their offline metrics."""
-    return json_response({**svc.engine.describe(svc.engine.current()), "request_id": rid})
+    """The served bundle: version, input spec, classes, variants and members with their offline metrics, and
+    each local model's effective intra-op threads and adaptive batching, and why (`tuning`: service/tuning.py)."""
+    served = svc.engine.current()
+    return json_response({**svc.engine.describe(served), "tuning": svc.engine.predictor.tuning(served), "request_id": rid})
 
 
 @endpoint("inference")

@@ -4,7 +4,9 @@ No timer: a request that finds its model idle runs at the next turn of the event
 latency at low load); the requests that arrive meanwhile, or while a call is running, wait for it
 and then run together as the next call, up to `max_rows` rows. Up to `instances` calls of one
 model run at once (Triton's model instances): while one computes in a worker thread, another can
-start on the requests that arrived meanwhile, so a second core is not left idle.
+start on the requests that arrived meanwhile, so a second core is not left idle. A model whose
+intra-op threads FUSION_INTRA_OP_THREADS=auto chose runs at most cores // threads calls at once
+(`instances_for`: a model on every core runs one call at a time, never oversubscribing them).
 
 Cheap calls run on the event loop (a thread hop costs more than the model); expensive ones (more
 than `inline_rows` rows, or expected to take longer than FUSION_INLINE_BUDGET_MS from the model's
@@ -39,6 +41,7 @@ from fusion.errors import InputError
 from service.inputs import can_join, join_feeds, n_rows
 from service.metrics import Bounded
 from service.runtime import INLINE_ROWS
+from service.tuning import batch_instances
 
 BATCH_ROWS = Histogram(
     "fusion_batch_rows", "Rows per model call made by the adaptive batcher, by model", ["model"],
@@ -55,6 +58,7 @@ BATCH_ROWS, BATCH_REQUESTS = Bounded(BATCH_ROWS), Bounded(BATCH_REQUESTS)  # mod
 class _Queue:
     pending: list = field(default_factory=list)  # [(X (b, F) or named feeds, future, pads)]
     running: int = 0  # drain tasks of this model (at most `instances`), each making one call at a time
+    instances: int = 1  # AdaptiveBatcher.instances_for(the model)
     metrics: tuple = ()  # (rows, requests) Prometheus children of this model
     model: object = None  # a weak reference that drops this queue when the model goes (a strong one if it cannot be weak)
 
@@ -77,16 +81,23 @@ class AdaptiveBatcher:
             q = self.queues[id(model)] = self._queue(model)
         fut = asyncio.get_running_loop().create_future()
         q.pending.append((X, fut, pads or {}))
-        if q.running < self.instances:  # an idle instance starts a call; busy ones pick it up next
+        if q.running < q.instances:  # an idle instance starts a call; busy ones pick it up next
             q.running += 1
             task = asyncio.create_task(self._drain(q, model))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return await fut
 
+    def instances_for(self, model) -> int:
+        """Calls of `model` run at once: `instances`, but for a model whose threads auto chose no more than
+        its cores hold (2 calls of 2 threads each on 2 cores only take turns, and slow each other)."""
+        if getattr(model, "auto", None) is None:
+            return self.instances
+        return batch_instances(self.instances, model.threads, model.cores)
+
     def _queue(self, model) -> _Queue:
         label = getattr(model, "name", "model")
-        q = _Queue(metrics=(BATCH_ROWS.labels(label), BATCH_REQUESTS.labels(label)))
+        q = _Queue(metrics=(BATCH_ROWS.labels(label), BATCH_REQUESTS.labels(label)), instances=self.instances_for(model))
         key, queues = id(model), self.queues
 
         def forget(_ref) -> None:  # the model is gone: its id may be reused by the next one

@@ -33,6 +33,7 @@ from service.remote import RemoteConfig
 from service.rollout import RolloutLimits, RolloutPlan
 from service.routing import Cascade, RoutingPolicy, parse_weights
 from service.runtime import RuntimeConfig
+from service.tuning import AUTO
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,9 @@ class EngineConfig:
     failure_policy: str = "strict"
     member_deadline_ms: float = 1000.0
     shadow_queue: int = 64  # shadow runs waiting beyond this are dropped (and counted), never queued forever
-    batch_max_rows: int = 0  # adaptive batching of concurrent requests per model; 0 = off
+    # adaptive batching of concurrent requests per model, up to this many rows a call; 0 = off; AUTO (the
+    # default, FUSION_BATCH_MAX_ROWS=auto): on, AUTO_BATCH_ROWS, for models whose batch-1 call is costly (service/tuning.py)
+    batch_max_rows: int = AUTO
     batch_instances: int = 2  # calls of one model the batcher may run at once (Triton: model instances)
     bundle_root: str = ""  # hot swaps load bundles below this directory only; "" = the served bundle's parent
     # the shared A/B store (service/abstore.py): "memory" keeps per-process figures (in-process tests);
@@ -196,6 +199,13 @@ class _Reader:
             raise ConfigError(f"{name}: expected {what}, at most {maximum:g}; got {raw!r:.60}")
         return value
 
+    def int_or_auto(self, name: str, default: int, minimum: int, what: str) -> int:
+        """An integer as `int`, or "auto" (any case) as AUTO (service/tuning.py)."""
+        raw = self._raw(name)
+        if raw is not None and raw.lower() == "auto":
+            return AUTO
+        return self.int(name, default, minimum, f"'auto' or {what}")
+
     def flag(self, name: str, default: bool) -> bool:
         raw = self._raw(name)
         if raw is None:
@@ -268,7 +278,7 @@ def _engine(r: _Reader) -> EngineConfig:
         member_deadline_ms=r.float("FUSION_MEMBER_DEADLINE_MS", d.member_deadline_ms, strict=True,
                                    what="a positive number of milliseconds", maximum=DAY_S * 1e3),
         shadow_queue=r.int("FUSION_SHADOW_QUEUE", d.shadow_queue, 0, "a non-negative integer"),
-        batch_max_rows=r.int("FUSION_BATCH_MAX_ROWS", d.batch_max_rows, 0, "a non-negative integer (0: no batching)"),
+        batch_max_rows=r.int_or_auto("FUSION_BATCH_MAX_ROWS", d.batch_max_rows, 0, "a non-negative integer (0: no batching)"),
         batch_instances=r.int("FUSION_BATCH_INSTANCES", d.batch_instances, 1, "a positive integer"),
         bundle_root=r.text("FUSION_BUNDLE_ROOT").strip(),
         ab_store=r.parsed("FUSION_AB_STORE", _ab_store, "sqlite:"),
@@ -306,15 +316,17 @@ def _ab_test(r: _Reader) -> NonInferiority:
     return NonInferiority(*values)
 
 
-def _runtime(r: _Reader, timeout_s: float) -> RuntimeConfig:
+def _runtime(r: _Reader, timeout_s: float, workers: int = 1) -> RuntimeConfig:
     d = RuntimeConfig
     gpus = r.text("FUSION_GPU_IDS").strip()
     if gpus and not _GPU_IDS.match(gpus):
         raise ConfigError(f"FUSION_GPU_IDS: expected comma-separated GPU indices (e.g. 0,1); got {gpus!r:.60}")
     return RuntimeConfig(
-        # 1 by default: at batch 1 a second thread costs more in wake-ups than it saves, and p99 suffers
-        # when the cores are shared with HTTP handling; raise it for large batches (docs/BENCHMARKS.md)
-        intra_op_threads=r.int("FUSION_INTRA_OP_THREADS", d.intra_op_threads, 1, "a positive integer"),
+        # auto by default: 1 for a cheap model (at batch 1 a second thread costs more in wake-ups than it saves,
+        # and p99 suffers when the cores are shared with HTTP handling), every core of this worker for a
+        # model whose batch-1 call is costly (service/tuning.py; docs/BENCHMARKS.md)
+        intra_op_threads=r.int_or_auto("FUSION_INTRA_OP_THREADS", d.intra_op_threads, 1, "a positive integer"),
+        processes=workers,
         member_threads=r.int("FUSION_MEMBER_THREADS", d.member_threads, 1, "a positive integer"),
         device=r.choice("FUSION_DEVICE", d.device, ("auto", "cpu", "cuda")),
         gpu_ids=tuple(int(g) for g in gpus.split(",") if g.strip()),
@@ -381,7 +393,7 @@ def read(env: Mapping[str, str]) -> tuple[ServiceConfig, frozenset[str]]:
     """`load(env)` and the names of every variable it read (for tests/test_config.py)."""
     r = _Reader(env)
     http = _http(r)
-    cfg = ServiceConfig(http=http, engine=_engine(r), runtime=_runtime(r, http.timeout_s),
+    cfg = ServiceConfig(http=http, engine=_engine(r), runtime=_runtime(r, http.timeout_s, http.workers),
                         load_limits=_load_limits(r, env), tokens=_tokens(r), routing=_routing(r), serve=_serve(r),
                         rollout=_rollout(r), remote=_remote(r))
     if not 0 < cfg.serve.port < 65536:

@@ -2,7 +2,8 @@
 
 `Predictor.predict` is the only way a request is answered (POST /predict, OIP infer, the BentoML twin,
 and the in-process tests), so the tests exercise the path production takes. Scheduling:
-- the adaptive batcher (FUSION_BATCH_MAX_ROWS > 0) when the variant is one onnxruntime session;
+- the adaptive batcher (FUSION_BATCH_MAX_ROWS > 0, or auto and the model's batch-1 call is costly:
+  service/tuning.py) when the variant is one onnxruntime session;
 - else on the event loop when it is one session and the call is cheap (runtime.Model.inline_ok: few
   rows, and expected from the model's recent calls to take at most FUSION_INLINE_BUDGET_MS);
 - else in a worker thread. Members mode and cascade always run in a thread: they wait on member
@@ -19,6 +20,7 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from fusion.errors import InputError, UnknownNameError
+from service import tuning
 from service.ab import Stats
 from service.batching import AdaptiveBatcher
 from service.bundles import MEMBERS, Served
@@ -57,8 +59,24 @@ class Predictor:
         self.stats = stats
         self.current = current
         self.shadows = ShadowRunner(stats, cfg.shadow_queue)
-        self.batcher = (AdaptiveBatcher(cfg.batch_max_rows, instances=cfg.batch_instances)
-                        if cfg.batch_max_rows > 0 else None)
+        # FUSION_BATCH_MAX_ROWS: AUTO batches only the models whose batch-1 call is costly (service/tuning.py)
+        self.batch_rows = cfg.batch_max_rows
+        rows = tuning.AUTO_BATCH_ROWS if cfg.batch_max_rows == tuning.AUTO else cfg.batch_max_rows
+        self.batcher = AdaptiveBatcher(rows, instances=cfg.batch_instances) if rows > 0 else None
+
+    def batches(self, model) -> bool:
+        """Whether `model`'s requests go through the adaptive batcher: always when FUSION_BATCH_MAX_ROWS > 0,
+        never when 0; under auto when its batch-1 call at load cost more than tuning.COSTLY_S."""
+        if self.batcher is None:
+            return False
+        return self.batch_rows != tuning.AUTO or getattr(model, "probe_s", 0.0) > tuning.COSTLY_S
+
+    def tuning(self, served: Served) -> dict:
+        """Each local model's effective intra-op threads and batching, and why (GET /info)."""
+        members = served.loaded.manifest.members
+        return {name: tuning.report(m, member=name in members, batch_rows=self.batch_rows, batched=self.batches(m),
+                                    instances=self.batcher.instances_for(m) if self.batcher is not None else 0)
+                for name, m in served.loaded.models.items()}
 
     async def predict(self, X: np.ndarray, *, variant: str | None, key: str | None, request_id: str,
                       client: str = "", client_chose_id: bool = False, served: Served | None = None,
@@ -77,7 +95,7 @@ class Predictor:
         model = served.loaded.models.get(name)  # one onnxruntime session, no waiting on other threads
         # named feeds (Manifest.inputs) join too: concatenated when their other dimensions agree, text rows
         # re-padded to the longest of the call with the tokenizer's pad id (service/batching.py)
-        if model is not None and self.batcher is not None:
+        if model is not None and self.batches(model):
             pads = served.loaded.inputs.pads if type(X) is dict and served.loaded.inputs is not None else None
             out, extra = await self.batcher.run(model, X, pads=pads), {}
         elif model is not None and model.inline_ok(len(X) if type(X) is not dict else n_rows(X)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from fusion.bundle import MAX_MANIFEST_BYTES, Bundle, Manifest, read_bundle
 from fusion.errors import BundleError, InputError, UnavailableError
 from service.inputs import Inputs, n_rows
 from service.onnx_check import check_model
+from service.tuning import AUTO, Decision, available_cores, decide
 
 log = logging.getLogger("fusion.service")
 
@@ -24,7 +26,8 @@ log = logging.getLogger("fusion.service")
 class RuntimeConfig:
     """Thread and device settings; every default is explicit (onnxruntime would take all cores per session)."""
 
-    intra_op_threads: int = 1
+    # AUTO (FUSION_INTRA_OP_THREADS=auto): 1 for a cheap variant, every core for a costly one (service/tuning.py)
+    intra_op_threads: int = AUTO
     member_threads: int = 1  # per-member sessions never get more: N pools on shared cores blow up p99
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     gpu_ids: tuple[int, ...] = ()
@@ -32,6 +35,7 @@ class RuntimeConfig:
     run_timeout_s: float = 30.0  # one onnxruntime run past this is stopped (RunDeadline); <= 0: never
     inline_budget_s: float = 0.5e-3  # a small call may run on the event loop if expected to take at most this (CallCost)
     cuda_tf32: bool = False  # TF32 matmuls/convolutions on the CUDA provider: faster, not float32 (providers_for)
+    processes: int = 1  # worker processes sharing the cores (FUSION_WORKERS): auto threads divide them
 
     def use_cuda(self) -> bool:
         if self.device == "cpu":
@@ -53,12 +57,21 @@ def providers_for(cfg: RuntimeConfig, device_id: int | None) -> list:
     return ["CPUExecutionProvider"]
 
 
-def make_session(model: bytes, threads: int, providers: list) -> ort.InferenceSession:
-    """A session over already-verified bytes (parsed exactly as they were hashed)."""
+def make_session(model: bytes, threads: int, providers: list, spinning: bool = True) -> ort.InferenceSession:
+    """A session over already-verified bytes (parsed exactly as they were hashed). `spinning=False`: the
+    intra-op pool's threads sleep between kernels and calls instead of spinning (auto threads, below).
+
+    One session runs its graph sequentially: the fused graph's members are independent subgraphs, but
+    ORT_PARALLEL (inter-op threads 3 x intra-op 1) took 1.04x (image) and 2.1x (text) the batch-1 time
+    of one thread on 2 shared cores, where 2 intra-op threads without spinning took 0.64-1.14x (image)
+    and 0.41-1.04x (text): less the busier the other core was (issue 18's ensembles, in-process,
+    interleaved rounds, 1-minute load average 3.4-10 from other processes)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # always parse as ONNX: bytes with "ORTM" at offset 4 would otherwise be read as onnxruntime's own
     # flatbuffers format, which service/onnx_check.py does not walk (docs/RELIABILITY.md, finding 1)
@@ -191,6 +204,11 @@ class Model:
     softmax: bool = False
     # a member whose batch dimension is fixed at 1 (ModelEntry.fixed_batch "one_row", issue 15): one call per row
     one_row: bool = False
+    threads: int = 1  # its session's intra-op threads
+    # what FUSION_INTRA_OP_THREADS=auto measured and chose (service/tuning.py); None: threads set explicitly
+    auto: Decision | None = None
+    cores: int = 1  # the cores auto saw (the batcher runs at most cores // threads calls of it at once)
+    probe_s: float = 0.0  # one batch-1 call at load (probe_feeds), on the session as first opened (1 thread under auto)
 
     def __call__(self, X) -> np.ndarray:
         """A client's rows -> (B, C). onnxruntime's InvalidArgument while running on them (token ids past the
@@ -283,24 +301,74 @@ def load(path: str | Path, cfg: RuntimeConfig | None = None, *, manifest_sha256:
         # members spread round-robin over the visible GPUs; variants on the first one
         device_id = (gpus[i % len(gpus)] if is_member else gpus[0]) if gpus else None
         threads = cfg.member_threads if is_member else cfg.intra_op_threads
+        auto = threads == AUTO
         data, providers = bundle.read_verified(name), providers_for(cfg, device_id)
         check_model(data, entry.file)  # no external data, no custom-op domains: refused before parsing
-        try:
-            sess = make_session(data, threads, providers)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime's refusal: the bundle is unusable, say which file
-            log.error("onnxruntime could not load %s: %s", entry.file, exc)
-            raise BundleError(f"{entry.file}: onnxruntime could not load it: {str(exc).rsplit(' : ', 1)[-1]:.300}") from None
+        sess = _session(data, 1 if auto else threads, providers, entry.file)
         device = f"cuda:{device_id}" if "CUDAExecutionProvider" in sess.get_providers() else "cpu"
         if cfg.device == "cuda" and device == "cpu":  # onnxruntime falls back to CPU silently (no GPU, no CUDA libs)
             raise UnavailableError(f"FUSION_DEVICE=cuda but '{name}' got only {sess.get_providers()}")
-        loaded.models[name] = Model(name, sess, sess.get_inputs()[0].name, device, deadline=run_deadline(cfg.run_timeout_s),
-                                    inline_budget_s=cfg.inline_budget_s,
-                                    binds=bind_inputs(name, entry, sess, loaded.inputs) if loaded.inputs else None,
-                                    output_index=output_index(name, entry, sess),
-                                    softmax=is_member and entry.output == "logits" and manifest.task == "classification",
-                                    one_row=entry.fixed_batch == "one_row")
+        model = Model(name, sess, sess.get_inputs()[0].name, device, deadline=run_deadline(cfg.run_timeout_s),
+                      inline_budget_s=cfg.inline_budget_s,
+                      binds=bind_inputs(name, entry, sess, loaded.inputs) if loaded.inputs else None,
+                      output_index=output_index(name, entry, sess),
+                      softmax=is_member and entry.output == "logits" and manifest.task == "classification",
+                      one_row=entry.fixed_batch == "one_row", threads=1 if auto else threads)
+        # one batch-1 call, timed: what FUSION_INTRA_OP_THREADS=auto and FUSION_BATCH_MAX_ROWS=auto decide on
+        model.probe_s = probe_cost(model, probe_feeds(loaded))
+        if auto:
+            model.cores = cores = available_cores(cfg.processes) if device == "cpu" else 1  # on a GPU: 1 CPU thread
+            model.auto = decide(model.probe_s, cores)
+            if model.auto.threads > 1:  # costly: the session again, on every core (the first one let go first)
+                model.session = sess = None
+                # without spinning: a spinning pool keeps every core busy between kernels and calls, which
+                # the HTTP layer and the other requests need (measured: 1.35-1.95x the batch-1 time of one
+                # thread on 2 loaded cores, where the same threads asleep took 0.41-1.14x)
+                model.session = _session(data, model.auto.threads, providers, entry.file, spinning=False)
+                model.threads = model.auto.threads
+        loaded.models[name] = model
     warm_up(loaded)
     return loaded
+
+
+def _session(data: bytes, threads: int, providers: list, file: str, spinning: bool = True) -> ort.InferenceSession:
+    try:
+        return make_session(data, threads, providers, spinning)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's refusal: the bundle is unusable, say which file
+        log.error("onnxruntime could not load %s: %s", file, exc)
+        raise BundleError(f"{file}: onnxruntime could not load it: {str(exc).rsplit(' : ', 1)[-1]:.300}") from None
+
+
+def probe_feeds(loaded: LoadedBundle):
+    """One row as large as requests get, for timing a model at load (FUSION_INTRA_OP_THREADS=auto): zeros of
+    the flat input, or the named inputs' warm-up row with every text feed at its full `max_length` (a
+    request's text is padded to its own length only, so this is the costliest batch-1 call)."""
+    named = loaded.inputs
+    if named is None:
+        return np.zeros((1, loaded.manifest.input.n_features), dtype=np.float32)
+    feeds = named.example(1)
+    for spec in named.specs.values():
+        if spec.kind == "text":
+            for g in named.graph_inputs[spec.name]:
+                feeds[g] = np.full((1, int(spec.text["max_length"])), 1 if g == "attention_mask" else 0, dtype=np.int64)
+    return feeds
+
+
+def probe_cost(model: Model, X, calls: int = 5, budget_s: float = 0.5) -> float:
+    """The wall time of one call on X: the least of up to `calls` timed calls (fewer once they add up to
+    `budget_s`: a costly model is told apart in one or two) after one untimed one (first-call allocations).
+    The least, so that a hiccup of a loaded machine cannot make a cheap model look costly. A model that
+    fails here makes the bundle unusable (as in warm_up)."""
+    model.run(X)
+    best, spent = math.inf, 0.0
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        model.run(X)
+        took = time.perf_counter() - t0
+        best, spent = min(best, took), spent + took
+        if spent >= budget_s:
+            break
+    return best
 
 
 def bind_inputs(name: str, entry, sess: ort.InferenceSession, inputs: Inputs) -> tuple[tuple[str, str], ...]:

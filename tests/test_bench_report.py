@@ -28,17 +28,74 @@ def results(speedups=(1.8, 3.2), ratio=2.7, frac=0.8):
 
 def test_each_target_is_judged_from_its_numbers():
     rows = {label: (value, goal, ok) for label, value, goal, ok in targets(results())}
-    batching = {label: ok for label, (_, _, ok) in rows.items() if label.startswith("throughput with")}
-    assert len(batching) == 2
-    assert [ok for label, ok in sorted(batching.items(), key=lambda kv: "4096" in kv[0])] == [False, True]  # 1.8 < 3 <= 3.2
+    # issue 18 moved the batching (≥ 3) and /predict ÷ echo (≤ 1.25) goals off the tiny digits models: the rows
+    # stay, with their figures, for comparison, never judged
+    batching = {label: (value, ok) for label, (value, _, ok) in rows.items() if label.startswith("throughput with")}
+    assert sorted(batching.values()) == [("1.800", None), ("3.200", None)]
     echo = next(v for label, v in rows.items() if "default 8-member ensemble) ÷ echo" in label)
-    assert echo == ("2.700", "≤ 1.25", False)
+    assert echo[0] == "2.700" and echo[2] is None and "dropped" in echo[1]
     gemm = next(v for label, v in rows.items() if "GEMM peak" in label)
     assert gemm == ("80%", "≥ 0.85", False)
     gemm_met = next(ok for label, _, _, ok in targets(results(frac=0.86)) if "GEMM peak" in label)
     assert gemm_met is True
-    comparisons = [ok for label, (_, goal, ok) in rows.items() if goal == "(for comparison)"]
+    comparisons = [ok for label, (_, goal, ok) in rows.items() if goal.startswith("(for comparison")]
     assert comparisons and all(ok is None for ok in comparisons)  # no goal, never "met"
+
+
+def test_single_models_are_judged_on_their_own_time_above_the_call_floor():
+    """merged ÷ ensemble ≈ 1/K is about the models: each median less one onnxruntime call's cost (measured in the
+    same rounds), judged against 1.5/K; the whole calls' ratio stays for comparison."""
+    var = {"k": 8, "floor_us": 10.0, "median_us": {"ensemble": 170.0, "merged": 30.0, "distilled": 45.0},
+           "over_ensemble": {"merged": 30 / 170, "distilled": 45 / 170},
+           "model_over_ensemble": {"merged": 20 / 160, "distilled": 35 / 160}}
+    rows = {label: (value, goal, ok) for label, value, goal, ok in targets({**results(), "variants": var})}
+    merged = next(v for label, v in rows.items() if label.startswith("merged ÷ ensemble latency, batch 1 (K = 8), each less"))
+    assert merged == ("0.125", "≈ 1/K = 0.12", True)  # 20/160 <= 1.5/8
+    distilled = next(v for label, v in rows.items() if label.startswith("distilled ÷ ensemble latency, batch 1 (K = 8), each"))
+    assert distilled == ("0.219", "≈ 1/K = 0.12", False)  # 35/160 > 0.1875
+    whole = next(v for label, v in rows.items() if label.startswith("merged ÷ ensemble latency, batch 1, whole calls"))
+    assert whole == (f"{30 / 170:.3f}", "(for comparison)", None)
+    assert "10.0 µs" in "\n".join(notes({"variants": var}))
+
+
+def test_merge_memory_is_judged_above_the_interpreter():
+    m = {"model_bytes": 400e6, "baseline_rss_bytes": 670e6, "stream_peak_rss_bytes": 750e6,
+         "stream_rss_over_model": 750 / 400, "stream_rss_above_baseline_over_model": 80 / 400,
+         "in_memory_rss_over_model": 7.4}
+    rows = {label: (value, goal, ok) for label, value, goal, ok in targets({"merge": m})}
+    assert rows["streaming merge peak RSS above the interpreter (torch imported) ÷ one model's size"] == ("0.200", "≤ 1.5", True)
+    assert rows["streaming merge peak RSS ÷ one model's size, interpreter included"] == ("1.875", "(for comparison)", None)
+    assert "670 MB" in "\n".join(notes({"merge": m}))
+
+
+def test_peers_results_add_their_goals_and_tables():
+    """`make bench-peers`' results (docs/peers.json) put each ensemble's table and the issue-18 goals, judged from
+    the figures, into BENCHMARKS.md; batching on ÷ off compares ours with ours at FUSION_BATCH_MAX_ROWS=0."""
+    def point(rps, p99, c):
+        return {"rps": rps, "p50_ms": 1000 * c / rps, "p99_ms": p99, "errors": 0, "requests": 100, "connections": c,
+                "tool": "wrk"}
+
+    def closed(r1, r32, p99=500.0):
+        return {"closed": {"1": point(r1, 50.0, 1), "8": point(r1 * 2, 200.0, 8), "32": point(r32, p99, 32)},
+                "agreement": {"max_abs_diff": 1e-8}}
+
+    ens = {"peers": {"ours": {**closed(20.0, 60.0, 400.0), "agreement": {"reference": True}},
+                     "ours_nobatch": {"closed": {"32": point(15.0, 3000.0, 32)}, "agreement": {}},
+                     "ray": closed(10.0, 30.0, 900.0), "fastapi": closed(12.0, 50.0, 700.0)}, "open_rate": 30.0}
+    labels = {"ours": "ours (fused bundle, defaults)", "ours_nobatch": "ours, adaptive batching off",
+              "ray": "Ray Serve composition", "fastapi": "FastAPI + torch eager"}
+    pr = {"date": "2026-12-04 21:00 UTC", "machine": "2 CPUs", "concurrency": [1, 8, 32], "seconds": 8,
+          "open_fraction": 0.5, "size": "full", "loadavg": {"start": "0.1", "end": "1.0"}, "total_s": 900,
+          "peers": {n: {"label": v} for n, v in labels.items()}, "ensembles": {"text": ens}}
+    page = render(results(), [], smoke=False, peers=pr)
+    # best peer at 32 clients is FastAPI (50 req/s): 60/50 = 1.2 < 1.5; at 1 client its p50 is 1000/12 ms
+    assert ("| throughput at 32 clients, text: ours ÷ best peer (FastAPI + torch eager), our p99 ≤ its p99 | "
+            "1.20 (p99 400 vs 700 ms) | ≥ 1.5, p99 ≤ | **no** |") in page
+    assert "| batch-1 latency at 1 client, text: ours ÷ best peer (FastAPI + torch eager), p50 | 0.60 (50 vs 83 ms) | ≤ 0.8 | yes |" in page
+    assert "ours with FUSION_BATCH_MAX_ROWS=0, requests/s | 4.00 (60.0 vs 15.0 req/s) | ≥ 3 | yes |" in page
+    assert "## Side by side with the peers (issue 18)" in page and "![requests/s and p99 per server](peers.png)" in page
+    assert "| ours, adaptive batching off | — | — | 15.0 · 2133 · 3000 |" in page  # measured at 32 clients only
+    assert "## Side by side with the peers" not in render(results(), [], smoke=False)  # no peers run: no section
 
 
 def test_notes_and_page_quote_this_runs_figures():

@@ -98,9 +98,14 @@ def test_batching_on_coalesces_concurrent_predicts_and_splits_the_answers_back(b
 
 
 def test_batching_off_builds_no_batcher(bundle):
-    eng = engine(bundle)
+    eng = engine(bundle, batch_max_rows=0)
     try:
         assert eng.predictor.batcher is None
+    finally:
+        eng.close()
+    eng = engine(bundle)  # the default, FUSION_BATCH_MAX_ROWS=auto: this bundle's cheap models are not batched
+    try:
+        assert not any(eng.predictor.batches(m) for m in eng.current().loaded.models.values())
     finally:
         eng.close()
 

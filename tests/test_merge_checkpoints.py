@@ -381,6 +381,8 @@ def test_sharded_bench_smoke_reports_both_ratios_and_cleans_up(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == json.loads(out.read_text())
     assert result["streaming_equals_in_memory"] is True
+    assert result["same_bytes_as_torch_path"] is True  # fused loop + mapped reads wrote what the torch path wrote
+    assert result["compute_gbps_input"] > 0 and result["write_gbps_output"] > 0 and result["torch_path_stream_gbps_input"] > 0
     assert result["output_shards"] > 1 and result["input_shards"][0] != result["input_shards"][1]
     assert result["throughput_ratio"] > 0 and result["rss_over_largest_shard"] > 0
     assert result["stream_peak_rss_bytes"] >= result["baseline_rss_bytes"] > 0

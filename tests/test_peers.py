@@ -175,3 +175,18 @@ def test_goals_are_computed_from_the_run_against_the_best_peer():
     rows, why = goals(info)
     assert next(r for r in rows if r.startswith("| throughput")).endswith("| no |")
     assert len(why) == 1 and "1.25" in why[0] and "40.0 vs 32.0" in why[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["image", "text"])
+def test_fused_real_loop_runs_the_members_as_members_mode_does(tiny, kind):
+    """bench/bench_fused_real.py's loop (each member's own session, softmaxed logits, the bundle's combiner in
+    numpy) computes what the fused graph computes: its ratio compares the same work."""
+    from bench import bench_fused_real
+
+    res = bench_fused_real.bench_bundle(Path(tiny[kind]["bundle"]), threads=1, batches=(1, 3), rounds=1,
+                                        budget_s=0.1, smoke=True)
+    assert res["members"] == [m["name"] for m in tiny[kind]["members"]]
+    assert [r["batch"] for r in res["rows"]] == [1, 3]
+    assert res["max_abs_diff_fused_vs_loop"] <= 1e-5
+    assert all(r["fused_ms"] > 0 and r["loop_ms"] > 0 for r in res["rows"])

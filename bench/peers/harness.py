@@ -62,6 +62,7 @@ class Peer:
     settings: str = ""
     env: dict = field(default_factory=dict)
     make_target: str = ""
+    concurrency: tuple[int, ...] = ()  # the closed-loop points this server runs (empty: all of CONCURRENCY)
 
     def interpreter(self) -> str:
         return self.python or sys.executable
@@ -93,8 +94,14 @@ def peers() -> list[Peer]:
         Peer("ours", "ours (fused bundle, defaults)", "", (*bento, "service.app:FusionService"),
              packages=("bentoml", "onnxruntime"), env={"FUSION_LOAD_TIMEOUT_S": "600"},
              settings="`bentoml serve service.app:FusionService`, FUSION_BUNDLE=the bundle, every FUSION_* setting at its "
-                      "default (adaptive batching off) but FUSION_LOAD_TIMEOUT_S=600: the default 20 s refuses these "
-                      "ensembles' load + warm-up + probe on 2 loaded cores"),
+                      "default (threads and adaptive batching chosen by the service from the model's cost: "
+                      "FUSION_INTRA_OP_THREADS=auto, FUSION_BATCH_MAX_ROWS=auto) but FUSION_LOAD_TIMEOUT_S=600: the "
+                      "default 20 s refuses these ensembles' load + warm-up + probe on 2 loaded cores"),
+        Peer("ours_nobatch", "ours, adaptive batching off", "", (*bento, "service.app:FusionService"),
+             packages=("bentoml", "onnxruntime"), env={"FUSION_LOAD_TIMEOUT_S": "600", "FUSION_BATCH_MAX_ROWS": "0"},
+             concurrency=(max(CONCURRENCY),),
+             settings="as ours, with FUSION_BATCH_MAX_ROWS=0 (adaptive batching off), at "
+                      f"{max(CONCURRENCY)} clients only: the batching on ÷ off goal"),
         Peer("bentoml", "BentoML, docs style", "", (*bento, "bench.peers.bentoml_plain:Plain"),
              packages=("bentoml", "onnxruntime"),
              settings="one `@bentoml.api` (sync), 3 onnxruntime sessions (default options) run in turn, numpy mean"),
@@ -261,6 +268,17 @@ def open_loop(run: Running, bodies: list[bytes], rate: float, seconds: float) ->
     return run_open_loop(run.url, run.peer.path, bodies, rate, secs, drain_s=30.0)
 
 
+def ours_settings(url: str) -> dict:
+    """What ours' /info says it chose (threads, batching, and why): the report quotes it."""
+    import httpx
+
+    try:
+        info = httpx.get(url + "/info", timeout=30).json()
+    except Exception as exc:  # noqa: BLE001 - the figures still stand without it
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {k: v for k, v in info.items() if k in ("tuning", "runtime", "batching")}
+
+
 def measure(run: Running, bodies: list[bytes], seconds: float, concurrency, rate: float | None) -> dict:
     from bench.loadgen import run_load, run_steady
 
@@ -310,7 +328,9 @@ def bench_ensemble(spec_path: Path, chosen: list[Peer], seconds: float, concurre
                 pbodies = [peer.body(json.loads(b)["inputs"]) for b in bodies]
                 for b in pbodies[:2]:  # warm-up: first runs allocate
                     run.post(json.loads(b)["instances" if peer.kserve else "inputs"])
-                r = measure(run, pbodies, seconds, concurrency, rate)
+                if peer.name.startswith("ours"):
+                    settings = ours_settings(run.url)
+                r = measure(run, pbodies, seconds, peer.concurrency or concurrency, rate)
                 if peer.name == "ours":
                     top = r["closed"][str(max(concurrency))]["rps"]
                     rate = round(max(0.2, OPEN_FRACTION * top), 2)
@@ -320,7 +340,8 @@ def bench_ensemble(spec_path: Path, chosen: list[Peer], seconds: float, concurre
             log(f"  {spec['kind']} {peer.name}: FAILED {type(exc).__name__}: {str(exc)[-600:]}")
             continue
         res["peers"][peer.name] = {"startup_s": round(startup, 1), "agreement": agree, **r,
-                                   "wall_s": round(time.monotonic() - t0, 1)}
+                                   "wall_s": round(time.monotonic() - t0, 1),
+                                   **({"settings": settings} if peer.name.startswith("ours") else {})}
         line = " | ".join(f"c={c}: {v['rps']:.1f} req/s p50 {v['p50_ms']:.0f} p99 {v['p99_ms']:.0f} ms"
                           for c, v in r["closed"].items())
         if "open" in r:
@@ -376,6 +397,11 @@ def main(argv=None) -> int:
 
         render(info, a.doc)
         print(f"wrote {a.doc}")
+        from bench.run import rerender
+
+        # docs/BENCHMARKS.md carries the peers' tables and goals beside `make bench`'s figures
+        (a.doc.parent / "peers.json").write_text(json.dumps(info, indent=1))
+        rerender(a.doc.parent)
     bad = [f"{k}/{n}" for k, e in info["ensembles"].items() for n, v in e["peers"].items()
            if "error" in v or v.get("agreement", {}).get("ok") is False]
     if bad:

@@ -2,6 +2,7 @@
 
     .venv/bin/python examples/byo_images/run.py            # a few minutes on 2 CPU cores
     .venv/bin/python examples/byo_images/run.py --quick    # fewer rows and epochs (the test runs this)
+    .venv/bin/python examples/byo_images/run.py --int8     # also the static int8 variants (issue 18)
 
 1. writes scikit-learn's digits upscaled to RGB as `work/data.npz`: `pixels` (N, 3, 32, 32), the 8x8 grey
    images scaled to 0..255, resized bilinearly to 32x32, rounded to integers (so a PNG holds them exactly) and
@@ -99,13 +100,15 @@ def train_members(recipe, data, epochs: int, threads: int) -> dict[str, dict]:
     return out
 
 
-def load(recipe_path: Path, work: str, quick: bool):
+def load(recipe_path: Path, work: str, quick: bool, int8: bool = False):
     from dataclasses import replace
 
     from fusion.recipe import parse_recipe
 
     text = recipe_path.read_text().replace(DEFAULT_WORK, work)
     recipe = parse_recipe(tomllib.loads(text))
+    if int8:  # what `[build] quantize = "static"` in recipe.toml does
+        recipe = replace(recipe, build=replace(recipe.build, quantize="static"))
     if quick:
         recipe = replace(recipe, distill=replace(recipe.distill, epochs=2, patience=0),
                          build=replace(recipe.build, compare_rounds=3))
@@ -145,12 +148,14 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=DEFAULT_WORK, help="where the data, members and bundle go")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for training (default 2)")
     ap.add_argument("--no-serve", action="store_true", help="build only")
+    ap.add_argument("--int8", action="store_true", help="also static int8 variants ([build] quantize = \"static\"), kept "
+                    "within [build] quantize_max_loss_pp validation accuracy points")
     args = ap.parse_args(argv)
     os.chdir(ROOT)
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    recipe = load(HERE / "recipe.toml", str(work), args.quick)
+    recipe = load(HERE / "recipe.toml", str(work), args.quick, args.int8)
     times = {}
     t0 = time.perf_counter()
 
@@ -192,6 +197,14 @@ def main(argv=None) -> int:
           f"{[round(w / sum(weights), 3) for w in weights] if weights else 'equal'}"
           f"{'; output temperature %.3f' % comb['temperature'] if comb.get('temperature') else ''}); "
           f"gate: best member {sel['gate'].get('best_member')}")
+    for name in ("ensemble", "distilled"):  # --int8: kept or dropped by the accuracy gate
+        check = (m.variants[name].method or {}).get("int8") if name in m.variants else None
+        if check:
+            kept = f"{name}_int8" in m.variants
+            print(f"  {name + '_int8':17s} " + (f"test accuracy {m.variants[name + '_int8'].metrics['test_accuracy']:.4f}  "
+                  if kept else "dropped  ") + f"({check['mode']} int8, {check['calibration'] or 'no calibration'}; accuracy "
+                  f"loss vs {name}: validation {check['val_accuracy_loss_pp']:+.2f} pp, test "
+                  f"{check['test_accuracy_loss_pp']:+.2f} pp; allowed {check['max_loss_pp']:.2f} pp)")
     d = m.variants.get("distilled")
     if d:
         print(f"  distilled student ({d.arch['arch']}, {d.n_parameters:,} parameters) taught by the composed graph in "

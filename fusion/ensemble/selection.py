@@ -15,13 +15,28 @@ geometric_mean) export inside the fused graph like any other weights (they norma
   L-BFGS over a softmax parametrisation w = softmax(θ) with the analytic gradient.
 * `choose`: `auto` scores each candidate weighting (equal, select, fit, stacking) out of fold on the
   held-out rows (stratified k-fold cross-fitting: fit on k-1 folds, predict the held-out fold), picks
-  the lowest out-of-fold NLL and refits the winner on every held-out row.
+  the lowest out-of-fold NLL and refits the winner on every held-out row. With `n_repeats` > 1 (the build
+  uses AUTO_REPEATS = 5) the cross-fitting is repeated on differently shuffled partitions and the NLL
+  averaged over the repeats: repeated k-fold cross-validation, the standard remedy for the variance that
+  one random partition adds to a CV estimate (Kohavi 1995, "A study of cross-validation and bootstrap for
+  accuracy estimation and model selection"; Kim 2009, "Estimating classification error rate: Repeated
+  cross-validation, repeated hold-out and bootstrap", CSDA 53(11)). On a validation split with a handful
+  of errors one partition decides which fold each error falls in, and with it the comparison.
 * Output temperature (`tempered`): each weighting may be followed by one temperature T fitted on the
   same rows as its weights, on the ensemble's OUTPUT: softmax(log p / T) (= p^(1/T) renormalised for
   the soft vote; logits / T for logit_mean and geometric_mean), found by fusion.ensemble.calibration's
   bounded search. Averaging probabilities is typically under-confident (T < 1 sharpens it); the argmax
   does not move. `auto` scores `equal`, `select`, `fit`, each also with "+temperature", out of fold (the
   weights and T refitted in every fold) and keeps the lowest NLL; the combiner exports T in the graph.
+  `prior_sd` (the build: LOG_T_PRIOR_SD = 0.5) fits T as a MAP estimate under a Gaussian prior on log T
+  centred on T = 1 instead of by maximum likelihood. Temperature scaling is a one-coefficient multinomial
+  logistic regression on log p (slope 1/T); when the rows it is fitted on hold no error, or one, the
+  data are (nearly) separated and the likelihood keeps improving as T -> 0, so the MLE runs to the search
+  bound (T = 0.05) and the next misclassified row costs tens of nats. A weakly informative prior is the
+  standard cure for separation (Gelman, Jakulin, Pittau & Su 2008, "A weakly informative default prior
+  distribution for logistic and other regression models", Ann. Appl. Stat. 2(4)); sd 0.5 on log T keeps
+  T in [0.37, 2.7] at two standard deviations, wide around the T of 0.7-0.9 typical of averaged
+  probabilities, and its weight (1/N of the mean NLL's scale) vanishes as rows grow.
 * `gate`: is the chosen ensemble better than its best member beyond noise? A paired bootstrap of the
   per-row NLL difference (primary) and an exact McNemar test on correctness (fusion.stats).
 """
@@ -42,6 +57,8 @@ PROB_EPS = 1e-12  # as fusion/compare.py: probabilities clipped before the log
 METRICS = ("log_loss", "accuracy")
 TIE_TOL = 1e-9  # out-of-fold NLLs closer than this are equal (summation order alone moves the last digits)
 MODES = ("equal", "select", "fit", "auto")  # `[ensemble] weights = "..."` (besides a list or a table)
+AUTO_REPEATS = 5  # the build's repeats of the stratified k-fold cross-fitting (5 x 5-fold)
+LOG_T_PRIOR_SD = 0.5  # the build's prior on the output temperature: log T ~ N(0, 0.5^2)
 
 
 # ---- combining in numpy: fusion/combine.py's functions (members mode uses the same), in float64 -------
@@ -239,13 +256,28 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     return shared.apply_temperature(np.asarray(probs, dtype=np.float64), temperature)
 
 
-def fit_output_temperature(probs: np.ndarray, y: np.ndarray) -> float:
+def fit_output_temperature(probs: np.ndarray, y: np.ndarray, prior_sd: float | None = None) -> float:
     """The T minimising the NLL of softmax(log p / T) on these rows (fusion.ensemble.calibration's search:
     bounded Brent over log T in [-3, 3]). log p differs from the combiner's pre-softmax scores by a per-row
-    constant, which the softmax cancels, so the same T applies to logit_mean's mean logits."""
-    from fusion.ensemble.calibration import fit_temperature
+    constant, which the softmax cancels, so the same T applies to logit_mean's mean logits.
 
-    return fit_temperature(np.log(np.maximum(np.asarray(probs, dtype=np.float64), 1e-30)), np.asarray(y))
+    prior_sd: None, the maximum-likelihood T; a number s, the MAP T under log T ~ N(0, s^2): the summed NLL
+    plus (log T)^2 / (2 s^2), i.e. the mean NLL plus (log T)^2 / (2 s^2 N), searched the same way."""
+    from fusion.ensemble.calibration import LOG_T_BOUNDS, fit_temperature, nll_at_temperature
+
+    logp, y = np.log(np.maximum(np.asarray(probs, dtype=np.float64), 1e-30)), np.asarray(y)
+    if prior_sd is None:
+        return fit_temperature(logp, y)
+    if not prior_sd > 0:
+        raise ConfigError(f"expected a prior standard deviation of log T > 0 (or None for no prior); got {prior_sd}")
+    if logp.ndim != 2 or len(logp) != len(y) or len(y) == 0:
+        raise ConfigError(f"expected probabilities (N, C) and labels (N,) with N > 0; got {logp.shape} and {y.shape}")
+    from scipy.optimize import minimize_scalar
+
+    penalty = 1.0 / (2.0 * prior_sd * prior_sd * len(y))
+    res = minimize_scalar(lambda s: nll_at_temperature(logp, y, float(np.exp(s))) + penalty * s * s,
+                          bounds=LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-4})
+    return float(np.exp(res.x))
 
 
 @dataclass(frozen=True)
@@ -256,19 +288,24 @@ class Tempered:
     temperature: float
 
 
-def tempered(base: "Candidate") -> "Candidate":
-    """`base` followed by an output temperature fitted on the rows its weights are fitted on."""
+def tempered(base: "Candidate", prior_sd: float | None = None) -> "Candidate":
+    """`base` followed by an output temperature fitted on the rows its weights are fitted on (prior_sd:
+    see `fit_output_temperature`). `choose` reuses `base`'s fit on the same rows when both are compared."""
     if base.combiner not in AVERAGING:
         raise ConfigError(f"an output temperature follows the combiners {list(AVERAGING)}; got '{base.combiner}'")
+    if prior_sd is not None and not prior_sd > 0:
+        raise ConfigError(f"expected a prior standard deviation of log T > 0 (or None for no prior); got {prior_sd}")
 
-    def fit(z, y):
-        params = base.fit(z, y)
-        return Tempered(params, fit_output_temperature(base.predict(params, z), y))
+    def then(params, z, y):
+        return Tempered(params, fit_output_temperature(base.predict(params, z), y, prior_sd))
 
     def predict(t, z):
         return apply_temperature(base.predict(t.weights, z), t.temperature)
 
-    return Candidate(f"{base.name}+temperature", base.combiner, fit, predict)
+    about = (("temperature_fit", "maximum likelihood" if prior_sd is None else
+              f"MAP, log T ~ N(0, {prior_sd:g}^2) (Gelman et al. 2008: a weakly informative prior against separation)"),)
+    return Candidate(f"{base.name}+temperature", base.combiner, lambda z, y: then(base.fit(z, y), z, y), predict,
+                     base=base, then=then, about=about)
 
 
 # ---- auto: candidates scored out of fold ------------------------------------------------------------
@@ -282,6 +319,11 @@ class Candidate:
     combiner: str
     fit: Callable[[np.ndarray, np.ndarray], object]
     predict: Callable[[object, np.ndarray], np.ndarray]
+    # a candidate built on another (`tempered`): fit(z, y) == then(base.fit(z, y), z, y), so `choose` fits the
+    # base once per set of rows for both; `about`: extra (key, value) items for the candidate's record
+    base: "Candidate | None" = None
+    then: Callable[[object, np.ndarray, np.ndarray], object] | None = None
+    about: tuple[tuple[str, str], ...] = ()
 
 
 def weighting(name: str, combiner: str, cfg: SelectionConfig = SelectionConfig()) -> Candidate:
@@ -322,18 +364,43 @@ def n_folds(y: np.ndarray, wanted: int = 5, n_classes: int = 0) -> int:
     return int(min(wanted, np.bincount(np.asarray(y), minlength=n_classes).min() if len(y) else 0))
 
 
-def out_of_fold(candidate: Candidate, logits: np.ndarray, y: np.ndarray, n_splits: int = 5, seed: int = 0) -> np.ndarray:
+def _fitted(candidate: Candidate, z: np.ndarray, y: np.ndarray, memo: dict | None, key) -> object:
+    """candidate.fit(z, y), remembered under `key` (the rows) in `memo`; a candidate with a `base` reuses
+    the base's remembered fit on the same rows."""
+    if memo is None:
+        return candidate.fit(z, y)
+    k = (id(candidate), key)  # the objects outlive `choose`, so their ids are stable keys
+    if k not in memo:
+        memo[k] = (candidate.then(_fitted(candidate.base, z, y, memo, key), z, y) if candidate.base is not None
+                   else candidate.fit(z, y))
+    return memo[k]
+
+
+def out_of_fold(candidate: Candidate, logits: np.ndarray, y: np.ndarray, n_splits: int = 5, seed: int = 0,
+                memo: dict | None = None) -> np.ndarray:
     """Cross-fitted probabilities (N, C): for each of `n_splits` stratified folds (shuffled, seeded),
-    the candidate fitted on the other folds predicts this fold's rows."""
+    the candidate fitted on the other folds predicts this fold's rows. memo: fits shared between calls
+    (see `_fitted`)."""
     from sklearn.model_selection import StratifiedKFold
 
     z, y = _check(logits, y)
     if n_splits < 2:
         raise ConfigError(f"expected at least 2 rows of every class for cross-fitting; got class counts {np.bincount(y).tolist()}")
     oof = np.zeros(z.shape[1:], dtype=np.float64)
-    for fit_idx, pred_idx in StratifiedKFold(n_splits, shuffle=True, random_state=seed).split(np.zeros(len(y)), y):
-        oof[pred_idx] = candidate.predict(candidate.fit(z[:, fit_idx], y[fit_idx]), z[:, pred_idx])
+    folds = StratifiedKFold(n_splits, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)
+    for i, (fit_idx, pred_idx) in enumerate(folds):
+        params = _fitted(candidate, z[:, fit_idx], y[fit_idx], memo, ("fold", n_splits, seed, i))
+        oof[pred_idx] = candidate.predict(params, z[:, pred_idx])
     return oof
+
+
+def repeated_out_of_fold(candidate: Candidate, logits: np.ndarray, y: np.ndarray, n_splits: int = 5,
+                         n_repeats: int = 1, seed: int = 0, memo: dict | None = None) -> np.ndarray:
+    """(n_repeats, N, C): `out_of_fold` on `n_repeats` partitions, repeat r shuffled with seed `seed + r`
+    (so repeat 0 is the single cross-fitting of `seed`)."""
+    if n_repeats < 1:
+        raise ConfigError(f"expected n_repeats >= 1; got {n_repeats}")
+    return np.stack([out_of_fold(candidate, logits, y, n_splits, seed + r, memo) for r in range(n_repeats)])
 
 
 def figures(probs: np.ndarray, y: np.ndarray) -> dict:
@@ -354,25 +421,40 @@ class Choice:
 
 def choose(candidates: Sequence[Candidate], val_logits: np.ndarray, y_val: np.ndarray,
            test_logits: np.ndarray | None = None, y_test: np.ndarray | None = None,
-           n_splits: int = 5, seed: int = 0) -> Choice:
+           n_splits: int = 5, seed: int = 0, n_repeats: int = 1) -> Choice:
     """Score every candidate out of fold on the validation rows, pick the lowest out-of-fold NLL (ties
     within TIE_TOL: the earlier candidate), and refit each on every validation row (its test figures are recorded, never
-    used to choose). With one candidate nothing is compared, but its out-of-fold figures are still recorded."""
+    used to choose). With one candidate nothing is compared, but its out-of-fold figures are still recorded.
+
+    n_repeats > 1: the k-fold cross-fitting repeated on partitions shuffled with seeds seed, seed+1, ...; a
+    candidate's `val_oof` NLL and accuracy are the means over the repeats (`val_oof_repeats` lists each
+    repeat's NLL), every candidate scored on the same partitions (paired). The gate gets the repeat-`seed`
+    predictions (`Choice.val_oof_probs`: one prediction per row, as its McNemar test needs). One candidate:
+    one repeat (nothing is compared)."""
     z, y = _check(val_logits, y_val)
     k = n_folds(y, n_splits)
     if k < 2 and len(candidates) > 1:
         raise ConfigError(f"comparing weightings needs at least 2 validation rows of every class for cross-fitting; "
                           f"got class counts {np.bincount(y).tolist()}")
+    if n_repeats < 1:
+        raise ConfigError(f"expected n_repeats >= 1; got {n_repeats}")
+    repeats = n_repeats if len(candidates) > 1 and k >= 2 else 1
+    memo: dict = {}  # each fit on each set of rows once (a tempered candidate reuses its base's)
     rows, fitted, oofs = {}, {}, {}
     for cand in candidates:
-        fitted[cand.name] = params = cand.fit(z, y)
+        fitted[cand.name] = params = _fitted(cand, z, y, memo, "all")
         in_sample = cand.predict(params, z)
-        oofs[cand.name] = out_of_fold(cand, z, y, k, seed) if k >= 2 else in_sample
+        reps = repeated_out_of_fold(cand, z, y, k, repeats, seed, memo) if k >= 2 else in_sample[None]
+        oofs[cand.name] = reps[0]
+        per = [figures(p, y) for p in reps]
         w = params.weights if isinstance(params, Tempered) else params
         row = {"combiner": cand.combiner,
                "weights": None if w is None or cand.name == "stacking" else [float(v) for v in w],
                "temperature": params.temperature if isinstance(params, Tempered) else None,
-               "val_oof": figures(oofs[cand.name], y), "val_in_sample": figures(in_sample, y)}
+               "val_oof": per[0] if repeats == 1 else {m: float(np.mean([f[m] for f in per])) for m in per[0]},
+               "val_in_sample": figures(in_sample, y), **dict(cand.about)}
+        if repeats > 1:
+            row["val_oof_repeats"] = [f["nll"] for f in per]
         if test_logits is not None:
             row["test"] = figures(cand.predict(params, np.asarray(test_logits, dtype=np.float64)), np.asarray(y_test))
         rows[cand.name] = row
@@ -383,6 +465,10 @@ def choose(candidates: Sequence[Candidate], val_logits: np.ndarray, y_val: np.nd
     by = next(c for c in candidates if c.name == best)
     criterion = (f"lowest validation NLL out of fold ({k}-fold stratified cross-fitting on the validation "
                  f"split, shuffled with seed {seed}); the winner is then refitted on the whole validation split")
+    if repeats > 1:
+        criterion = (f"lowest validation NLL out of fold ({repeats} x {k}-fold stratified cross-fitting on the "
+                     f"validation split, repeat r shuffled with seed {seed}+r, the NLL averaged over the repeats); "
+                     f"the winner is then refitted on the whole validation split")
     if k < 2:
         criterion = "one candidate, its `val_oof` in-sample: fewer than 2 validation rows in some class for cross-fitting"
     record = {

@@ -7,8 +7,9 @@
 Headers are parsed here (8-byte length + JSON) rather than through `safe_open`, and entries are read
 with plain `readinto` into fresh tensors (or a caller's reused buffer: `rows(..., out=buf)`): a read
 goes through the page cache into one buffer and nothing stays mapped, so the process holds only the
-entries it is merging (a memory map would keep every page it touched resident until the handle
-closes, and count it in the RSS).
+entries it is merging (a memory map of a whole file would keep every page it touched resident until the
+handle closes, and count it in the RSS). `mapped_rows` maps just one slice of rows, populated up front
+and unmapped when its tensor is dropped: the streaming merge reads its row slices so, without a copy.
 
 `CheckpointWriter` writes a single file or a directory of shards of bounded size with the index
 `save_pretrained` writes (same split rule as huggingface_hub's `split_torch_state_dict_into_shards`,
@@ -21,11 +22,14 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import re
 import shutil
 import struct
 import sys
+import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -160,6 +164,27 @@ def _read_into(entry: Entry, offset: int, nbytes: int, out: Tensor | None = None
     return buf
 
 
+_frombuffer_lock = threading.Lock()
+
+
+def _map_range(entry: Entry, offset: int, nbytes: int) -> Tensor:
+    """Bytes [offset, offset + nbytes) of an entry as a read-only view of a shared memory map of its file,
+    populated up front (MAP_POPULATE: the page tables are filled here, in the caller's thread, and no byte
+    is copied). The map is unmapped when the last tensor viewing it is freed; until then its pages count
+    in the RSS, so callers map slices (rows), not whole models."""
+    at = entry.start + offset
+    lo = at - at % mmap.ALLOCATIONGRANULARITY
+    with open(entry.file, "rb", buffering=0) as f:
+        try:
+            mm = mmap.mmap(f.fileno(), at + nbytes - lo, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                           prot=mmap.PROT_READ, offset=lo)
+        except ValueError as exc:  # beyond the end of the file
+            raise ConfigError(f"{entry.file}: expected {nbytes} bytes at offset {at}; got {exc}") from None
+    with _frombuffer_lock, warnings.catch_warnings():  # the merge only reads its inputs: the tensor is never written
+        warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+        return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=at - lo)
+
+
 class Checkpoint:
     """A safetensors file or a Hugging Face model directory, read entry by entry (see `open_checkpoint`)."""
 
@@ -203,6 +228,20 @@ class Checkpoint:
         row = math.prod(e.shape[1:]) * e.dtype.itemsize
         shape = (max(0, stop - start), *e.shape[1:])
         return _read_into(e, start * row, max(0, stop - start) * row, out).view(e.dtype).reshape(shape)
+
+
+    def mapped_rows(self, key: str, start: int, stop: int) -> Tensor:
+        """Rows [start, stop) like `rows`, but a read-only view of the file's pages in the page cache (a shared
+        memory map, no copy; see `_map_range`): never write into it. Empty and 0-d entries are read instead."""
+        e = self._entry(key)
+        if not e.shape or e.nbytes == 0:
+            return self.rows(key, start, stop)
+        start, stop = max(0, start), min(stop, e.shape[0])
+        row = math.prod(e.shape[1:]) * e.dtype.itemsize
+        shape = (max(0, stop - start), *e.shape[1:])
+        if stop <= start or row == 0:
+            return torch.empty(shape, dtype=e.dtype)
+        return _map_range(e, start * row, (stop - start) * row).view(e.dtype).reshape(shape)
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:

@@ -2,14 +2,18 @@
 
 Members are `.safetensors` files or Hugging Face directories (sharded or not), read lazily through
 `fusion.merge.checkpoints` one entry (or one slice of rows of an entry, for elementwise methods) at a
-time into fresh buffers (nothing stays mapped); the output, one file or a directory of bounded
-shards, is written as it is computed (each shard's header is known up front because a merge keeps
+time: whole entries into fresh buffers, row slices as read-only maps of the page cache that are
+dropped after their step (FUSION_MERGE_MMAP=0: copied into reused buffers instead); the output, one
+file or a directory of bounded shards, is written as it is computed (each shard's header is known up front because a merge keeps
 every shape), so peak memory is a few entries, not a model, and needs no architecture.
 
 Every entry goes through the same `merge_tensor` as the in-memory `merge`, so both give the same
-bits. Global-scope TIES takes extra passes: an exact radix select of each model's magnitude
-threshold (two histogram passes for float32, four for float64), one pass for the majority sign,
-one to merge.
+bits; row slices of linear / uniform_soup / task_arithmetic with bf16 or float32 inputs and outputs run
+instead through a fused C loop (`fusion.merge.native`) that performs the same float32 operations in
+the same order, so it gives the same bits too (FUSION_MERGE_NATIVE=0 turns it off). Methods that need
+whole-tensor statistics (TIES, DARE, breadcrumbs, model stock, SLERP) keep the whole-entry torch path.
+Global-scope TIES takes extra passes: an exact radix select of each model's magnitude threshold (two
+histogram passes for float32, four for float64), one pass for the majority sign, one to merge.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch import Tensor
 
 from fusion.errors import ConfigError
 from fusion.merge import kernels as K
+from fusion.merge import native
 from fusion.merge.checkpoints import (
     DEFAULT_MAX_SHARD_BYTES,
     Checkpoint,
@@ -66,12 +71,18 @@ def merge_blocked(cfg: MergeMethod, key: str, xs: Sequence[Tensor], base: Tensor
     """One slice of an elementwise entry (linear, task arithmetic) merged SUB_BLOCK elements at a time into
     `out` (its dtype is the output's), half-precision inputs widened to `work` block by block: the widened
     copies and each block's result stay in cache instead of making more passes over memory. Elementwise
-    kernels give the same bits whatever the slicing (kernels.py). xs: K tensors of shape S in the file's
+    kernels give the same bits whatever the slicing (kernels.py). When `native_program` mirrors cfg and the
+    dtypes are bf16/float32, the fused C loop does the whole slice in one pass instead (same bits; a slice
+    with a NaN result is redone here, so NaN payloads are torch's). xs: K tensors of shape S in the file's
     dtype, base: S or None, out: S -> out."""
     flat_out = out.reshape(-1)
     flats = [x.reshape(-1) for x in xs]
     flat_base = base.reshape(-1) if base is not None else None
     n = flat_out.numel()
+    if n and work == torch.float32 and native.supports(xs[0].dtype, out.dtype) and native.available()[0]:
+        program = native_program(cfg, len(xs), weights)
+        if program is not None and _fused(program, flats, flat_base, flat_out):
+            return out  # else a NaN somewhere: the torch path below gives torch's own bits
     m = min(n, SUB_BLOCK)
     widen = xs[0].dtype != work
     scratch = [torch.empty(m, dtype=work) for _ in range(len(xs) + (base is not None))] if widen else []
@@ -85,6 +96,49 @@ def merge_blocked(cfg: MergeMethod, key: str, xs: Sequence[Tensor], base: Tensor
             b = flat_base[s:e] if base is not None else None
         flat_out[s:e].copy_(cfg.merge_tensor(key, ys, b, weights))
     return out
+
+
+def native_program(cfg: MergeMethod, k: int, weights: tuple | None) -> tuple | None:
+    """The fused loop's arguments (`native.fused_merge`, after the tensors) doing what `cfg.merge_tensor` does on
+    float32 inputs, operation for operation, or None when cfg is not one it mirrors: `kernels.linear_kernel`
+    (linear, uniform_soup) and `kernels.task_arithmetic_kernel` (task_arithmetic: no sparsification, no consensus)."""
+    from fusion.merge.methods import Linear
+
+    ws = [float(w) for w in weights] if weights is not None else [1.0] * k
+    if isinstance(cfg, Linear) and type(cfg).merge_tensor is Linear.merge_tensor:
+        uniform = weights is None or all(w == weights[0] for w in weights)  # as linear_kernel (normalize=True)
+        total = float(k) if uniform else math.fsum(ws)
+        return (0 if uniform else 1), ws, [True] * k, total, total != 1.0, 1.0, False
+    if (isinstance(cfg, GeneralizedTaskArithmetic) and type(cfg).merge_tensor is GeneralizedTaskArithmetic.merge_tensor
+            and cfg.scope == "tensor" and cfg.sparsification == "none" and cfg.consensus == "none"):
+        scaling = float(cfg.scaling)
+        return 2, ws, [w != 1.0 for w in ws], 1.0, False, scaling, scaling != 1.0
+    return None
+
+
+_pool: ThreadPoolExecutor | None = None  # shared by every merge of the process (threads idle between slices)
+_pool_size = 0
+FUSED_MIN_SPLIT = 1 << 20  # elements: below this a slice runs in one call (threads cost more than they save)
+
+
+def _fused(program: tuple, flats: list[Tensor], flat_base: Tensor | None, flat_out: Tensor) -> bool:
+    """Run the fused loop over one slice, split over torch's intra-op thread count (the loop releases the GIL).
+    False when a result was NaN."""
+    global _pool, _pool_size
+    kind, ws, mul, total, do_div, scaling, do_scale = program
+    n = flat_out.numel()
+    threads = max(1, torch.get_num_threads()) if n >= FUSED_MIN_SPLIT else 1
+
+    def part(s: int, e: int) -> bool:
+        return native.fused_merge(kind, [f[s:e] for f in flats], flat_base[s:e] if flat_base is not None else None,
+                                  ws, mul, total, do_div, scaling, do_scale, flat_out[s:e])
+
+    if threads == 1:
+        return part(0, n)
+    if _pool is None or _pool_size < threads:
+        _pool, _pool_size = ThreadPoolExecutor(threads, thread_name_prefix="merge-fused"), threads
+    step = -(-n // threads)
+    return all(f.result() for f in [_pool.submit(part, s, min(n, s + step)) for s in range(0, n, step)])
 
 
 def work_dtype(in_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.dtype:
@@ -275,8 +329,13 @@ def merge_files(
             else:
                 yield key, None, None, nbytes, True
 
+    mapped = os.environ.get("FUSION_MERGE_MMAP", "1").strip().lower() not in ("0", "false", "no", "off")
+
     def read(src, key, lo, hi, buf):  # row slices (elementwise steps) stay in the file's dtype: `merge_blocked` widens them
-        return src.get(key) if lo is None else src.ckpt.rows(key, lo, hi, out=buf)
+        if lo is None:
+            return src.get(key)
+        # mapped: the page-cache pages themselves (no copy; `merge_blocked` only reads them), unmapped when dropped
+        return src.ckpt.mapped_rows(key, lo, hi) if mapped else src.ckpt.rows(key, lo, hi, out=buf)
 
     # elementwise steps read into and merge into reused buffers (two of each, alternating: the next
     # step's reads and the previous step's write overlap this step), so pages are not faulted in afresh
@@ -299,7 +358,7 @@ def merge_files(
 
         def fetch(st, j):
             key, lo, hi, nbytes, is_float = st
-            return [readers.submit(read, src, key, lo, hi, None if lo is None else buffer(in_bufs, (j % 2, i), nbytes))
+            return [readers.submit(read, src, key, lo, hi, None if lo is None or mapped else buffer(in_bufs, (j % 2, i), nbytes))
                     for i, src in enumerate(every if is_float else sources[:1])]
 
         todo = steps()

@@ -1,0 +1,105 @@
+"""Intra-op threads and adaptive batching chosen from a model's measured cost (issue 18).
+
+The tiny default ensembles cost ~0.1-0.2 ms a call, below the HTTP floor (~1 ms): for them one
+intra-op thread and no batching are best (a second thread costs more in wake-ups than it saves,
+and the cores are better left to the HTTP layer and to other requests). Real image and text
+ensembles cost tens to hundreds of ms a call: there one request alone should use every core, and
+concurrent requests should share calls (adaptive batching). FUSION_INTRA_OP_THREADS=auto and
+FUSION_BATCH_MAX_ROWS=auto (the defaults) tell them apart at load: `runtime.load` times one batch-1
+call of each variant on one thread (text inputs at their full `max_length`) and `decide` turns that
+cost and the cores into the settings. An explicit integer keeps its meaning (service/config.py).
+
+The rule is a pure function of (cost, cores) so that tests check it by hand (tests/test_auto_tuning.py).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+AUTO = -1  # FUSION_INTRA_OP_THREADS / FUSION_BATCH_MAX_ROWS = "auto" (RuntimeConfig, EngineConfig)
+COSTLY_S = 5e-3  # a batch-1 call above this is "costly": well above the HTTP floor (~1 ms), below real models
+AUTO_BATCH_ROWS = 32  # rows per batched call under auto: a call then costs at most ~32 batch-1 calls
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What auto chose for one model, and why (GET /info shows it)."""
+
+    threads: int
+    batching: bool
+    reason: str
+
+
+def decide(cost_s: float, cores: int, threshold_s: float = COSTLY_S) -> Decision:
+    """The auto settings of a model whose batch-1 call took `cost_s` on one thread, with `cores` cores for
+    this worker: a costly model gets every core and adaptive batching; a cheap one one thread, no batching."""
+    cores = max(1, int(cores))
+    ms, limit = cost_s * 1e3, threshold_s * 1e3
+    if cost_s > threshold_s:
+        return Decision(cores, True, f"auto: batch-1 call {ms:.3g} ms > {limit:g} ms")
+    return Decision(1, False, f"auto: batch-1 call {ms:.3g} ms <= {limit:g} ms")
+
+
+def batch_instances(configured: int, threads: int, cores: int) -> int:
+    """Calls of one model the batcher runs at once when its threads were chosen by auto: no more than the
+    cores hold (`cores // threads`), so that instances x threads never oversubscribe them; at least 1.
+
+    The trade, measured on issue 18's ensembles (2 cores, load average 6-10, two batch-8 calls): one
+    2-thread call at a time took 1.14x (image) and 1.36x (text) the time of two 1-thread calls at once;
+    two 2-thread calls at once (4 threads on 2 cores) 1.32x and 1.03x. One request alone, the common case
+    at low load, gets every core (0.64-1.14x, 0.41-1.04x the batch-1 time of one thread: the gain needs
+    an idle core, which this shared machine did not always have)."""
+    return max(1, min(configured, cores // max(1, threads)))
+
+
+def available_cores(processes: int = 1) -> int:
+    """The cores this process may use, shared among `processes` worker processes (FUSION_WORKERS): the CPU
+    affinity mask, capped by a cgroup CPU quota (a container's CPU limit), at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    quota = cgroup_quota()
+    if quota is not None:
+        cores = min(cores, max(1, math.ceil(quota)))
+    return max(1, cores // max(1, processes))
+
+
+def cgroup_quota(root: str | Path = "/sys/fs/cgroup") -> float | None:
+    """The CPU limit of this process's cgroup in cores (cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us` /
+    `cpu.cfs_period_us`); None when there is none or it cannot be read."""
+    root = Path(root)
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def report(model, *, member: bool, batch_rows: int, instances: int, batched: bool) -> dict:
+    """A model's effective thread and batching settings and why, for GET /info. `model`: a runtime.Model;
+    `batch_rows`: FUSION_BATCH_MAX_ROWS as configured (AUTO, 0 or N); `instances`: the batcher's calls of
+    it at once; `batched`: whether its requests go through the batcher."""
+    auto = getattr(model, "auto", None)
+    ms = getattr(model, "probe_s", 0.0) * 1e3
+    if auto is not None:
+        threads_reason = auto.reason
+    else:
+        threads_reason = f"{'FUSION_MEMBER_THREADS' if member else 'FUSION_INTRA_OP_THREADS'}={model.threads}"
+    if batch_rows == AUTO:
+        limit = COSTLY_S * 1e3
+        batching_reason = f"auto: batch-1 call {ms:.3g} ms {'>' if batched else '<='} {limit:g} ms"
+    else:
+        batching_reason = f"FUSION_BATCH_MAX_ROWS={batch_rows}" + (" (off)" if batch_rows == 0 else "")
+    return {"threads": model.threads, "threads_reason": threads_reason, "batch_1_ms": round(ms, 3),
+            "batching": batched, "batch_max_rows": (AUTO_BATCH_ROWS if batch_rows == AUTO else batch_rows) if batched else 0,
+            "batch_instances": instances if batched else 0, "batching_reason": batching_reason}

@@ -1,0 +1,253 @@
+"""FUSION_INTRA_OP_THREADS=auto and FUSION_BATCH_MAX_ROWS=auto (issue 18, service/tuning.py).
+
+A model whose batch-1 call at load costs more than tuning.COSTLY_S gets every core of its worker
+(intra-op threads, not spinning) and adaptive batching; a cheap one (the digits-style ensembles) keeps
+one thread and no batching, exactly as before. Explicit integers keep their old meaning. No timing
+asserts: the synthetic costly model costs ~1 GFLOP a row (tens of ms on one core, and still > 5 ms on
+the fastest), the cheap ones ~2 kFLOP (microseconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from fusion.errors import ConfigError
+from service import config, runtime, tuning
+from service.config import EngineConfig
+from service.engine import Engine
+from service.routing import RoutingPolicy
+from service.runtime import RuntimeConfig
+from tests.reliability import bundles
+from tests.server import Server
+
+SIDE = 768  # the costly model's (SIDE x SIDE) @ (SIDE x SIDE) per row: 2 * 768^3 = 0.9 GFLOP
+
+
+def costly_model() -> bytes:
+    """A valid classifier of the synthetic bundles' shape (64 features -> 10 probabilities) that also
+    multiplies a (SIDE, SIDE) matrix by itself for every row; the product's largest value, times zero,
+    is added to the input, so the work is needed for the output and the probabilities are the head's."""
+    from onnx import helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.full((1, SIDE, SIDE), 1e-3, np.float32), "C"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+             numpy_helper.from_array(np.array([1], np.int64), "axis1")]
+    head, head_inits = bundles._probabilities_head("shifted")
+    nodes = [helper.make_node("ReduceSum", ["input", "axis1"], ["row_sum"], keepdims=1),  # (B, 1)
+             helper.make_node("Unsqueeze", ["row_sum", "axis1"], ["row_sum3"]),  # (B, 1, 1)
+             helper.make_node("Mul", ["row_sum3", "zero"], ["nothing"]),
+             helper.make_node("Add", ["nothing", "C"], ["big"]),  # (B, SIDE, SIDE)
+             helper.make_node("MatMul", ["big", "big"], ["product"]),
+             helper.make_node("ReduceMax", ["product"], ["peak"], axes=[1, 2], keepdims=0),  # (B,)
+             helper.make_node("Unsqueeze", ["peak", "axis1"], ["peak2"]),  # (B, 1)
+             helper.make_node("Mul", ["peak2", "zero"], ["shift"]),
+             helper.make_node("Add", ["input", "shift"], ["shifted"]), *head]
+    return bundles._model(nodes, inits + head_inits)
+
+
+@pytest.fixture(scope="module")
+def cheap_bundle(tmp_path_factory) -> Path:
+    """The digits-style bundle (4 tiny MLP members and their fused ensemble)."""
+    out = tmp_path_factory.mktemp("auto-cheap") / "b"
+    bundles.make_bundle(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def costly_bundle(tmp_path_factory, cheap_bundle) -> Path:
+    """The same bundle with a costly `ensemble` variant (its members stay cheap)."""
+    return bundles.rewrite(cheap_bundle, tmp_path_factory.mktemp("auto-costly") / "b", {"ensemble.onnx": costly_model()})
+
+
+# ---- the rule, by hand -------------------------------------------------------------------------
+
+
+def test_decide_costly_model_gets_every_core_and_batching():
+    d = tuning.decide(0.085, 2)
+    assert d == tuning.Decision(2, True, "auto: batch-1 call 85 ms > 5 ms")
+    assert tuning.decide(0.085, 16).threads == 16
+    assert tuning.decide(0.085, 1) == tuning.Decision(1, True, "auto: batch-1 call 85 ms > 5 ms")  # one core: batching only
+    assert tuning.decide(0.0051, 4) == tuning.Decision(4, True, "auto: batch-1 call 5.1 ms > 5 ms")
+
+
+def test_decide_cheap_model_keeps_one_thread_no_batching():
+    assert tuning.decide(0.0002, 8) == tuning.Decision(1, False, "auto: batch-1 call 0.2 ms <= 5 ms")
+    assert tuning.decide(0.005, 8) == tuning.Decision(1, False, "auto: batch-1 call 5 ms <= 5 ms")  # the threshold itself: cheap
+    assert tuning.decide(0.0, 0).threads == 1  # no cores reported: still one thread
+    assert tuning.decide(0.02, 8, threshold_s=0.05).batching is False  # the threshold is a parameter
+
+
+def test_batch_instances_never_oversubscribe_the_cores():
+    assert tuning.batch_instances(2, threads=2, cores=2) == 1  # 2 calls x 2 threads on 2 cores: one at a time
+    assert tuning.batch_instances(2, threads=1, cores=2) == 2  # today's default: 2 instances of 1 thread
+    assert tuning.batch_instances(2, threads=4, cores=8) == 2
+    assert tuning.batch_instances(3, threads=8, cores=8) == 1
+    assert tuning.batch_instances(1, threads=1, cores=16) == 1  # never more than configured
+
+
+def test_cgroup_quota_v2_and_v1(tmp_path):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert tuning.cgroup_quota(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert tuning.cgroup_quota(tmp_path) is None
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert tuning.cgroup_quota(tmp_path) == 3.0
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")  # v1: no limit
+    assert tuning.cgroup_quota(tmp_path) is None
+
+
+def test_available_cores_takes_affinity_quota_and_workers(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(tuning, "cgroup_quota", lambda: None)
+    assert tuning.available_cores() == 8
+    assert tuning.available_cores(processes=3) == 2  # 8 cores shared by 3 workers: 2 each (floor)
+    assert tuning.available_cores(processes=16) == 1
+    monkeypatch.setattr(tuning, "cgroup_quota", lambda: 2.5)  # a container limited to 2.5 CPUs: 3 threads
+    assert tuning.available_cores() == 3
+
+
+# ---- the settings ------------------------------------------------------------------------------
+
+
+def test_auto_is_the_default_and_explicit_values_keep_their_meaning():
+    cfg = config.load({})
+    assert cfg.runtime.intra_op_threads == tuning.AUTO and cfg.engine.batch_max_rows == tuning.AUTO
+    for text in ("auto", "AUTO", " Auto "):
+        cfg = config.load({"FUSION_INTRA_OP_THREADS": text, "FUSION_BATCH_MAX_ROWS": text})
+        assert cfg.runtime.intra_op_threads == tuning.AUTO and cfg.engine.batch_max_rows == tuning.AUTO
+    cfg = config.load({"FUSION_INTRA_OP_THREADS": "3", "FUSION_BATCH_MAX_ROWS": "0", "FUSION_WORKERS": "2"})
+    assert (cfg.runtime.intra_op_threads, cfg.engine.batch_max_rows, cfg.runtime.processes) == (3, 0, 2)
+    assert config.load({"FUSION_BATCH_MAX_ROWS": "64"}).engine.batch_max_rows == 64
+
+
+@pytest.mark.parametrize("name,value", [("FUSION_INTRA_OP_THREADS", "0"), ("FUSION_INTRA_OP_THREADS", "automatic"),
+                                        ("FUSION_BATCH_MAX_ROWS", "-1"), ("FUSION_BATCH_MAX_ROWS", "lots")])
+def test_bad_values_are_refused_naming_auto(name, value):
+    with pytest.raises(ConfigError) as err:
+        config.load({name: value})
+    assert name in str(err.value) and "'auto'" in str(err.value) and repr(value) in str(err.value)
+
+
+# ---- in process: the load measures and decides --------------------------------------------------
+
+
+def test_cheap_bundle_loads_as_before(cheap_bundle):
+    loaded = runtime.load(cheap_bundle, RuntimeConfig(device="cpu"))
+    for name, m in loaded.models.items():
+        assert m.threads == 1 and m.session.get_session_options().intra_op_num_threads == 1, name
+        assert 0 < m.probe_s <= tuning.COSTLY_S, (name, m.probe_s)
+    assert loaded.models["ensemble"].auto.threads == 1 and not loaded.models["ensemble"].auto.batching
+    assert loaded.models["mlp_0"].auto is None  # members: FUSION_MEMBER_THREADS, never auto
+
+
+def test_costly_variant_gets_the_cores(costly_bundle, monkeypatch):
+    monkeypatch.setattr(runtime, "available_cores", lambda processes=1: 3)  # any machine: as if 3 cores
+    loaded = runtime.load(costly_bundle, RuntimeConfig(device="cpu"))
+    ens = loaded.models["ensemble"]
+    assert ens.probe_s > tuning.COSTLY_S, f"expected the synthetic costly model above {tuning.COSTLY_S} s; got {ens.probe_s}"
+    assert ens.auto.threads == ens.threads == 3 and ens.auto.batching and ens.cores == 3
+    assert ens.session.get_session_options().intra_op_num_threads == 3
+    assert loaded.models["mlp_0"].threads == 1  # its cheap members keep one thread
+    X = bundles.digits_like(5)
+    np.testing.assert_allclose(loaded.predict("ensemble", X), bundles.offline(costly_bundle, "ensemble", X), atol=1e-6)
+
+
+def test_explicit_threads_are_kept(costly_bundle):
+    loaded = runtime.load(costly_bundle, RuntimeConfig(device="cpu", intra_op_threads=1))
+    ens = loaded.models["ensemble"]
+    assert ens.auto is None and ens.threads == 1 and ens.session.get_session_options().intra_op_num_threads == 1
+    assert ens.probe_s > tuning.COSTLY_S  # still measured: FUSION_BATCH_MAX_ROWS=auto decides on it
+
+
+def _engine(bundle: Path, **cfg) -> Engine:
+    eng = Engine(EngineConfig(bundle=str(bundle), ab_store="memory", **cfg), RoutingPolicy())
+    eng.start()
+    assert eng.ready, eng.error
+    return eng
+
+
+def test_predictor_batches_only_costly_models_under_auto(costly_bundle, cheap_bundle):
+    eng = _engine(costly_bundle)
+    try:
+        served, p = eng.current(), eng.predictor
+        assert p.batches(served.loaded.models["ensemble"]) and not p.batches(served.loaded.models["mlp_0"])
+        info = p.tuning(served)
+        assert info["ensemble"]["batching"] is True and info["ensemble"]["batch_max_rows"] == tuning.AUTO_BATCH_ROWS
+        assert info["ensemble"]["batching_reason"].startswith("auto: batch-1 call ") and "> 5 ms" in info["ensemble"]["batching_reason"]
+        assert info["mlp_0"] == {**info["mlp_0"], "batching": False, "batch_max_rows": 0, "batch_instances": 0,
+                                 "threads": 1, "threads_reason": "FUSION_MEMBER_THREADS=1"}
+        X = bundles.digits_like(6, seed=3)
+
+        async def together():
+            return await asyncio.gather(*(p.predict(X[i:i + 1], variant="ensemble", key=None, request_id=f"r{i}")
+                                          for i in range(len(X))))
+
+        results = asyncio.run(together())
+        np.testing.assert_allclose(np.concatenate([r.output for r in results]),
+                                   bundles.offline(costly_bundle, "ensemble", X), atol=1e-6)
+        assert p.batcher.requests == len(X) and p.batcher.calls < len(X)  # they shared calls
+    finally:
+        eng.close()
+    for rows, expect in ((0, False), (64, True)):  # explicit: every model, or none, as before
+        eng = _engine(cheap_bundle, batch_max_rows=rows)
+        try:
+            models = eng.current().loaded.models
+            assert all(eng.predictor.batches(m) is expect for m in models.values()), rows
+            reason = eng.predictor.tuning(eng.current())["ensemble"]["batching_reason"]
+            assert reason == f"FUSION_BATCH_MAX_ROWS={rows}" + (" (off)" if rows == 0 else ""), reason
+        finally:
+            eng.close()
+
+
+# ---- served: GET /info shows what was chosen ------------------------------------------------------
+
+
+def _serve(bundle: Path, env: dict | None = None) -> Server:
+    srv = Server(bundle, env={"FUSION_LOAD_TIMEOUT_S": "300", **(env or {})})
+    for name in ("FUSION_INTRA_OP_THREADS", "FUSION_BATCH_MAX_ROWS", "FUSION_WORKERS"):  # the defaults under test
+        if not env or name not in env:
+            srv.env.pop(name, None)
+    return srv
+
+
+def test_served_costly_bundle_reports_auto(costly_bundle):
+    cores = tuning.available_cores()
+    with _serve(costly_bundle) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        ens = c.get("/info").json()["tuning"]["ensemble"]
+        assert ens["batching"] is True and ens["batch_max_rows"] == tuning.AUTO_BATCH_ROWS, ens
+        assert ens["batching_reason"].startswith("auto: batch-1 call") and ens["batch_1_ms"] > 5, ens
+        assert ens["threads"] == cores and ens["threads_reason"].startswith("auto: batch-1 call"), (ens, cores)
+        assert ens["batch_instances"] == tuning.batch_instances(2, cores, cores), ens
+        if cores > 1:
+            assert ens["threads"] > 1
+        X = bundles.digits_like(3, seed=5)
+        got = c.post("/predict", json={"inputs": X.tolist(), "variant": "ensemble"})
+        assert got.status_code == 200, got.text
+        np.testing.assert_allclose(got.json()["probabilities"], bundles.offline(costly_bundle, "ensemble", X), atol=1e-5)
+
+
+def test_served_cheap_bundle_stays_off_with_one_thread(cheap_bundle):
+    with _serve(cheap_bundle) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        tuned = c.get("/info").json()["tuning"]
+        assert set(tuned) == {"ensemble", *bundles.MEMBERS}
+        for name, t in tuned.items():
+            assert t["threads"] == 1 and t["batching"] is False and t["batch_max_rows"] == 0, (name, t)
+            assert t["batching_reason"].startswith("auto: batch-1 call") and "<= 5 ms" in t["batching_reason"], (name, t)
+        assert tuned["ensemble"]["threads_reason"].startswith("auto: batch-1 call")
+
+
+def test_served_explicit_values_override_auto(costly_bundle):
+    with _serve(costly_bundle, {"FUSION_INTRA_OP_THREADS": "1", "FUSION_BATCH_MAX_ROWS": "0"}) as srv, \
+            httpx.Client(base_url=srv.url, timeout=60) as c:
+        ens = c.get("/info").json()["tuning"]["ensemble"]
+        assert ens["threads"] == 1 and ens["threads_reason"] == "FUSION_INTRA_OP_THREADS=1", ens
+        assert ens["batching"] is False and ens["batching_reason"] == "FUSION_BATCH_MAX_ROWS=0 (off)", ens
