@@ -122,7 +122,7 @@ peers-kserve: $(PEERS_DIR)/kserve/.installed
 peers-fastapi: $(PEERS_DIR)/fastapi/.installed
 peers-venvs: peers-ray peers-kserve peers-fastapi  ## the peers' own venvs under artifacts/peers/
 
-bench-peers: install-dev wrk peers-venvs  ## ours vs Ray Serve, KServe, FastAPI, BentoML -> docs/PEERS.md (24 min on 2 loaded cores)
+bench-peers: install-dev wrk peers-venvs  ## ours vs Ray Serve, KServe, FastAPI, BentoML -> docs/BENCHMARKS.md + docs/PEERS.md
 	$(BIN)/python -m bench.peers.harness
 
 clean:
