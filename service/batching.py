@@ -59,15 +59,18 @@ class _Queue:
     pending: list = field(default_factory=list)  # [(X (b, F) or named feeds, future, pads)]
     running: int = 0  # drain tasks of this model (at most `instances`), each making one call at a time
     instances: int = 1  # AdaptiveBatcher.instances_for(the model)
+    max_rows: int = 256  # AdaptiveBatcher.rows_for(the model)
     metrics: tuple = ()  # (rows, requests) Prometheus children of this model
     model: object = None  # a weak reference that drops this queue when the model goes (a strong one if it cannot be weak)
 
 
 class AdaptiveBatcher:
-    def __init__(self, max_rows: int = 256, inline_rows: int = INLINE_ROWS, instances: int = 1):
+    def __init__(self, max_rows: int = 256, inline_rows: int = INLINE_ROWS, instances: int = 1,
+                 per_model_rows: bool = False):
         if max_rows < 1 or instances < 1:
             raise ValueError(f"expected max_rows >= 1 and instances >= 1; got {max_rows}, {instances}")
         self.max_rows, self.inline_rows, self.instances = max_rows, inline_rows, instances
+        self.per_model_rows = per_model_rows  # FUSION_BATCH_MAX_ROWS=auto: each model's own size (rows_for)
         self.queues: dict[int, _Queue] = {}  # id(model) -> its queue, while the model lives
         self.calls = 0
         self.requests = 0
@@ -95,9 +98,16 @@ class AdaptiveBatcher:
             return self.instances
         return batch_instances(self.instances, model.threads, model.cores)
 
+    def rows_for(self, model) -> int:
+        """Rows per call for `model`: `max_rows`, or fewer when FUSION_BATCH_MAX_ROWS=auto chose its batch size
+        from the sizes timed at load (runtime.Model.batch_choice: the size with the least time per row)."""
+        choice = getattr(model, "batch_choice", None) if self.per_model_rows else None
+        return min(self.max_rows, choice[0]) if choice is not None and choice[0] > 0 else self.max_rows
+
     def _queue(self, model) -> _Queue:
         label = getattr(model, "name", "model")
-        q = _Queue(metrics=(BATCH_ROWS.labels(label), BATCH_REQUESTS.labels(label)), instances=self.instances_for(model))
+        q = _Queue(metrics=(BATCH_ROWS.labels(label), BATCH_REQUESTS.labels(label)), instances=self.instances_for(model),
+                   max_rows=self.rows_for(model))
         key, queues = id(model), self.queues
 
         def forget(_ref) -> None:  # the model is gone: its id may be reused by the next one
@@ -134,7 +144,7 @@ class AdaptiveBatcher:
                 if not q.pending:  # another instance took them during that turn
                     break
                 batch, rows = [], 0
-                while q.pending and (not batch or (rows + _rows(q.pending[0][0]) <= self.max_rows
+                while q.pending and (not batch or (rows + _rows(q.pending[0][0]) <= q.max_rows
                                                    and can_join(batch[0][0], q.pending[0][0], batch[0][2]))):
                     X, fut, pads = q.pending.pop(0)
                     batch.append((X, fut, pads))

@@ -19,7 +19,7 @@ import math
 import os
 import re
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -393,7 +393,10 @@ def read(env: Mapping[str, str]) -> tuple[ServiceConfig, frozenset[str]]:
     """`load(env)` and the names of every variable it read (for tests/test_config.py)."""
     r = _Reader(env)
     http = _http(r)
-    cfg = ServiceConfig(http=http, engine=_engine(r), runtime=_runtime(r, http.timeout_s, http.workers),
+    engine = _engine(r)
+    # FUSION_BATCH_MAX_ROWS=auto: the runtime times costly models at batch 1..32 when it loads them
+    runtime = replace(_runtime(r, http.timeout_s, http.workers), batch_curve=engine.batch_max_rows == AUTO)
+    cfg = ServiceConfig(http=http, engine=engine, runtime=runtime,
                         load_limits=_load_limits(r, env), tokens=_tokens(r), routing=_routing(r), serve=_serve(r),
                         rollout=_rollout(r), remote=_remote(r))
     if not 0 < cfg.serve.port < 65536:

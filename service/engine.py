@@ -32,6 +32,7 @@ from service.rollout import MemoryRolloutState, RolloutController, RolloutStore,
 from service.router import Router
 from service.routing import CASCADE, RoutingPolicy
 from service.runtime import PROBE_ATOL, RuntimeConfig, check_probe  # noqa: F401 - re-exported: the probe lives with the load
+from service.tuning import AUTO
 
 __all__ = ["Engine", "EngineConfig", "MEMBERS", "Result", "Served"]
 
@@ -46,6 +47,8 @@ class Engine:
         self.ab_store = open_store(cfg.ab_store_config())
         self.stats = Stats(store=self.ab_store)
         self.stats.rule = cfg.ab_test  # the verdict's margin and alpha (fusion/sequential.py)
+        if runtime is None:  # FUSION_BATCH_MAX_ROWS=auto times costly models at batch 1..32 when they load
+            runtime = RuntimeConfig(batch_curve=cfg.batch_max_rows == AUTO)
         self.bundles = BundleHolder(cfg, self.failure_policy, self._check_served, runtime_cfg=runtime, load_limits=load_limits,
                                     remote_cfg=remote)
         self.router = Router(policy, self.bundles.install_lock)

@@ -62,14 +62,19 @@ class Predictor:
         # FUSION_BATCH_MAX_ROWS: AUTO batches only the models whose batch-1 call is costly (service/tuning.py)
         self.batch_rows = cfg.batch_max_rows
         rows = tuning.AUTO_BATCH_ROWS if cfg.batch_max_rows == tuning.AUTO else cfg.batch_max_rows
-        self.batcher = AdaptiveBatcher(rows, instances=cfg.batch_instances) if rows > 0 else None
+        self.batcher = (AdaptiveBatcher(rows, instances=cfg.batch_instances, per_model_rows=cfg.batch_max_rows == tuning.AUTO)
+                        if rows > 0 else None)
 
     def batches(self, model) -> bool:
         """Whether `model`'s requests go through the adaptive batcher: always when FUSION_BATCH_MAX_ROWS > 0,
-        never when 0; under auto when its batch-1 call at load cost more than tuning.COSTLY_S."""
+        never when 0; under auto when the batch sizes timed at load found one that saves time per row
+        (tuning.choose_batch_rows), or, not timed, when its batch-1 call cost more than tuning.COSTLY_S."""
         if self.batcher is None:
             return False
-        return self.batch_rows != tuning.AUTO or getattr(model, "probe_s", 0.0) > tuning.COSTLY_S
+        if self.batch_rows != tuning.AUTO:
+            return True
+        choice = getattr(model, "batch_choice", None)
+        return choice[0] > 0 if choice is not None else getattr(model, "probe_s", 0.0) > tuning.COSTLY_S
 
     def tuning(self, served: Served) -> dict:
         """Each local model's effective intra-op threads and batching, and why (GET /info)."""

@@ -198,7 +198,8 @@ def _check_here(bundle: str, max_memory_mb: int) -> dict:
     try:
         from service import config, runtime
 
-        cfg = replace(config.load().runtime, device="cpu", gpu_ids=())  # this child's one read of its environment
+        # this child's one read of its environment; batch sizes are timed once, by the serving process
+        cfg = replace(config.load().runtime, device="cpu", gpu_ids=(), batch_curve=False)
         loaded = runtime.load(bundle, cfg)
         runtime.check_probe(loaded)
     except (Exception, RecursionError, MemoryError) as exc:  # noqa: BLE001 - every failure is a refusal, reported

@@ -17,7 +17,7 @@ from fusion.bundle import MAX_MANIFEST_BYTES, Bundle, Manifest, read_bundle
 from fusion.errors import BundleError, InputError, UnavailableError
 from service.inputs import Inputs, n_rows
 from service.onnx_check import check_model
-from service.tuning import AUTO, Decision, available_cores, decide
+from service.tuning import AUTO, AUTO_BATCH_ROWS, COSTLY_S, CURVE_BUDGET_S, CURVE_ROWS, Decision, available_cores, choose_batch_rows, decide
 
 log = logging.getLogger("fusion.service")
 
@@ -36,6 +36,8 @@ class RuntimeConfig:
     inline_budget_s: float = 0.5e-3  # a small call may run on the event loop if expected to take at most this (CallCost)
     cuda_tf32: bool = False  # TF32 matmuls/convolutions on the CUDA provider: faster, not float32 (providers_for)
     processes: int = 1  # worker processes sharing the cores (FUSION_WORKERS): auto threads divide them
+    # FUSION_BATCH_MAX_ROWS=auto: time a costly model at batch 1..32 at load (tuning.choose_batch_rows)
+    batch_curve: bool = True
 
     def use_cuda(self) -> bool:
         if self.device == "cpu":
@@ -209,6 +211,10 @@ class Model:
     auto: Decision | None = None
     cores: int = 1  # the cores auto saw (the batcher runs at most cores // threads calls of it at once)
     probe_s: float = 0.0  # one batch-1 call at load (probe_feeds), on the session as first opened (1 thread under auto)
+    # a costly model under FUSION_BATCH_MAX_ROWS=auto: {rows: seconds per call} timed at load on its final
+    # session (probe_curve), and the batch size chosen from it with the reason (tuning.choose_batch_rows)
+    batch_curve: dict[int, float] | None = None
+    batch_choice: tuple[int, str] | None = None
 
     def __call__(self, X) -> np.ndarray:
         """A client's rows -> (B, C). onnxruntime's InvalidArgument while running on them (token ids past the
@@ -326,6 +332,9 @@ def load(path: str | Path, cfg: RuntimeConfig | None = None, *, manifest_sha256:
                 # thread on 2 loaded cores, where the same threads asleep took 0.41-1.14x)
                 model.session = _session(data, model.auto.threads, providers, entry.file, spinning=False)
                 model.threads = model.auto.threads
+        if cfg.batch_curve and model.probe_s > COSTLY_S and not model.one_row:
+            model.batch_curve = probe_curve(model, probe_feeds(loaded))
+            model.batch_choice = choose_batch_rows(model.batch_curve)
         loaded.models[name] = model
     warm_up(loaded)
     return loaded
@@ -369,6 +378,28 @@ def probe_cost(model: Model, X, calls: int = 5, budget_s: float = 0.5) -> float:
         if spent >= budget_s:
             break
     return best
+
+
+def probe_curve(model: Model, X, sizes=CURVE_ROWS, budget_s: float = CURVE_BUDGET_S) -> dict[int, float]:
+    """{rows: seconds per call} of `model` on X's row repeated `rows` times, for rows in `sizes` (ascending,
+    at most AUTO_BATCH_ROWS), each the least of two calls; a size is timed only while the time spent so far
+    plus its expected cost (twice the last size's time per row x rows) fits in `budget_s`, so that a model
+    of seconds a row stops early (its curve then has fewer sizes)."""
+    curve: dict[int, float] = {}
+    spent, per_row = 0.0, 0.0
+    for rows in (n for n in sizes if n <= AUTO_BATCH_ROWS):
+        if curve and spent + 2 * per_row * rows > budget_s:
+            break
+        feeds = ({k: np.repeat(v, rows, axis=0) for k, v in X.items()} if isinstance(X, dict)
+                 else np.repeat(X, rows, axis=0))
+        best = math.inf
+        for _ in range(2):
+            t0 = time.perf_counter()
+            model.run(feeds)
+            took = time.perf_counter() - t0
+            best, spent = min(best, took), spent + took
+        curve[rows], per_row = best, best / rows
+    return curve
 
 
 def bind_inputs(name: str, entry, sess: ort.InferenceSession, inputs: Inputs) -> tuple[tuple[str, str], ...]:

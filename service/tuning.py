@@ -9,7 +9,17 @@ FUSION_BATCH_MAX_ROWS=auto (the defaults) tell them apart at load: `runtime.load
 call of each variant on one thread (text inputs at their full `max_length`) and `decide` turns that
 cost and the cores into the settings. An explicit integer keeps its meaning (service/config.py).
 
-The rule is a pure function of (cost, cores) so that tests check it by hand (tests/test_auto_tuning.py).
+Whether batching pays is measured too, not assumed: for a costly model `runtime.load` times one call at
+batch 1, 2, 4, ... 32 rows (within CURVE_BUDGET_S) on its final session, and `choose_batch_rows` turns that
+curve into the batch size with the least time per row, or no batching when no size saves GAIN of a
+row's time. Measured on issue 18's ensembles (2 cores, 2 threads): three BERT-minis at 128 tokens cost
+36.4 ms a row at batch 1, 26.8 at 8 and 34.0 at 32 (batching pays, up to 8 rows); resnet18 + resnet50 +
+ViT-S at 224x224 211, 184 at 4 and 211 at 32 (a row is already a large GEMM on both cores: batching
+saves little and makes every request wait for the whole call). A fixed 32 rows served both worse at 32
+clients than no batching (docs/BENCHMARKS.md).
+
+The rules are pure functions of (cost, cores) and of the curve, so that tests check them by hand
+(tests/test_auto_tuning.py).
 """
 
 from __future__ import annotations
@@ -21,7 +31,10 @@ from pathlib import Path
 
 AUTO = -1  # FUSION_INTRA_OP_THREADS / FUSION_BATCH_MAX_ROWS = "auto" (RuntimeConfig, EngineConfig)
 COSTLY_S = 5e-3  # a batch-1 call above this is "costly": well above the HTTP floor (~1 ms), below real models
-AUTO_BATCH_ROWS = 32  # rows per batched call under auto: a call then costs at most ~32 batch-1 calls
+AUTO_BATCH_ROWS = 32  # rows per batched call under auto at most: the largest size the curve measures
+CURVE_ROWS = (1, 2, 4, 8, 16, 32)  # batch sizes timed at load for a costly model (at most AUTO_BATCH_ROWS)
+CURVE_BUDGET_S = 3.0  # a larger size is timed only while the calls so far and its expected cost fit in this
+GAIN = 0.8  # batching pays when some batch size costs at most this share of batch 1's time per row
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,21 @@ def decide(cost_s: float, cores: int, threshold_s: float = COSTLY_S) -> Decision
     if cost_s > threshold_s:
         return Decision(cores, True, f"auto: batch-1 call {ms:.3g} ms > {limit:g} ms")
     return Decision(1, False, f"auto: batch-1 call {ms:.3g} ms <= {limit:g} ms")
+
+
+def choose_batch_rows(curve: dict[int, float], gain: float = GAIN) -> tuple[int, str]:
+    """The rows per batched call for a model whose call on `rows` rows took `curve[rows]` seconds
+    (`curve[1]` needed): the size with the least time per row (the smaller on a tie) when it costs at most
+    `gain` x batch 1's time per row, else 0 (no batching); and why, in words, for GET /info."""
+    if 1 not in curve:
+        raise ValueError(f"expected a curve with batch 1 timed; got sizes {sorted(curve)}")
+    per_row = {n: t / n for n, t in sorted(curve.items())}
+    best = min(per_row, key=lambda n: (per_row[n], n))
+    shown = ", ".join(f"b{n} {per_row[n] * 1e3:.3g}" for n in per_row)
+    saved = 1.0 - per_row[best] / per_row[1]
+    if best > 1 and per_row[best] <= gain * per_row[1]:
+        return best, f"auto: ms per row {shown}; {best} rows save {saved:.0%} of a row's time (>= {1 - gain:.0%})"
+    return 0, f"auto: ms per row {shown}; no batch size saves {1 - gain:.0%} of a row's time (off)"
 
 
 def batch_instances(configured: int, threads: int, cores: int) -> int:
@@ -95,11 +123,18 @@ def report(model, *, member: bool, batch_rows: int, instances: int, batched: boo
         threads_reason = auto.reason
     else:
         threads_reason = f"{'FUSION_MEMBER_THREADS' if member else 'FUSION_INTRA_OP_THREADS'}={model.threads}"
-    if batch_rows == AUTO:
-        limit = COSTLY_S * 1e3
+    choice = getattr(model, "batch_choice", None)  # (rows, why) from the curve timed at load, for a costly model
+    rows = batch_rows
+    if batch_rows == AUTO and choice is not None:
+        rows, batching_reason = choice
+    elif batch_rows == AUTO:
+        rows, limit = AUTO_BATCH_ROWS, COSTLY_S * 1e3
         batching_reason = f"auto: batch-1 call {ms:.3g} ms {'>' if batched else '<='} {limit:g} ms"
     else:
         batching_reason = f"FUSION_BATCH_MAX_ROWS={batch_rows}" + (" (off)" if batch_rows == 0 else "")
+    curve = getattr(model, "batch_curve", None)
     return {"threads": model.threads, "threads_reason": threads_reason, "batch_1_ms": round(ms, 3),
-            "batching": batched, "batch_max_rows": (AUTO_BATCH_ROWS if batch_rows == AUTO else batch_rows) if batched else 0,
-            "batch_instances": instances if batched else 0, "batching_reason": batching_reason}
+            "batching": batched, "batch_max_rows": rows if batched else 0,
+            "batch_instances": instances if batched else 0, "batching_reason": batching_reason,
+            # seconds per call at each batch size timed at load (costly models under auto), else absent
+            **({"batch_curve_ms": {str(n): round(t * 1e3, 3) for n, t in curve.items()}} if curve else {})}

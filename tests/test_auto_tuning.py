@@ -1,16 +1,18 @@
 """FUSION_INTRA_OP_THREADS=auto and FUSION_BATCH_MAX_ROWS=auto (issue 18, service/tuning.py).
 
 A model whose batch-1 call at load costs more than tuning.COSTLY_S gets every core of its worker
-(intra-op threads, not spinning) and adaptive batching; a cheap one (the digits-style ensembles) keeps
-one thread and no batching, exactly as before. Explicit integers keep their old meaning. No timing
-asserts: the synthetic costly model costs ~1 GFLOP a row (tens of ms on one core, and still > 5 ms on
-the fastest), the cheap ones ~2 kFLOP (microseconds).
+(intra-op threads, not spinning), and its calls at batch 1..32 are timed: adaptive batching turns on,
+at the size with the least time per row, only where a size saves tuning.GAIN of a row's time. A cheap
+one (the digits-style ensembles) keeps one thread and no batching, exactly as before. Explicit integers
+keep their old meaning. No timing asserts: the synthetic costly models cost ~1 GFLOP a call, one per
+call (batching divides it by the rows) or one per row (batching saves nothing); the cheap ones ~2 kFLOP.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import httpx
@@ -29,18 +31,22 @@ from tests.server import Server
 SIDE = 768  # the costly model's (SIDE x SIDE) @ (SIDE x SIDE) per row: 2 * 768^3 = 0.9 GFLOP
 
 
-def costly_model() -> bytes:
+def costly_model(per_row: bool = False) -> bytes:
     """A valid classifier of the synthetic bundles' shape (64 features -> 10 probabilities) that also
-    multiplies a (SIDE, SIDE) matrix by itself for every row; the product's largest value, times zero,
-    is added to the input, so the work is needed for the output and the probabilities are the head's."""
+    multiplies a (SIDE, SIDE) matrix by itself once per call (`per_row`: once for every row); the
+    product's largest value, times zero, is added to the input, so the work is needed for the output and
+    the probabilities are the head's."""
     from onnx import helper, numpy_helper
 
     inits = [numpy_helper.from_array(np.full((1, SIDE, SIDE), 1e-3, np.float32), "C"),
              numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
              numpy_helper.from_array(np.array([1], np.int64), "axis1")]
     head, head_inits = bundles._probabilities_head("shifted")
-    nodes = [helper.make_node("ReduceSum", ["input", "axis1"], ["row_sum"], keepdims=1),  # (B, 1)
-             helper.make_node("Unsqueeze", ["row_sum", "axis1"], ["row_sum3"]),  # (B, 1, 1)
+    # per row: (B, 1) -> (B, 1, 1) -> B products; per call: the whole batch's sum (1, 1, 1) -> one product
+    sum_node = (helper.make_node("ReduceSum", ["input", "axis1"], ["row_sum"], keepdims=1) if per_row
+                else helper.make_node("ReduceSum", ["input"], ["row_sum"], keepdims=1))
+    nodes = [sum_node,
+             helper.make_node("Unsqueeze", ["row_sum", "axis1"], ["row_sum3"]),
              helper.make_node("Mul", ["row_sum3", "zero"], ["nothing"]),
              helper.make_node("Add", ["nothing", "C"], ["big"]),  # (B, SIDE, SIDE)
              helper.make_node("MatMul", ["big", "big"], ["product"]),
@@ -61,8 +67,15 @@ def cheap_bundle(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def costly_bundle(tmp_path_factory, cheap_bundle) -> Path:
-    """The same bundle with a costly `ensemble` variant (its members stay cheap)."""
+    """The same bundle with a costly `ensemble` variant whose cost is per call (its members stay cheap)."""
     return bundles.rewrite(cheap_bundle, tmp_path_factory.mktemp("auto-costly") / "b", {"ensemble.onnx": costly_model()})
+
+
+@pytest.fixture(scope="module")
+def per_row_bundle(tmp_path_factory, cheap_bundle) -> Path:
+    """The same bundle with a costly `ensemble` variant whose cost is per row: batching saves nothing."""
+    return bundles.rewrite(cheap_bundle, tmp_path_factory.mktemp("auto-per-row") / "b",
+                           {"ensemble.onnx": costly_model(per_row=True)})
 
 
 # ---- the rule, by hand -------------------------------------------------------------------------
@@ -81,6 +94,46 @@ def test_decide_cheap_model_keeps_one_thread_no_batching():
     assert tuning.decide(0.005, 8) == tuning.Decision(1, False, "auto: batch-1 call 5 ms <= 5 ms")  # the threshold itself: cheap
     assert tuning.decide(0.0, 0).threads == 1  # no cores reported: still one thread
     assert tuning.decide(0.02, 8, threshold_s=0.05).batching is False  # the threshold is a parameter
+
+
+def test_batch_rows_take_the_least_time_per_row_when_it_saves_enough():
+    # the text ensemble of issue 18 (ms per call at 1, 4, 8, 16, 32 rows): 8 rows, 26.8 vs 36.4 ms a row
+    text = {1: 0.0364, 4: 0.116, 8: 0.2144, 16: 0.477, 32: 1.0880}
+    rows, why = tuning.choose_batch_rows(text)
+    assert rows == 8 and why == ("auto: ms per row b1 36.4, b4 29, b8 26.8, b16 29.8, b32 34; "
+                                 "8 rows save 26% of a row's time (>= 20%)"), why
+    # the image ensemble: 4 rows save 12.5% only -> off
+    image = {1: 0.211, 4: 0.7384, 8: 1.761}
+    assert tuning.choose_batch_rows(image) == (0, "auto: ms per row b1 211, b4 185, b8 220; no batch size saves 20% "
+                                                  "of a row's time (off)")
+    assert tuning.choose_batch_rows(image, gain=0.9)[0] == 4  # the share is a parameter
+    # a per-call cost: every size divides it, the largest most; a tie keeps the smaller size
+    assert tuning.choose_batch_rows({1: 0.05, 2: 0.05, 4: 0.05, 32: 0.05})[0] == 32
+    assert tuning.choose_batch_rows({1: 0.04, 2: 0.04, 4: 0.08})[0] == 2
+    assert tuning.choose_batch_rows({1: 0.04}) == (0, "auto: ms per row b1 40; no batch size saves 20% of a row's time (off)")
+    with pytest.raises(ValueError, match="expected a curve with batch 1 timed; got sizes \\[2, 4\\]"):
+        tuning.choose_batch_rows({2: 0.1, 4: 0.2})
+
+
+def test_probe_curve_stops_within_its_budget():
+    calls = []
+
+    class Slow:  # a model whose call costs 10 ms a row (time.sleep): the budget decides how far the curve goes
+        def run(self, X):
+            calls.append(len(X))
+            time.sleep(0.01 * len(X))
+
+    curve = runtime.probe_curve(Slow(), np.zeros((1, 4), np.float32), budget_s=0.5)
+    # 1, 2, 4 and 8 rows cost 2 x 0.15 s; 16 rows would add 2 x 0.16 s past 0.5 s: not timed
+    assert sorted(curve) == [1, 2, 4, 8] and calls == [1, 1, 2, 2, 4, 4, 8, 8], (curve, calls)
+    assert all(abs(t / n - 0.01) < 0.009 for n, t in curve.items()), curve  # sleep is at least its time
+    class Shapes:
+        def run(self, X):
+            calls.append({k: v.shape for k, v in X.items()})
+
+    named = runtime.probe_curve(Shapes(), {"a": np.zeros((1, 3), np.int64), "b": np.ones((1, 5), np.int64)},
+                                sizes=(1, 4), budget_s=10)
+    assert sorted(named) == [1, 4] and calls[-1] == {"a": (4, 3), "b": (4, 5)}  # named feeds: every feed repeated
 
 
 def test_batch_instances_never_oversubscribe_the_cores():
@@ -155,10 +208,25 @@ def test_costly_variant_gets_the_cores(costly_bundle, monkeypatch):
     ens = loaded.models["ensemble"]
     assert ens.probe_s > tuning.COSTLY_S, f"expected the synthetic costly model above {tuning.COSTLY_S} s; got {ens.probe_s}"
     assert ens.auto.threads == ens.threads == 3 and ens.auto.batching and ens.cores == 3
+    # its cost is per call: every batch size timed, and the largest has the least time per row
+    assert sorted(ens.batch_curve) == list(tuning.CURVE_ROWS) and ens.batch_choice[0] == tuning.AUTO_BATCH_ROWS, ens.batch_curve
+    assert loaded.models["mlp_0"].batch_curve is None  # cheap: not timed
     assert ens.session.get_session_options().intra_op_num_threads == 3
     assert loaded.models["mlp_0"].threads == 1  # its cheap members keep one thread
     X = bundles.digits_like(5)
     np.testing.assert_allclose(loaded.predict("ensemble", X), bundles.offline(costly_bundle, "ensemble", X), atol=1e-6)
+
+
+def test_per_row_cost_gets_no_batching(per_row_bundle):
+    loaded = runtime.load(per_row_bundle, RuntimeConfig(device="cpu"))
+    ens = loaded.models["ensemble"]
+    assert ens.probe_s > tuning.COSTLY_S and ens.batch_curve and ens.batch_choice == tuning.choose_batch_rows(ens.batch_curve)
+    per_row = {n: t / n for n, t in ens.batch_curve.items()}
+    # B products cost B times one: no size comes near half of batch 1's time per row (the rule's 0.8 is far off)
+    assert min(per_row.values()) > 0.5 * per_row[1], per_row
+    assert ens.batch_choice[0] == 0 and ens.batch_choice[1].endswith("(off)"), ens.batch_choice
+    off = runtime.load(per_row_bundle, RuntimeConfig(device="cpu", batch_curve=False))
+    assert off.models["ensemble"].batch_curve is None and off.models["ensemble"].batch_choice is None
 
 
 def test_explicit_threads_are_kept(costly_bundle):
@@ -175,14 +243,17 @@ def _engine(bundle: Path, **cfg) -> Engine:
     return eng
 
 
-def test_predictor_batches_only_costly_models_under_auto(costly_bundle, cheap_bundle):
+def test_predictor_batches_only_costly_models_under_auto(costly_bundle, cheap_bundle, per_row_bundle):
     eng = _engine(costly_bundle)
     try:
         served, p = eng.current(), eng.predictor
         assert p.batches(served.loaded.models["ensemble"]) and not p.batches(served.loaded.models["mlp_0"])
         info = p.tuning(served)
-        assert info["ensemble"]["batching"] is True and info["ensemble"]["batch_max_rows"] == tuning.AUTO_BATCH_ROWS
-        assert info["ensemble"]["batching_reason"].startswith("auto: batch-1 call ") and "> 5 ms" in info["ensemble"]["batching_reason"]
+        ens = served.loaded.models["ensemble"]
+        assert info["ensemble"]["batching"] is True and info["ensemble"]["batch_max_rows"] == ens.batch_choice[0]
+        assert info["ensemble"]["batching_reason"] == ens.batch_choice[1] and "rows save" in ens.batch_choice[1]
+        assert info["ensemble"]["batch_curve_ms"] == {str(n): round(t * 1e3, 3) for n, t in ens.batch_curve.items()}
+        assert p.batcher.rows_for(ens) == ens.batch_choice[0]
         assert info["mlp_0"] == {**info["mlp_0"], "batching": False, "batch_max_rows": 0, "batch_instances": 0,
                                  "threads": 1, "threads_reason": "FUSION_MEMBER_THREADS=1"}
         X = bundles.digits_like(6, seed=3)
@@ -197,6 +268,16 @@ def test_predictor_batches_only_costly_models_under_auto(costly_bundle, cheap_bu
         assert p.batcher.requests == len(X) and p.batcher.calls < len(X)  # they shared calls
     finally:
         eng.close()
+    eng = _engine(per_row_bundle)  # costly, but batching saves nothing per row: off, with the curve as the reason
+    try:
+        served, p = eng.current(), eng.predictor
+        ens = served.loaded.models["ensemble"]
+        assert not p.batches(ens) and p.tuning(served)["ensemble"]["batching_reason"] == ens.batch_choice[1]
+        X = bundles.digits_like(2, seed=4)
+        got = asyncio.run(p.predict(X, variant="ensemble", key=None, request_id="row"))
+        np.testing.assert_allclose(got.output, bundles.offline(per_row_bundle, "ensemble", X), atol=1e-6)
+    finally:
+        eng.close()
     for rows, expect in ((0, False), (64, True)):  # explicit: every model, or none, as before
         eng = _engine(cheap_bundle, batch_max_rows=rows)
         try:
@@ -206,6 +287,12 @@ def test_predictor_batches_only_costly_models_under_auto(costly_bundle, cheap_bu
             assert reason == f"FUSION_BATCH_MAX_ROWS={rows}" + (" (off)" if rows == 0 else ""), reason
         finally:
             eng.close()
+    eng = _engine(costly_bundle, batch_max_rows=64)  # explicit rows: no curve timed, every call up to 64 rows
+    try:
+        ens = eng.current().loaded.models["ensemble"]
+        assert ens.batch_curve is None and eng.predictor.batcher.rows_for(ens) == 64
+    finally:
+        eng.close()
 
 
 # ---- served: GET /info shows what was chosen ------------------------------------------------------
@@ -223,8 +310,9 @@ def test_served_costly_bundle_reports_auto(costly_bundle):
     cores = tuning.available_cores()
     with _serve(costly_bundle) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
         ens = c.get("/info").json()["tuning"]["ensemble"]
-        assert ens["batching"] is True and ens["batch_max_rows"] == tuning.AUTO_BATCH_ROWS, ens
-        assert ens["batching_reason"].startswith("auto: batch-1 call") and ens["batch_1_ms"] > 5, ens
+        assert ens["batching"] is True and ens["batch_max_rows"] == tuning.AUTO_BATCH_ROWS, ens  # a per-call cost
+        assert ens["batching_reason"].startswith("auto: ms per row b1 ") and ens["batch_1_ms"] > 5, ens
+        assert sorted(map(int, ens["batch_curve_ms"])) == list(tuning.CURVE_ROWS), ens
         assert ens["threads"] == cores and ens["threads_reason"].startswith("auto: batch-1 call"), (ens, cores)
         assert ens["batch_instances"] == tuning.batch_instances(2, cores, cores), ens
         if cores > 1:

@@ -132,3 +132,25 @@ def test_byo_image_section_quotes_the_rows():
     assert "| 1 | 30.00 | 40.00 | 0.750 |" in page and "| 32 | 900.00 | 950.00 | 0.947 |" in page
     assert "byo_image: `.venv/bin/python -m bench.bench_byo_image`" in page
     assert "Bring-your-own image" not in render(results(), [], smoke=False)  # no results: no section
+
+
+def test_batching_miss_is_explained_by_the_curve_ours_timed():
+    """Batching on ÷ off below 3: the why-text quotes ours' own time per row at each batch size (GET /info's
+    batch_curve_ms) and the bound it puts on any batcher (batch 1's time per row ÷ the least)."""
+    from bench.peers.report import batching_why
+
+    def point(rps):
+        return {"rps": rps, "p50_ms": 100.0, "p99_ms": 200.0, "errors": 0, "requests": 50, "connections": 32}
+
+    tuning = {"batching": True, "batch_max_rows": 8, "batching_reason": "auto: 8 rows save 26%",
+              "batch_curve_ms": {"1": 36.4, "4": 116.0, "8": 214.4, "32": 1088.0}}
+    ens = {"peers": {"ours": {"closed": {"1": point(26.5), "32": point(34.0)}, "settings": {"tuning": {"ensemble": tuning}}},
+                     "ours_nobatch": {"closed": {"32": point(30.0)}}}}
+    text = batching_why("text", ens, 34.0 / 30.0, "32")
+    assert text.startswith("* **text, batching on ÷ off 1.13×** (34.0 vs 30.0 req/s at 32 clients; one client alone gets 26.5 req/s).")
+    # 214.4 / 8 = 26.8 ms a row at 8 rows: 0.74x batch 1's 36.4, so at most 1.36x the requests/s
+    assert "ms per row: 1 row 36.4, 4 rows 29.0, 8 rows 26.8, 32 rows 34.0." in text
+    assert "costs less than 0.74× batch 1 per row (8 rows)" in text and "more than 1.36× the requests/s" in text
+    assert "ours batched up to 8 rows (auto: 8 rows save 26%)" in text
+    ens["peers"]["ours"]["settings"] = {}  # an older run without the curve: the general reason only
+    assert "timed its ensemble" not in batching_why("text", ens, 1.1, "32")

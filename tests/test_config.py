@@ -66,7 +66,8 @@ def test_every_variable_reaches_its_setting():
     assert cfg.http == Settings(7, 1000, 99, 1.5, 3, 9.0, 0, True, False, "DEBUG", 2.0, 4.0, 1000, 50)
     assert cfg.engine == EngineConfig("b/v2", "quorum:2", 250.0, 8, 64, 3, "/srv/b", "postgresql://db/ab", "/var/lib/fusion",
                                       7.0, 99, 250.0, 8.0)
-    assert cfg.runtime == RuntimeConfig(4, 2, "cpu", (0, 2), 5000, 9.0, 0.0, processes=3)  # run timeout follows FUSION_TIMEOUT_S
+    # run timeout follows FUSION_TIMEOUT_S; an explicit FUSION_BATCH_MAX_ROWS times no batch sizes at load
+    assert cfg.runtime == RuntimeConfig(4, 2, "cpu", (0, 2), 5000, 9.0, 0.0, processes=3, batch_curve=False)
     assert (cfg.load_limits.timeout_s, cfg.load_limits.max_memory_mb) == (11.0, 0)
     # the bundle check's child gets the service's environment, less the metrics directory
     assert dict(cfg.load_limits.child_env) == {k: v for k, v in env.items() if k != "PROMETHEUS_MULTIPROC_DIR"}

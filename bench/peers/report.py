@@ -155,18 +155,30 @@ def setup(ours: dict) -> str:
 
 
 def batching_why(kind: str, ens: dict, ratio: float, top: str) -> str:
-    """Why batching paid less than 3x here, from the run's own figures."""
+    """Why batching paid less than 3x here, from the run's own figures: the requests/s, and the time per row
+    at each batch size ours measured at load (GET /info's `batch_curve_ms`), which bounds what any batching
+    can gain on this machine."""
     on, off = ens["peers"]["ours"], ens["peers"]["ours_nobatch"]
     one = rate(on["closed"]["1"])
+    t = on.get("settings", {}).get("tuning", {}).get("ensemble", {})
+    curve = {int(n): ms / int(n) for n, ms in t.get("batch_curve_ms", {}).items()}
+    bound = ""
+    if 1 in curve and len(curve) > 1:
+        best = min(curve, key=curve.get)
+        shown = ", ".join(f"{n} row{'s' * (n > 1)} {curve[n]:.1f}" for n in sorted(curve))
+        bound = (f" Ours timed its ensemble at load, in ms per row: {shown}. No batch size costs less than "
+                 f"{curve[best] / curve[1]:.2f}× batch 1 per row ({best} rows), so no batcher can answer more than "
+                 f"{curve[1] / curve[best]:.2f}× the requests/s of one row per call on these cores; ours "
+                 f"{'batched up to ' + str(t['batch_max_rows']) + ' rows' if t.get('batching') else 'chose not to batch'} "
+                 f"({t.get('batching_reason', '')}).")
     return (f"* **{kind}, batching on ÷ off {ratio:.2f}×** ({rate(on['closed'][top]):.1f} vs "
-            f"{rate(off['closed'][top]):.1f} req/s at {top} clients; one client alone gets {one:.1f} req/s). Batching "
-            f"only saves what a batch of rows shares: weight reads, per-call overhead, and the GEMM efficiency of "
-            f"wider matrices. These members are convolutions and attention over 224×224 images or 128 tokens: a "
-            f"single row is already a large, compute-bound GEMM on both cores, so a batch of {top} costs close to "
-            f"{top} single rows. Off, the requests still share the same two cores and run back to back; on, they "
-            f"run as one call. 3× needs a device where one row leaves most of the arithmetic units idle (a GPU) "
-            f"or models whose single-row cost is dominated by reading weights (small hidden sizes, larger weight "
-            f"matrices: the 64-4096-4096-10 MLPs of docs/BENCHMARKS.md reach it).")
+            f"{rate(off['closed'][top]):.1f} req/s at {top} clients; one client alone gets {one:.1f} req/s).{bound} "
+            f"Batching only saves what a batch of rows shares: weight reads, per-call overhead, and the GEMM "
+            f"efficiency of wider matrices. These members are convolutions and attention over 224×224 images or 128 "
+            f"tokens: a single row is already a large, compute-bound GEMM on both cores. 3× needs a device where one "
+            f"row leaves most of the arithmetic units idle (a GPU) or models whose single-row cost is dominated by "
+            f"reading weights (small hidden sizes, larger weight matrices: the 64-4096-4096-10 MLPs of "
+            f"docs/BENCHMARKS.md reach it).")
 
 
 def plot(info: dict, out: Path) -> None:
