@@ -334,7 +334,10 @@ def load(path: str | Path, cfg: RuntimeConfig | None = None, *, manifest_sha256:
                 model.threads = model.auto.threads
         if cfg.batch_curve and model.probe_s > COSTLY_S and not model.one_row:
             model.batch_curve = probe_curve(model, probe_feeds(loaded))
-            model.batch_choice = choose_batch_rows(model.batch_curve)
+            # unbatched, concurrent batch-1 calls share the cores: the probe's core-seconds over every core
+            cores = available_cores(cfg.processes) if device == "cpu" else 1
+            probed_threads = 1 if auto else threads
+            model.batch_choice = choose_batch_rows(model.batch_curve, parallel_s=model.probe_s * probed_threads / max(cores, probed_threads))
         loaded.models[name] = model
     warm_up(loaded)
     return loaded
