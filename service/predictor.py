@@ -76,11 +76,17 @@ class Predictor:
         choice = getattr(model, "batch_choice", None)
         return choice[0] > 0 if choice is not None else getattr(model, "probe_s", 0.0) > tuning.COSTLY_S
 
+    def queues(self, model) -> bool:
+        """Whether `model`'s requests go through the batcher's queue: when batched, and when auto chose not to
+        batch a timed model (one request per call, no more calls at once than were timed: AdaptiveBatcher.unbatched)."""
+        return self.batches(model) or (self.batcher is not None and self.batcher.unbatched(model))
+
     def tuning(self, served: Served) -> dict:
         """Each local model's effective intra-op threads and batching, and why (GET /info)."""
         members = served.loaded.manifest.members
         return {name: tuning.report(m, member=name in members, batch_rows=self.batch_rows, batched=self.batches(m),
-                                    instances=self.batcher.instances_for(m) if self.batcher is not None else 0)
+                                    instances=self.batcher.instances_for(m) if self.batcher is not None else 0,
+                                    queued=self.batcher is not None and self.batcher.unbatched(m))
                 for name, m in served.loaded.models.items()}
 
     async def predict(self, X: np.ndarray, *, variant: str | None, key: str | None, request_id: str,
@@ -100,7 +106,7 @@ class Predictor:
         model = served.loaded.models.get(name)  # one onnxruntime session, no waiting on other threads
         # named feeds (Manifest.inputs) join too: concatenated when their other dimensions agree, text rows
         # re-padded to the longest of the call with the tokenizer's pad id (service/batching.py)
-        if model is not None and self.batches(model):
+        if model is not None and self.queues(model):
             pads = served.loaded.inputs.pads if type(X) is dict and served.loaded.inputs is not None else None
             out, extra = await self.batcher.run(model, X, pads=pads), {}
         elif model is not None and model.inline_ok(len(X) if type(X) is not dict else n_rows(X)):

@@ -214,6 +214,7 @@ class Model:
     # a costly model under FUSION_BATCH_MAX_ROWS=auto: {rows: seconds per call} timed at load on its final
     # session (probe_curve), and the batch size chosen from it with the reason (tuning.choose_batch_rows)
     batch_curve: dict[int, float] | None = None
+    parallel_s: float | None = None  # seconds per row of batch-1 calls run at once, one per core (probe_parallel)
     batch_choice: tuple[int, str] | None = None
 
     def __call__(self, X) -> np.ndarray:
@@ -333,11 +334,12 @@ def load(path: str | Path, cfg: RuntimeConfig | None = None, *, manifest_sha256:
                 model.session = _session(data, model.auto.threads, providers, entry.file, spinning=False)
                 model.threads = model.auto.threads
         if cfg.batch_curve and model.probe_s > COSTLY_S and not model.one_row:
-            model.batch_curve = probe_curve(model, probe_feeds(loaded))
-            # unbatched, concurrent batch-1 calls share the cores: the probe's core-seconds over every core
-            cores = available_cores(cfg.processes) if device == "cpu" else 1
-            probed_threads = 1 if auto else threads
-            model.batch_choice = choose_batch_rows(model.batch_curve, parallel_s=model.probe_s * probed_threads / max(cores, probed_threads))
+            feeds = probe_feeds(loaded)
+            model.batch_curve = probe_curve(model, feeds)
+            # unbatched, concurrent requests run as batch-1 calls at once: as many as the cores, timed together
+            model.cores = cores = available_cores(cfg.processes) if device == "cpu" else 1
+            model.parallel_s = probe_parallel(model, feeds, cores) if cores > 1 else None
+            model.batch_choice = choose_batch_rows(model.batch_curve, parallel_s=model.parallel_s)
         loaded.models[name] = model
     warm_up(loaded)
     return loaded
@@ -393,8 +395,7 @@ def probe_curve(model: Model, X, sizes=CURVE_ROWS, budget_s: float = CURVE_BUDGE
     for rows in (n for n in sizes if n <= AUTO_BATCH_ROWS):
         if curve and spent + 2 * per_row * rows > budget_s:
             break
-        feeds = ({k: np.repeat(v, rows, axis=0) for k, v in X.items()} if isinstance(X, dict)
-                 else np.repeat(X, rows, axis=0))
+        feeds = repeat_rows(X, rows)
         best = math.inf
         for _ in range(2):
             t0 = time.perf_counter()
@@ -403,6 +404,26 @@ def probe_curve(model: Model, X, sizes=CURVE_ROWS, budget_s: float = CURVE_BUDGE
             best, spent = min(best, took), spent + took
         curve[rows], per_row = best, best / rows
     return curve
+
+
+def probe_parallel(model: Model, X, calls: int, rounds: int = 2) -> float:
+    """Seconds per row when `calls` batch-1 calls of `model` on X run at once (threads, as unbatched requests
+    run in the service's worker threads): the least over `rounds` of the wall time of all of them ÷ `calls`.
+    It is what no batching costs per row with every core busy, contention for the cores and caches included."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    best = math.inf
+    with ThreadPoolExecutor(calls, thread_name_prefix="probe") as pool:
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            list(pool.map(lambda _: model.run(X), range(calls)))
+            best = min(best, (time.perf_counter() - t0) / calls)
+    return best
+
+
+def repeat_rows(X, rows: int):
+    """X's (first) row repeated `rows` times: the flat (rows, F) array, or every named feed (rows, ...)."""
+    return {k: np.repeat(v, rows, axis=0) for k, v in X.items()} if isinstance(X, dict) else np.repeat(X, rows, axis=0)
 
 
 def bind_inputs(name: str, entry, sess: ort.InferenceSession, inputs: Inputs) -> tuple[tuple[str, str], ...]:

@@ -10,15 +10,15 @@ call of each variant on one thread (text inputs at their full `max_length`) and 
 cost and the cores into the settings. An explicit integer keeps its meaning (service/config.py).
 
 Whether batching pays is measured too, not assumed: for a costly model `runtime.load` times one call at
-batch 1, 2, 4, ... 32 rows (within CURVE_BUDGET_S) on its final session, and `choose_batch_rows` turns that
-curve into the batch size with the least time per row, or no batching when no size saves GAIN of a
-row's time against unbatched calls running at once on every core. Measured on issue 18's ensembles
-(2 cores): three BERT-minis at 128 tokens cost 36.4 ms a row at batch 1 on 2 threads, 26.8 at 8 rows
-and 34.0 at 32, but 55 ms on one thread, so two unbatched calls at once cost 27.5 ms a row: served at
-32 clients, batching 8 rows answered 27.7 requests/s and no batching 33.3. resnet18 + resnet50 + ViT-S
-at 224x224: 211, 184 at 4 rows, 211 at 32 (a row is already a large GEMM on both cores). A fixed 32
-rows served both worse at 32 clients than no batching (docs/BENCHMARKS.md). Models whose row costs
-little beside reading the weights (the 64-4096-4096-10 MLPs: 4.4x at 32 clients) still batch.
+batch 1, 2, 4, ... 32 rows (within CURVE_BUDGET_S) on its final session, and one batch-1 call per core
+run at once (what no batching costs when requests arrive together); `choose_batch_rows` turns those into
+the batch size with the least time per row, or no batching when no size saves GAIN of a row's time.
+Measured on issue 18's ensembles (2 cores): three BERT-minis at 128 tokens cost 36.4 ms a row at batch 1
+on 2 threads, 26.8 at 8 rows and 34.0 at 32, and two unbatched calls at once ~27 ms a row: served at 32
+clients, batching 8 rows answered 27.7 requests/s and no batching 33.3. resnet18 + resnet50 + ViT-S at
+224x224: 170-200 ms at batch 1, 150-165 at 8-16 rows, while unbatched requests served at once cost 250
+ms a row. A fixed 32 rows served both worse at 32 clients than no batching (docs/BENCHMARKS.md); models
+whose row costs little beside reading the weights (the 64-4096-4096-10 MLPs: 4.4x at 32 clients) batch.
 
 The rules are pure functions of (cost, cores) and of the curve, so that tests check them by hand
 (tests/test_auto_tuning.py).
@@ -64,10 +64,11 @@ def choose_batch_rows(curve: dict[int, float], gain: float = GAIN, parallel_s: f
     `gain` x the time per row without batching, else 0 (no batching); and why, in words, for GET /info.
 
     Without batching, concurrent requests run as concurrent batch-1 calls, and those share the cores: the
-    time per row is then the less of `curve[1]` (one call on every core) and `parallel_s`, one call's
-    core-seconds spread over every core (the batch-1 time on one thread ÷ the cores), when given. On the
-    text ensemble of issue 18 that is 55 ms ÷ 2 = 27.5 ms a row, against 26.8 at 8 rows: batching them
-    served 0.83x the requests/s of no batching at 32 clients."""
+    time per row is then the less of `curve[1]` (one call on every core) and `parallel_s`, the time per row
+    of one batch-1 call per core run at once (runtime.probe_parallel), when given. On the text ensemble of
+    issue 18 that was ~27 ms a row, against 26.8 at 8 rows: batching them served 0.83x the requests/s of
+    no batching at 32 clients. On its image ensemble two calls at once contend for the caches (served
+    unbatched: 250 ms a row, against 150-165 at 8-16 rows in one call)."""
     if 1 not in curve:
         raise ValueError(f"expected a curve with batch 1 timed; got sizes {sorted(curve)}")
     per_row = {n: t / n for n, t in sorted(curve.items())}
@@ -124,10 +125,11 @@ def cgroup_quota(root: str | Path = "/sys/fs/cgroup") -> float | None:
         return None
 
 
-def report(model, *, member: bool, batch_rows: int, instances: int, batched: bool) -> dict:
+def report(model, *, member: bool, batch_rows: int, instances: int, batched: bool, queued: bool = False) -> dict:
     """A model's effective thread and batching settings and why, for GET /info. `model`: a runtime.Model;
     `batch_rows`: FUSION_BATCH_MAX_ROWS as configured (AUTO, 0 or N); `instances`: the batcher's calls of
-    it at once; `batched`: whether its requests go through the batcher."""
+    it at once; `batched`: whether its requests are batched; `queued`: unbatched, but queued so that at most
+    `instances` calls run at once (auto chose no batching for a timed model)."""
     auto = getattr(model, "auto", None)
     ms = getattr(model, "probe_s", 0.0) * 1e3
     if auto is not None:
@@ -148,4 +150,8 @@ def report(model, *, member: bool, batch_rows: int, instances: int, batched: boo
             "batching": batched, "batch_max_rows": rows if batched else 0,
             "batch_instances": instances if batched else 0, "batching_reason": batching_reason,
             # seconds per call at each batch size timed at load (costly models under auto), else absent
-            **({"batch_curve_ms": {str(n): round(t * 1e3, 3) for n, t in curve.items()}} if curve else {})}
+            **({"batch_curve_ms": {str(n): round(t * 1e3, 3) for n, t in curve.items()}} if curve else {}),
+            # seconds per row of one batch-1 call per core run at once (what no batching costs), when timed
+            **({"unbatched_at_once_ms_per_row": round(model.parallel_s * 1e3, 3)}
+               if getattr(model, "parallel_s", None) else {}),
+            **({"calls_at_once": instances} if queued else {})}

@@ -225,18 +225,36 @@ def test_costly_variant_gets_the_cores(costly_bundle, monkeypatch):
     np.testing.assert_allclose(loaded.predict("ensemble", X), bundles.offline(costly_bundle, "ensemble", X), atol=1e-6)
 
 
-def test_per_row_cost_gets_no_batching(per_row_bundle):
+def test_per_row_cost_gets_no_batching(per_row_bundle, monkeypatch):
+    # one core: one thread, no calls at once; B products cost B times one, so no size saves 20 % a row
+    monkeypatch.setattr(runtime, "available_cores", lambda processes=1: 1)
     loaded = runtime.load(per_row_bundle, RuntimeConfig(device="cpu"))
     ens = loaded.models["ensemble"]
-    parallel = ens.probe_s / tuning.available_cores()  # batch 1 on one thread, calls at once on every core
-    assert ens.probe_s > tuning.COSTLY_S and ens.batch_curve
-    assert ens.batch_choice == tuning.choose_batch_rows(ens.batch_curve, parallel_s=parallel)
+    assert ens.probe_s > tuning.COSTLY_S and ens.batch_curve and ens.parallel_s is None
+    assert ens.batch_choice == tuning.choose_batch_rows(ens.batch_curve)
     per_row = {n: t / n for n, t in ens.batch_curve.items()}
-    # B products cost B times one: no size comes near half of the unbatched calls' time per row
-    assert min(per_row.values()) > 0.5 * min(per_row[1], parallel), (per_row, parallel)
+    assert min(per_row.values()) > 0.5 * per_row[1], per_row
     assert ens.batch_choice[0] == 0 and ens.batch_choice[1].endswith("(off)"), ens.batch_choice
     off = runtime.load(per_row_bundle, RuntimeConfig(device="cpu", batch_curve=False))
     assert off.models["ensemble"].batch_curve is None and off.models["ensemble"].batch_choice is None
+
+
+def test_unbatched_calls_at_once_are_timed_on_every_core(per_row_bundle, monkeypatch):
+    monkeypatch.setattr(runtime, "available_cores", lambda processes=1: 2)
+    ens = runtime.load(per_row_bundle, RuntimeConfig(device="cpu")).models["ensemble"]
+    assert ens.parallel_s is not None and ens.parallel_s > 0
+    assert ens.batch_choice == tuning.choose_batch_rows(ens.batch_curve, parallel_s=ens.parallel_s)
+    assert "unbatched calls at once" in ens.batch_choice[1]
+    calls = []
+
+    class Count:
+        def run(self, X):
+            calls.append(len(X))
+            time.sleep(0.02)
+
+    # 3 calls at once, twice: each round lasts one call's sleep, so a row costs about a third of it
+    assert 0.02 / 3 <= runtime.probe_parallel(Count(), np.zeros((1, 4), np.float32), 3) < 0.02
+    assert calls == [1] * 6
 
 
 def test_explicit_threads_are_kept(costly_bundle):
@@ -253,7 +271,7 @@ def _engine(bundle: Path, **cfg) -> Engine:
     return eng
 
 
-def test_predictor_batches_only_costly_models_under_auto(costly_bundle, cheap_bundle, per_row_bundle):
+def test_predictor_batches_only_costly_models_under_auto(costly_bundle, cheap_bundle, per_row_bundle, monkeypatch):
     eng = _engine(costly_bundle)
     try:
         served, p = eng.current(), eng.predictor
@@ -278,14 +296,42 @@ def test_predictor_batches_only_costly_models_under_auto(costly_bundle, cheap_bu
         assert p.batcher.requests == len(X) and p.batcher.calls < len(X)  # they shared calls
     finally:
         eng.close()
-    eng = _engine(per_row_bundle)  # costly, but batching saves nothing per row: off, with the curve as the reason
+    # costly, but batching saves nothing per row (one core: no calls at once to compare with): off, with the
+    # curve as the reason
+    monkeypatch.setattr(runtime, "available_cores", lambda processes=1: 1)
+    eng = _engine(per_row_bundle)
     try:
         served, p = eng.current(), eng.predictor
         ens = served.loaded.models["ensemble"]
         assert not p.batches(ens) and p.tuning(served)["ensemble"]["batching_reason"] == ens.batch_choice[1]
+        assert ens.batch_choice[0] == 0 and not p.queues(ens)  # not timed at once (one core): not queued either
         X = bundles.digits_like(2, seed=4)
         got = asyncio.run(p.predict(X, variant="ensemble", key=None, request_id="row"))
         np.testing.assert_allclose(got.output, bundles.offline(per_row_bundle, "ensemble", X), atol=1e-6)
+    finally:
+        eng.close()
+    # the same on 3 cores, with batching off as chosen: requests queue, one per call, at most 3 calls at once
+    monkeypatch.setattr(runtime, "available_cores", lambda processes=1: 3)
+    eng = _engine(per_row_bundle)
+    try:
+        served, p = eng.current(), eng.predictor
+        ens = served.loaded.models["ensemble"]
+        ens.batch_choice = (0, "auto: (as chosen)")  # whatever the timing said on this machine: the off path
+        assert not p.batches(ens) and p.queues(ens)
+        assert p.batcher.rows_for(ens) == 1 and p.batcher.instances_for(ens) == 3
+        info = p.tuning(served)["ensemble"]
+        assert info["batching"] is False and info["calls_at_once"] == 3 and info["unbatched_at_once_ms_per_row"] > 0
+        X = bundles.digits_like(5, seed=6)
+
+        async def apart():
+            return await asyncio.gather(*(p.predict(X[i:i + 1], variant="ensemble", key=None, request_id=f"q{i}")
+                                          for i in range(len(X))))
+
+        calls = p.batcher.calls
+        results = asyncio.run(apart())
+        np.testing.assert_allclose(np.concatenate([r.output for r in results]),
+                                   bundles.offline(per_row_bundle, "ensemble", X), atol=1e-6)
+        assert p.batcher.calls - calls == len(X)  # one call per request: never joined
     finally:
         eng.close()
     for rows, expect in ((0, False), (64, True)):  # explicit: every model, or none, as before

@@ -152,5 +152,9 @@ def test_batching_miss_is_explained_by_the_curve_ours_timed():
     assert "ms per row: 1 row 36.4, 4 rows 29.0, 8 rows 26.8, 32 rows 34.0." in text
     assert "costs less than 0.74× batch 1 per row (8 rows)" in text and "more than 1.36× the requests/s" in text
     assert "ours batched up to 8 rows (auto: 8 rows save 26%)" in text
+    tuning["unbatched_at_once_ms_per_row"] = 27.5  # two calls at once, 27.5 ms a row: the baseline batching must beat
+    text = batching_why("text", ens, 34.0 / 30.0, "32")
+    assert "8 rows 26.8, 32 rows 34.0; unbatched calls at once (one per core) 27.5." in text
+    assert "costs less than 0.97× unbatched calls per row (8 rows)" in text and "more than 1.03× the requests/s of unbatched calls" in text
     ens["peers"]["ours"]["settings"] = {}  # an older run without the curve: the general reason only
     assert "timed its ensemble" not in batching_why("text", ens, 1.1, "32")

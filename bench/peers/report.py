@@ -166,9 +166,13 @@ def batching_why(kind: str, ens: dict, ratio: float, top: str) -> str:
     if 1 in curve and len(curve) > 1:
         best = min(curve, key=curve.get)
         shown = ", ".join(f"{n} row{'s' * (n > 1)} {curve[n]:.1f}" for n in sorted(curve))
+        par = t.get("unbatched_at_once_ms_per_row")
+        base, what = (min(curve[1], par), "unbatched calls") if par else (curve[1], "batch 1")
+        if par:
+            shown += f"; unbatched calls at once (one per core) {par:.1f}"
         bound = (f" Ours timed its ensemble at load, in ms per row: {shown}. No batch size costs less than "
-                 f"{curve[best] / curve[1]:.2f}× batch 1 per row ({best} rows), so no batcher can answer more than "
-                 f"{curve[1] / curve[best]:.2f}× the requests/s of one row per call on these cores; ours "
+                 f"{curve[best] / base:.2f}× {what} per row ({best} rows), so no batcher can answer more than "
+                 f"{base / curve[best]:.2f}× the requests/s of {what} on these cores; ours "
                  f"{'batched up to ' + str(t['batch_max_rows']) + ' rows' if t.get('batching') else 'chose not to batch'} "
                  f"({t.get('batching_reason', '')}).")
     return (f"* **{kind}, batching on ÷ off {ratio:.2f}×** ({rate(on['closed'][top]):.1f} vs "
