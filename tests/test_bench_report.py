@@ -156,5 +156,8 @@ def test_batching_miss_is_explained_by_the_curve_ours_timed():
     text = batching_why("text", ens, 34.0 / 30.0, "32")
     assert "8 rows 26.8, 32 rows 34.0; unbatched calls at once (one per core) 27.5." in text
     assert "costs less than 0.97× unbatched calls per row (8 rows)" in text and "more than 1.03× the requests/s of unbatched calls" in text
+    tuning.update(batching=False, calls_at_once=2)  # off as chosen, queued: the gain over =0 is the bound on calls
+    text = batching_why("text", ens, 34.0 / 30.0, "32")
+    assert "ours chose not to batch" in text and "runs at most 2 calls at once (one per core, as timed)" in text
     ens["peers"]["ours"]["settings"] = {}  # an older run without the curve: the general reason only
     assert "timed its ensemble" not in batching_why("text", ens, 1.1, "32")

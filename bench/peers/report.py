@@ -102,9 +102,12 @@ def goals(info: dict) -> tuple[list[str], list[str]]:
                 peers_ = ens["peers"]
                 batching = ""
                 if _ok(peers_.get("bentoml", {})) and _ok(peers_.get("bentoml_batch", {})):
-                    batching = (f" This run's own figures show what batching is worth here: the same BentoML service "
-                                f"answers {rate(peers_['bentoml_batch']['closed'][top]) / rate(peers_['bentoml']['closed'][top]):.1f}× "
-                                f"the requests/s at {top} clients with `batchable=True` as without.")
+                    batching = (f" The same BentoML service answers "
+                                f"{rate(peers_['bentoml_batch']['closed'][top]) / rate(peers_['bentoml']['closed'][top]):.1f}× "
+                                f"the requests/s at {top} clients with `batchable=True` as without: its plain endpoint "
+                                f"(a sync API) runs one request at a time, so batching is its only way to use both "
+                                f"cores at once; ours runs unbatched requests one call per core at once instead, which "
+                                f"its load-time timing found as fast per row as any batch.")
                 why.append(
                     f"* **{kind}, throughput {ratio:.2f}×** ({rate(ours['closed'][top]):.1f} vs "
                     f"{rate(p['closed'][top]):.1f} req/s, {info['peers'][name]['label']}): {setup(ours)}; at {top} "
@@ -175,6 +178,11 @@ def batching_why(kind: str, ens: dict, ratio: float, top: str) -> str:
                  f"{base / curve[best]:.2f}× the requests/s of {what} on these cores; ours "
                  f"{'batched up to ' + str(t['batch_max_rows']) + ' rows' if t.get('batching') else 'chose not to batch'} "
                  f"({t.get('batching_reason', '')}).")
+        if t.get("calls_at_once"):
+            bound += (f" So ours at its defaults does not batch these requests either: what it gains over "
+                      f"FUSION_BATCH_MAX_ROWS=0 comes from its queue, which runs at most {t['calls_at_once']} calls "
+                      f"at once (one per core, as timed), where FUSION_BATCH_MAX_ROWS=0 starts a call for every "
+                      f"request as it arrives ({top} calls contending for {t['calls_at_once']} cores and their caches).")
     return (f"* **{kind}, batching on ÷ off {ratio:.2f}×** ({rate(on['closed'][top]):.1f} vs "
             f"{rate(off['closed'][top]):.1f} req/s at {top} clients; one client alone gets {one:.1f} req/s).{bound} "
             f"Batching only saves what a batch of rows shares: weight reads, per-call overhead, and the GEMM "
