@@ -161,3 +161,17 @@ def test_batching_miss_is_explained_by_the_curve_ours_timed():
     assert "ours chose not to batch" in text and "runs at most 2 calls at once (one per core, as timed)" in text
     ens["peers"]["ours"]["settings"] = {}  # an older run without the curve: the general reason only
     assert "timed its ensemble" not in batching_why("text", ens, 1.1, "32")
+
+
+def test_fused_real_miss_quotes_the_gap_and_the_other_rows():
+    r = results()
+    r["fused_real"] = {"threads": 1, "ensembles": {
+        "image": {"members": ["a", "b", "c"], "rows": [
+            {"batch": 1, "fused_ms": 298.17, "loop_ms": 297.72, "n": 30, "fused_over_loop": 298.17 / 297.72},
+            {"batch": 32, "fused_ms": 10986.8, "loop_ms": 11544.2, "n": 5, "fused_over_loop": 0.952}]}}}
+    rows = {label: ok for label, _, _, ok in targets(r)}
+    assert rows["fused ensemble ÷ its members run one after another, image (a + b + c), batch 1, 1 thread(s)"] is False
+    assert rows["fused ensemble ÷ its members run one after another, image (a + b + c), batch 32, 1 thread(s)"] is True
+    text = "\n".join(notes(r))
+    assert "* **Fused ÷ members one after another, image at batch 1: 1.002.** The two medians differ by 0.45 ms of 298 ms" in text
+    assert "(the other rows of the same ensembles: image b32 0.952)" in text and "batch 32: 0.952" not in text
