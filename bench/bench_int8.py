@@ -110,7 +110,20 @@ def run(*, work: Path, smoke: bool = False, threads=(1, 2), batches=(1, 32), rou
             "goal_met": bool(ratio is not None and ratio <= GOAL_RATIO and loss <= GOAL_LOSS_PP),
             "rounds": rounds, "budget_s": budget_s, "smoke": smoke, "onnxruntime": ort.__version__,
             "python": platform.python_version(), "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
-            "machine": machine(), "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+            "machine": machine(), "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "cpu_int8_flags": cpu_int8_flags()}
+
+
+def cpu_int8_flags() -> list[str]:
+    """The CPU's vector extensions that decide int8 GEMM speed (Linux /proc/cpuinfo): VNNI does 4 int8
+    multiply-adds per lane in one instruction; without it (AVX2 only) onnxruntime's u8s8 kernels use
+    vpmaddubsw + vpmaddwd, about 2x float32 FMA at best."""
+    try:
+        flags = next((ln.split(":", 1)[1].split() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                      if ln.startswith("flags")), [])
+    except OSError:
+        return []
+    return [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
 
 
 def render(r: dict) -> str:

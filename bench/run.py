@@ -340,6 +340,27 @@ def notes(r: dict) -> list[str]:
                 + ", ".join(f"{k} b{y['batch']} {y['fused_over_loop']:.3f}" for k, f in fr['ensembles'].items()
                             for y in f['rows'] if y is not x)
                 + "). Fusion does not cost here; it cannot be shown to gain on a model of hundreds of ms either.")
+    q = r.get("int8", {})
+    if q.get("int8_over_fp32_batch32") is not None and not q.get("goal_met", True):
+        by = q.get("int8_over_fp32_batch32_by_threads", {})
+        b1 = {x["threads"]: x["int8_over_fp32"] for x in q.get("rows", []) if x["batch"] == 1}
+        flags = q.get("cpu_int8_flags")
+        vnni = [f for f in flags or [] if "vnni" in f or "amx" in f]
+        cpu = ("" if flags is None else
+               f" This CPU has {', '.join(flags) or 'none of AVX2, AVX-512, VNNI, AMX'}"
+               + (": VNNI is there, so the int8 kernels already run at their best here" if vnni else
+                  ": no VNNI, so onnxruntime's u8s8 kernels multiply int8 with vpmaddubsw + vpmaddwd, about twice "
+                  "float32 FMA at best, before the QuantizeLinear/DequantizeLinear steps left between the float "
+                  "parts (the heads, the combiner) and the residual adds")
+               + ".")
+        out.append(
+            f"* **int8 ÷ float32 at batch 32: {q['int8_over_fp32_batch32']:.3f}** ("
+            + ", ".join(f"{t} thread(s) {v:.3f}" for t, v in by.items())
+            + f"; at batch 1 " + ", ".join(f"{t} thread(s) {v:.3f}" for t, v in b1.items())
+            + f"; test accuracy {q['accuracy_loss_pp']:+.2f} pp; files {q['int8_bytes'] / q['fp32_bytes']:.2f}x)."
+            + cpu + " What would reach 0.6: a CPU with AVX-512 VNNI or AVX-VNNI (4 int8 multiply-adds per lane in "
+            "one instruction; common in servers since 2019) or AMX, with the same bundle (not measured here: "
+            "no such CPU was at hand).")
     m = r.get("merge", {})
     if m.get("baseline_rss_bytes"):
         out.append(

@@ -175,3 +175,21 @@ def test_fused_real_miss_quotes_the_gap_and_the_other_rows():
     text = "\n".join(notes(r))
     assert "* **Fused ÷ members one after another, image at batch 1: 1.002.** The two medians differ by 0.45 ms of 298 ms" in text
     assert "(the other rows of the same ensembles: image b32 0.952)" in text and "batch 32: 0.952" not in text
+
+
+def test_int8_miss_names_the_cpu_it_ran_on():
+    r = results()
+    rows = [{"threads": 1, "batch": 1, "int8_over_fp32": 0.52}, {"threads": 1, "batch": 32, "int8_over_fp32": 0.622}]
+    r["int8"] = {"int8_over_fp32_batch32": 0.622, "int8_over_fp32_batch32_by_threads": {"1": 0.622}, "rows": rows,
+                 "accuracy_loss_pp": 0.22, "goal_met": False, "fp32_bytes": 66_100_000, "int8_bytes": 16_800_000,
+                 "cpu_int8_flags": ["avx2"]}
+    assert {label: ok for label, _, _, ok in targets(r)}[
+        "int8 (static, QDQ) ÷ float32 latency of the BYO image ensemble, batch 32, 1 thread, with its test accuracy "
+        "loss (+0.22 pp; goal ≤ 0.5 pp)"] is False
+    text = "\n".join(notes(r))
+    assert ("* **int8 ÷ float32 at batch 32: 0.622** (1 thread(s) 0.622; at batch 1 1 thread(s) 0.520; test accuracy "
+            "+0.22 pp; files 0.25x). This CPU has avx2: no VNNI") in text
+    r["int8"]["cpu_int8_flags"] = ["avx2", "avx512f", "avx512_vnni"]
+    assert "VNNI is there, so the int8 kernels already run at their best here" in "\n".join(notes(r))
+    r["int8"]["goal_met"] = True
+    assert "int8 ÷ float32 at batch 32" not in "\n".join(notes(r))  # met: nothing to explain
