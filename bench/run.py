@@ -400,7 +400,7 @@ def peers_section(pr: dict | None) -> tuple[list[str], list[str], list[str]]:
     """(target rows, notes, section lines) from `make bench-peers`' results (docs/peers.json), or nothing."""
     if not pr or not pr.get("ensembles"):
         return [], [], []
-    from bench.peers.report import NAMES, goals, table
+    from bench.peers.report import NAMES, goals, servers, table
 
     rows, why = goals(pr)
     load = pr.get("loadavg", {})
@@ -408,11 +408,12 @@ def peers_section(pr: dict | None) -> tuple[list[str], list[str], list[str]]:
              f"From `make bench-peers` on {pr['date']} ({pr['machine']}; load average {load.get('start', '?')} at the "
              f"start, {load.get('end', '?')} at the end; whole run {pr.get('total_s', 0):.0f} s): every server serves "
              "the same ensemble on this machine, one at a time, driven by the same load generator; req/s · p50 · p99 "
-             "ms per point. The servers' versions, settings and commands, and how each point is measured: "
+             "ms per point. How each point is measured, and the drift of ours between its two runs: "
              "[PEERS.md](PEERS.md).", "",
              "![requests/s and p99 per server](peers.png)", ""]
     for kind, ens in pr["ensembles"].items():
         lines += [f"### {NAMES.get(kind, kind)}", "", *table(ens, pr), ""]
+    lines += ["### The servers: versions, settings, commands", "", *servers(pr), ""]
     return rows, why, lines
 
 
@@ -542,7 +543,9 @@ def main(argv=None) -> int:
         results["variants"] = variants_latency(a.bundle, a.smoke)
     stamp = {"date": time.strftime("%Y-%m-%d"), "machine": machine()}
     if a.only:
-        results.setdefault("partial_runs", []).append({**stamp, "benches": names})
+        # an earlier --only run whose every figure this one re-measured is no longer the source of any
+        runs = [x for x in results.get("partial_runs", []) if not set(x["benches"]) <= set(names)]
+        results["partial_runs"] = [*runs, {**stamp, "benches": names}]
     else:
         results["full_run"] = stamp
         results.pop("partial_runs", None)

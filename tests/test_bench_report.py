@@ -86,7 +86,9 @@ def test_peers_results_add_their_goals_and_tables():
               "ray": "Ray Serve composition", "fastapi": "FastAPI + torch eager"}
     pr = {"date": "2026-12-04 21:00 UTC", "machine": "2 CPUs", "concurrency": [1, 8, 32], "seconds": 8,
           "open_fraction": 0.5, "size": "full", "loadavg": {"start": "0.1", "end": "1.0"}, "total_s": 900,
-          "peers": {n: {"label": v} for n, v in labels.items()}, "ensembles": {"text": ens}}
+          "peers": {n: {"label": v, "settings": f"{n}'s settings", "python": ".venv/bin/python", "command": f"-m {n}",
+                        "path": "/predict", "versions": {"onnxruntime": "1.32.0", "absent": None}} for n, v in labels.items()},
+          "ensembles": {"text": ens}}
     page = render(results(), [], smoke=False, peers=pr)
     # best peer at 32 clients is FastAPI (50 req/s): 60/50 = 1.2 < 1.5; at 1 client its p50 is 1000/12 ms
     assert ("| throughput at 32 clients, text: ours ÷ best peer (FastAPI + torch eager), our p99 ≤ its p99 | "
@@ -95,6 +97,9 @@ def test_peers_results_add_their_goals_and_tables():
     assert "ours with FUSION_BATCH_MAX_ROWS=0, requests/s | 4.00 (60.0 vs 15.0 req/s) | ≥ 3 | yes |" in page
     assert "## Side by side with the peers (issue 18)" in page and "![requests/s and p99 per server](peers.png)" in page
     assert "| ours, adaptive batching off | — | — | 15.0 · 2133 · 3000 |" in page  # measured at 32 clients only
+    assert "### The servers: versions, settings, commands" in page
+    assert ("| Ray Serve composition | onnxruntime 1.32.0 | ray's settings | `.venv/bin/python -m ray` (POST /predict) |"
+            in page)
     assert "## Side by side with the peers" not in render(results(), [], smoke=False)  # no peers run: no section
 
 

@@ -193,6 +193,15 @@ def batching_why(kind: str, ens: dict, ratio: float, top: str) -> str:
             f"docs/BENCHMARKS.md reach it).")
 
 
+def servers(info: dict) -> list[str]:
+    """The table of every server this run measured: its label, exact versions, settings and command."""
+    lines = ["| server | versions | settings | command |", "|---|---|---|---|"]
+    for p in info["peers"].values():
+        v = ", ".join(f"{k} {x}" for k, x in (p.get("versions") or {}).items() if x) or "not installed"
+        lines.append(f"| {p['label']} | {v} | {p['settings']} | `{p['python']} {p['command']}` (POST {p['path']}) |")
+    return lines
+
+
 def plot(info: dict, out: Path) -> None:
     import matplotlib
 
@@ -278,10 +287,7 @@ def render(info: dict, doc: Path) -> None:
               "| goal | measured | goal | met |", "|---|---|---|---|", *g, ""]
     if why:
         lines += ["Why the misses, from this run's figures, and what would reach them:", "", *why, ""]
-    lines += ["## The servers", "", "| server | versions | settings | command |", "|---|---|---|---|"]
-    for name, p in info["peers"].items():
-        v = ", ".join(f"{k} {x}" for k, x in (p.get("versions") or {}).items() if x) or "not installed"
-        lines.append(f"| {p['label']} | {v} | {p['settings']} | `{p['python']} {p['command']}` (POST {p['path']}) |")
+    lines += ["## The servers", "", *servers(info)]
     lines += [
         "",
         "Each peer lives in bench/peers/ (the code a user of that server would write, following its docs) and "
