@@ -400,7 +400,7 @@ def peers_section(pr: dict | None) -> tuple[list[str], list[str], list[str]]:
     """(target rows, notes, section lines) from `make bench-peers`' results (docs/peers.json), or nothing."""
     if not pr or not pr.get("ensembles"):
         return [], [], []
-    from bench.peers.report import NAMES, goals, servers, table
+    from bench.peers.report import NAMES, TRITON, goals, servers, table
 
     rows, why = goals(pr)
     load = pr.get("loadavg", {})
@@ -413,7 +413,7 @@ def peers_section(pr: dict | None) -> tuple[list[str], list[str], list[str]]:
              "![requests/s and p99 per server](peers.png)", ""]
     for kind, ens in pr["ensembles"].items():
         lines += [f"### {NAMES.get(kind, kind)}", "", *table(ens, pr), ""]
-    lines += ["### The servers: versions, settings, commands", "", *servers(pr), ""]
+    lines += ["### The servers: versions, settings, commands", "", *servers(pr), "", TRITON, ""]
     return rows, why, lines
 
 

@@ -193,6 +193,11 @@ def batching_why(kind: str, ens: dict, ratio: float, top: str) -> str:
             f"docs/BENCHMARKS.md reach it).")
 
 
+TRITON = ("**NVIDIA Triton Inference Server** is not in the table: it ships as a container image (nvcr.io) or a "
+          "source build, with no pip-installable server; this machine has neither a container runtime nor access "
+          "to that registry.")
+
+
 def servers(info: dict) -> list[str]:
     """The table of every server this run measured: its label, exact versions, settings and command."""
     lines = ["| server | versions | settings | command |", "|---|---|---|---|"]
@@ -297,9 +302,7 @@ def render(info: dict, doc: Path) -> None:
         "in the product's venv: they are BentoML as users install it. ONNX peers load the bundle's own "
         "`members/*.onnx` (what `fusion build` wrote); the FastAPI peer loads the same weights into torch.",
         "",
-        "**NVIDIA Triton Inference Server** is not in the table: it ships as a container image (nvcr.io) or a "
-        "source build, with no pip-installable server; this machine has neither a container runtime nor access "
-        "to that registry.",
+        TRITON,
         "",
         f"Ensembles built by `fusion build` from recipes (bench/peers/ensembles.py; random seeded weights, speed "
         f"only); whole run {info.get('total_s', 0):.0f} s, of which {info.get('build_s', 0):.0f} s building "
