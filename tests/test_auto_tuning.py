@@ -271,6 +271,15 @@ def _engine(bundle: Path, **cfg) -> Engine:
     return eng
 
 
+def _each_row_at_once(p, X, prefix: str) -> list:
+    """Every row of X as its own request to the `ensemble` variant, all at once; their results in order."""
+    async def together():
+        return await asyncio.gather(*(p.predict(X[i:i + 1], variant="ensemble", key=None, request_id=f"{prefix}{i}")
+                                      for i in range(len(X))))
+
+    return asyncio.run(together())
+
+
 def test_predictor_batches_only_costly_models_under_auto(costly_bundle, cheap_bundle, per_row_bundle, monkeypatch):
     eng = _engine(costly_bundle)
     try:
@@ -285,12 +294,7 @@ def test_predictor_batches_only_costly_models_under_auto(costly_bundle, cheap_bu
         assert info["mlp_0"] == {**info["mlp_0"], "batching": False, "batch_max_rows": 0, "batch_instances": 0,
                                  "threads": 1, "threads_reason": "FUSION_MEMBER_THREADS=1"}
         X = bundles.digits_like(6, seed=3)
-
-        async def together():
-            return await asyncio.gather(*(p.predict(X[i:i + 1], variant="ensemble", key=None, request_id=f"r{i}")
-                                          for i in range(len(X))))
-
-        results = asyncio.run(together())
+        results = _each_row_at_once(p, X, "r")
         np.testing.assert_allclose(np.concatenate([r.output for r in results]),
                                    bundles.offline(costly_bundle, "ensemble", X), atol=1e-6)
         assert p.batcher.requests == len(X) and p.batcher.calls < len(X)  # they shared calls
@@ -322,13 +326,8 @@ def test_predictor_batches_only_costly_models_under_auto(costly_bundle, cheap_bu
         info = p.tuning(served)["ensemble"]
         assert info["batching"] is False and info["calls_at_once"] == 3 and info["unbatched_at_once_ms_per_row"] > 0
         X = bundles.digits_like(5, seed=6)
-
-        async def apart():
-            return await asyncio.gather(*(p.predict(X[i:i + 1], variant="ensemble", key=None, request_id=f"q{i}")
-                                          for i in range(len(X))))
-
         calls = p.batcher.calls
-        results = asyncio.run(apart())
+        results = _each_row_at_once(p, X, "q")
         np.testing.assert_allclose(np.concatenate([r.output for r in results]),
                                    bundles.offline(per_row_bundle, "ensemble", X), atol=1e-6)
         assert p.batcher.calls - calls == len(X)  # one call per request: never joined
