@@ -94,10 +94,12 @@ class AdaptiveBatcher:
     def instances_for(self, model) -> int:
         """Calls of `model` run at once: `instances`, but for a model whose threads auto chose no more than
         its cores hold (2 calls of 2 threads each on 2 cores only take turns, and slow each other); for one
-        that FUSION_BATCH_MAX_ROWS=auto chose not to batch (`unbatched`), one call per core, as timed at load
-        (runtime.probe_parallel: 32 requests at once on 2 cores thrash the caches and serve 0.75x as many)."""
-        if self.unbatched(model):
-            return max(1, model.cores)
+        that FUSION_BATCH_MAX_ROWS=auto chose not to batch (`unbatched`), one call per core when load timing
+        found that faster per row than one call at a time on every core, else one (runtime.probe_parallel: 32
+        requests at once on 2 cores thrash the caches and serve 0.75x as many)."""
+        if self.unbatched(model):  # the unbatched mode load timing found faster: one call per core, or one at a time
+            parallel, serial = model.parallel_s, model.batch_curve[1]
+            return max(1, model.cores) if parallel is not None and parallel <= serial else 1
         if getattr(model, "auto", None) is None:
             return self.instances
         return batch_instances(self.instances, model.threads, model.cores)
@@ -106,7 +108,7 @@ class AdaptiveBatcher:
         """Whether FUSION_BATCH_MAX_ROWS=auto timed `model` and chose no batching: its requests still queue
         here, one row-set per call, so that no more calls run at once than were timed (instances_for)."""
         choice = getattr(model, "batch_choice", None) if self.per_model_rows else None
-        return choice is not None and choice[0] == 0 and getattr(model, "parallel_s", None) is not None
+        return choice is not None and choice[0] == 0 and getattr(model, "batch_curve", None) is not None
 
     def rows_for(self, model) -> int:
         """Rows per call for `model`: `max_rows`, or fewer when FUSION_BATCH_MAX_ROWS=auto chose its batch size

@@ -334,12 +334,7 @@ def load(path: str | Path, cfg: RuntimeConfig | None = None, *, manifest_sha256:
                 model.session = _session(data, model.auto.threads, providers, entry.file, spinning=False)
                 model.threads = model.auto.threads
         if cfg.batch_curve and model.probe_s > COSTLY_S and not model.one_row:
-            feeds = probe_feeds(loaded)
-            model.batch_curve = probe_curve(model, feeds)
-            # unbatched, concurrent requests run as batch-1 calls at once: as many as the cores, timed together
-            model.cores = cores = available_cores(cfg.processes) if device == "cpu" else 1
-            model.parallel_s = probe_parallel(model, feeds, cores) if cores > 1 else None
-            model.batch_choice = choose_batch_rows(model.batch_curve, parallel_s=model.parallel_s)
+            time_batch_sizes(model, probe_feeds(loaded), available_cores(cfg.processes) if device == "cpu" else 1)
         loaded.models[name] = model
     warm_up(loaded)
     return loaded
@@ -385,6 +380,20 @@ def probe_cost(model: Model, X, calls: int = 5, budget_s: float = 0.5) -> float:
     return best
 
 
+def time_batch_sizes(model: Model, feeds, cores: int) -> None:
+    """FUSION_BATCH_MAX_ROWS=auto for a costly model: its curve (probe_curve), one batch-1 call per core at once
+    (probe_parallel; unbatched concurrent requests run so), and the batch size chosen from them. A failure
+    here (memory for 32 rows, the run deadline) is logged and leaves the model on the batch-1 cost rule."""
+    model.cores = cores
+    try:
+        model.batch_curve = probe_curve(model, feeds)
+        model.parallel_s = probe_parallel(model, feeds, cores) if cores > 1 else None
+        model.batch_choice = choose_batch_rows(model.batch_curve, parallel_s=model.parallel_s)
+    except Exception as exc:  # noqa: BLE001 - a probe that fails must not refuse a model that serves batch 1
+        log.warning("'%s': timing batch sizes failed (%s); batching follows its batch-1 cost", model.name, exc)
+        model.batch_curve = model.parallel_s = model.batch_choice = None
+
+
 def probe_curve(model: Model, X, sizes=CURVE_ROWS, budget_s: float = CURVE_BUDGET_S) -> dict[int, float]:
     """{rows: seconds per call} of `model` on X's row repeated `rows` times, for rows in `sizes` (ascending,
     at most AUTO_BATCH_ROWS), each the least of two calls; a size is timed only while the time spent so far
@@ -392,9 +401,10 @@ def probe_curve(model: Model, X, sizes=CURVE_ROWS, budget_s: float = CURVE_BUDGE
     of seconds a row stops early (its curve then has fewer sizes)."""
     curve: dict[int, float] = {}
     spent, per_row = 0.0, 0.0
+    limit = model.deadline.limit_s if getattr(model, "deadline", None) is not None else 0.0
     for rows in (n for n in sizes if n <= AUTO_BATCH_ROWS):
-        if curve and spent + 2 * per_row * rows > budget_s:
-            break
+        if curve and (spent + 2 * per_row * rows > budget_s or 0 < limit < 2 * per_row * rows):
+            break  # over the budget, or a call that could come near the run deadline
         feeds = repeat_rows(X, rows)
         best = math.inf
         for _ in range(2):

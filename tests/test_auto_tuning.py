@@ -308,7 +308,9 @@ def test_predictor_batches_only_costly_models_under_auto(costly_bundle, cheap_bu
         served, p = eng.current(), eng.predictor
         ens = served.loaded.models["ensemble"]
         assert not p.batches(ens) and p.tuning(served)["ensemble"]["batching_reason"] == ens.batch_choice[1]
-        assert ens.batch_choice[0] == 0 and not p.queues(ens)  # not timed at once (one core): not queued either
+        # one core: queued all the same, one call at a time (never every request's call at once)
+        assert ens.batch_choice[0] == 0 and p.queues(ens) and ens.parallel_s is None
+        assert p.batcher.rows_for(ens) == 1 and p.batcher.instances_for(ens) == 1
         X = bundles.digits_like(2, seed=4)
         got = asyncio.run(p.predict(X, variant="ensemble", key=None, request_id="row"))
         np.testing.assert_allclose(got.output, bundles.offline(per_row_bundle, "ensemble", X), atol=1e-6)
@@ -321,8 +323,11 @@ def test_predictor_batches_only_costly_models_under_auto(costly_bundle, cheap_bu
         served, p = eng.current(), eng.predictor
         ens = served.loaded.models["ensemble"]
         ens.batch_choice = (0, "auto: (as chosen)")  # whatever the timing said on this machine: the off path
+        ens.parallel_s = ens.batch_curve[1] / 3  # as if 3 calls at once were 3x one call's rate: one per core
         assert not p.batches(ens) and p.queues(ens)
         assert p.batcher.rows_for(ens) == 1 and p.batcher.instances_for(ens) == 3
+        slower = type("M", (), {"batch_choice": (0, ""), "batch_curve": {1: 0.1}, "parallel_s": 0.15, "cores": 3})()
+        assert p.batcher.instances_for(slower) == 1  # calls at once were slower per row than one at a time
         info = p.tuning(served)["ensemble"]
         assert info["batching"] is False and info["calls_at_once"] == 3 and info["unbatched_at_once_ms_per_row"] > 0
         X = bundles.digits_like(5, seed=6)
@@ -394,3 +399,27 @@ def test_served_explicit_values_override_auto(costly_bundle):
         ens = c.get("/info").json()["tuning"]["ensemble"]
         assert ens["threads"] == 1 and ens["threads_reason"] == "FUSION_INTRA_OP_THREADS=1", ens
         assert ens["batching"] is False and ens["batching_reason"] == "FUSION_BATCH_MAX_ROWS=0 (off)", ens
+
+
+def test_batch_timing_respects_the_run_deadline_and_never_refuses_a_model(caplog):
+    class Slow:  # 10 ms a row, with a run deadline of 0.1 s: 8 rows (an expected 0.16 s) are not tried
+        name = "slow"
+        deadline = runtime.run_deadline(0.1)
+
+        def run(self, X):
+            time.sleep(0.01 * len(X))
+
+    assert sorted(runtime.probe_curve(Slow(), np.zeros((1, 4), np.float32), budget_s=10)) == [1, 2, 4]
+
+    class Broken:  # the first timed call fails (as 32 rows past the memory would): logged, the batch-1 rule stays
+        name = "broken"
+        deadline = None
+
+        def run(self, X):
+            raise RuntimeError("out of memory")
+
+    m = Broken()
+    with caplog.at_level("WARNING", logger="fusion.service"):
+        runtime.time_batch_sizes(m, np.zeros((1, 4), np.float32), cores=2)
+    assert m.batch_curve is None and m.parallel_s is None and m.batch_choice is None and m.cores == 2
+    assert "'broken': timing batch sizes failed (out of memory)" in caplog.text
