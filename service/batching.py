@@ -41,7 +41,7 @@ from fusion.errors import InputError
 from service.inputs import can_join, join_feeds, n_rows
 from service.metrics import Bounded
 from service.runtime import INLINE_ROWS
-from service.tuning import batch_instances
+from service.tuning import GAIN, batch_instances
 
 BATCH_ROWS = Histogram(
     "fusion_batch_rows", "Rows per model call made by the adaptive batcher, by model", ["model"],
@@ -94,12 +94,14 @@ class AdaptiveBatcher:
     def instances_for(self, model) -> int:
         """Calls of `model` run at once: `instances`, but for a model whose threads auto chose no more than
         its cores hold (2 calls of 2 threads each on 2 cores only take turns, and slow each other); for one
-        that FUSION_BATCH_MAX_ROWS=auto chose not to batch (`unbatched`), one call per core when load timing
-        found that faster per row than one call at a time on every core, else one (runtime.probe_parallel: 32
-        requests at once on 2 cores thrash the caches and serve 0.75x as many)."""
-        if self.unbatched(model):  # the unbatched mode load timing found faster: one call per core, or one at a time
+        that FUSION_BATCH_MAX_ROWS=auto chose not to batch (`unbatched`), one call per core, unless load timing
+        found those 1/GAIN slower per row than one call at a time on every core, then one (runtime.probe_parallel:
+        32 requests at once on 2 cores thrash the caches and serve 0.75x as many). Near a tie, calls at once
+        win when served: the text ensemble of issue 18 timed 27.7 ms a row at once and 26.7 one at a time,
+        and served 39.0 requests/s two at a time against 30.3 one at a time (the HTTP layer needs a core too)."""
+        if self.unbatched(model):  # one call per core, unless load timing found that clearly slower per row
             parallel, serial = model.parallel_s, model.batch_curve[1]
-            return max(1, model.cores) if parallel is not None and parallel <= serial else 1
+            return max(1, model.cores) if parallel is not None and parallel <= serial / GAIN else 1
         if getattr(model, "auto", None) is None:
             return self.instances
         return batch_instances(self.instances, model.threads, model.cores)
