@@ -9,16 +9,17 @@ The benchmark writes two synthetic checkpoints of random bf16 tensors shaped lik
 with huggingface_hub's `save_torch_state_dict` (independent of the code measured), sharded
 differently (`--shard-size` and 0.7 of it, so keys fall in different files), under artifacts/ (or
 `--dir`), and deletes them afterwards. `merge_files("linear", ...)` then merges them into a sharded
-directory (`--shard-size` shards), bf16 accumulated in float32 and written back in bf16.
+directory (`--shard-size` shards), bf16 accumulated in float32 and written back in bf16: the fused C
+loop merges 1 MB of output at a time and writes it straight away, from cache, in two workers (the
+intra-op thread and the one that used to write alone), into files reserved up front with fallocate.
 
 Every measurement runs in a child of this launcher, which never imports torch (Linux carries a
 parent's RSS into a forked child's ru_maxrss): the peak RSS is the child's ru_maxrss from os.wait4.
 Children: a bare interpreter with torch and fusion.merge imported (baseline), the streaming merge,
 and torch `copy_` of the same bytes (each entry of each input copied into a preallocated buffer,
-the same entries in the same order, at the same thread count); beside them, for context, the I/O
-alone (map both inputs chunk by chunk as the merge does, write one input's bytes to new files: the
-merge's reads and writes without the arithmetic), the writes alone (the output's size written to new
-files from one buffer: the page cache's write floor), the merge's arithmetic alone (`merge_blocked`
+the same entries in the same order, at the same thread count); beside them, for context, the writes
+alone (the output's size written to new files from one buffer, reserved as the merge reserves them:
+the page cache's write floor, in the merge's 1 MB blocks), the merge's arithmetic alone (`merge_blocked`
 over in-memory buffers, same chunks and order), and the code path before the fused loop and mapped
 reads (FUSION_MERGE_NATIVE=0 FUSION_MERGE_MMAP=0), whose output must be the same bytes. They
 alternate, best of `--repeats`; the launcher syncs dirty pages to disk before each child, so no child
@@ -138,34 +139,26 @@ def _entry_chunks(ckpt, key: str, chunk: int):
 
 
 def child_io(a, folder: Path) -> dict:
-    """The I/O alone, as the merge does it: both inputs mapped chunk by chunk (`mapped_rows`, the merge's reads)
-    and one input's bytes written to new files (as many bytes as the merge writes), no arithmetic; and the
-    write alone: the same bytes written from one reused in-memory buffer (the page cache's write floor)."""
+    """The writes alone: the output's size written to a new file from one reused in-memory block of the size the
+    merge writes (in cache), the file reserved up front as the merge's writer reserves them: the page cache's
+    write floor, one writer."""
     torch = _torch(a.threads)
     from fusion.merge import open_checkpoint
-    from fusion.merge.streaming import CHUNK_BYTES
+    from fusion.merge.checkpoints import reserve
+    from fusion.merge.streaming import WRITE_BLOCK as CHUNK_BYTES
 
-    ckpts = [open_checkpoint(folder / "m0"), open_checkpoint(folder / "m1")]
+    total = sum(e.nbytes for e in open_checkpoint(folder / "m0").entries.values())
     shutil.rmtree(folder / "merged", ignore_errors=True)  # as the merge deletes its previous output: see main()
-    t = time.perf_counter()
-    with open(folder / "io.bin", "wb") as f:
-        for key in ckpts[0].keys():
-            for lo, hi in _entry_chunks(ckpts[0], key, CHUNK_BYTES):
-                xs = [c.mapped_rows(key, lo, hi) if lo is not None else c.get(key) for c in ckpts]
-                f.write(memoryview(xs[0].reshape(-1).view(torch.uint8).numpy()))
-                del xs
-    seconds = time.perf_counter() - t
-    (folder / "io.bin").unlink()
-    total = sum(e.nbytes for e in ckpts[0].entries.values())
     buf = torch.empty(CHUNK_BYTES, dtype=torch.uint8).fill_(1)
     view = memoryview(buf.numpy())
     t = time.perf_counter()
     with open(folder / "w.bin", "wb") as f:
+        reserve(f.fileno(), total)
         for s in range(0, total, CHUNK_BYTES):
             f.write(view[: min(CHUNK_BYTES, total - s)])
     write_seconds = time.perf_counter() - t
     (folder / "w.bin").unlink()
-    return {"seconds": seconds, "write_seconds": write_seconds}
+    return {"write_seconds": write_seconds}
 
 
 def child_compute(a, folder: Path) -> dict:
@@ -294,7 +287,7 @@ def main(argv=None) -> dict:
     try:
         _, written = run_child("write", a, folder)
         rss_base, _ = run_child("baseline", a, folder)
-        best = dict.fromkeys(["stream", "stream_torch", "copy", "io", "write", "compute", "compute_torch"], float("inf"))
+        best = dict.fromkeys(["stream", "stream_torch", "copy", "write", "compute", "compute_torch"], float("inf"))
         rss_stream = rss_torch = 0
         same_as_torch = True
         copy_bytes = 0
@@ -302,8 +295,7 @@ def main(argv=None) -> dict:
             rss_c, c = run_child("copy", a, folder)
             best["copy"] = min(best["copy"], c["seconds"])
             copy_bytes = c["bytes"]
-            io = run_child("io", a, folder)[1]
-            best["io"], best["write"] = min(best["io"], io["seconds"]), min(best["write"], io["write_seconds"])
+            best["write"] = min(best["write"], run_child("io", a, folder)[1]["write_seconds"])
             best["compute"] = min(best["compute"], run_child("compute", a, folder)[1]["seconds"])
             best["compute_torch"] = min(best["compute_torch"], run_child("compute", a, folder, TORCH_PATH)[1]["seconds"])
             # every child that writes deletes the previous output before its clock starts (as a re-run of a
@@ -343,8 +335,6 @@ def main(argv=None) -> dict:
         "stream_gbps_input": gbps_stream,
         "copy_gbps": gbps_copy,
         "throughput_ratio": gbps_stream / gbps_copy,
-        "io_gbps": in_bytes / best["io"] / 1e9,
-        "stream_over_io": best["io"] / best["stream"],
         "write_gbps_output": written["bytes"] / best["write"] / 1e9,
         "write_floor_gbps_input": in_bytes / best["write"] / 1e9,
         "write_floor_over_copy": (in_bytes / best["write"]) / (in_bytes / best["copy"]),
@@ -370,14 +360,12 @@ def main(argv=None) -> dict:
     print(f"  ratio                     {result['throughput_ratio']:8.3f}   (goal >= 0.9)")
     print(f"  the arithmetic alone, in memory (merge_blocked, same chunks) {result['compute_gbps_input']:.2f} GB/s of input: "
           f"{result['compute_over_copy']:.3f}x copy_")
-    print(f"  writing the output's bytes alone (new files, from one buffer) {result['write_gbps_output']:.2f} GB/s = "
+    print(f"  writing the output's bytes alone (a new file, 1 MB blocks, one writer) {result['write_gbps_output']:.2f} GB/s = "
           f"{result['write_floor_gbps_input']:.2f} GB/s of input: {result['write_floor_over_copy']:.3f}x copy_")
     print(f"  torch path (FUSION_MERGE_NATIVE=0 FUSION_MERGE_MMAP=0): merge {result['torch_path_stream_gbps_input']:.2f} GB/s "
           f"(ratio {result['torch_path_throughput_ratio']:.3f}), arithmetic alone {result['torch_path_compute_gbps_input']:.2f} GB/s; "
           f"same output bytes: {same_as_torch}")
     print(f"  load average {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
-    print(f"  the I/O alone (map both as the merge does, write one: no arithmetic) {result['io_gbps']:.2f} GB/s of input = "
-          f"{result['io_gbps'] / gbps_copy:.3f}x copy_; merge ÷ I/O alone {result['stream_over_io']:.3f}")
     print(f"  peak RSS {rss_stream / MIB:.0f} MiB (interpreter + torch {rss_base / MIB:.0f} MiB), largest shard "
           f"{largest / MIB:.0f} MiB: {result['rss_over_largest_shard']:.3f}x (goal <= 1.5), "
           f"{result['rss_above_baseline_over_largest_shard']:.3f}x above the interpreter")

@@ -313,15 +313,13 @@ def notes(r: dict) -> list[str]:
         text = (f"* **Sharded bf16 merge ÷ copy_: {ms['throughput_ratio']:.2f}.** copy_ moves the inputs' bytes once, "
                 f"in memory ({ms['copy_gbps']:.2f} GB/s here); the merge ({ms['stream_gbps_input']:.2f} GB/s of input) "
                 "reads every shard mapped from the page cache, computes in a fused C loop (fusion/merge/native.py: "
-                "widen bf16, weigh, add, round back, in one pass over L1-sized tiles) and writes the merged shards")
-        if ms.get("compute_over_copy") is not None and ms.get("io_gbps"):
-            text += (f". The arithmetic alone, in memory, ran at {ms['compute_over_copy']:.2f}x copy_; the I/O alone "
-                     f"(mapping both inputs as the merge does and writing one input's bytes into new page-cache "
-                     f"pages, no arithmetic) at {ms['io_gbps']:.2f} GB/s, {ms['io_gbps'] / ms['copy_gbps']:.2f}x copy_, "
-                     f"and the merge reached {ms['stream_over_io']:.2f}x of that I/O floor: the output's writes bound "
-                     "it, and 0.9 would need the arithmetic wholly hidden behind them, which 2 shared cores (one "
-                     "computing, one writing) do not give. The torch path the merge took before (widen, scale, add "
-                     "and round as separate passes) ran at "
+                "widen bf16, weigh, add, round back, in one pass over L1-sized tiles), and its workers (intra-op threads + 1) write "
+                "every 1 MB block they merge at once, from cache, into shards whose blocks were reserved up front")
+        if ms.get("compute_over_copy") is not None and ms.get("write_floor_over_copy"):
+            text += (f". The arithmetic alone, in memory, ran at {ms['compute_over_copy']:.2f}x copy_; writing the "
+                     f"output's bytes alone into new page-cache pages at {ms['write_floor_over_copy']:.2f}x copy_ (per "
+                     "byte of input): the output's writes bound the merge (a file takes one write at a time). The "
+                     "torch path (widen, scale, add and round as separate passes) ran at "
                      f"{ms.get('torch_path_throughput_ratio', float('nan')):.2f}x copy_ in the same run, to the same "
                      f"bytes ({'checked' if ms.get('same_bytes_as_torch_path') else 'NOT checked'}).")
         else:
@@ -543,9 +541,9 @@ def main(argv=None) -> int:
         results["variants"] = variants_latency(a.bundle, a.smoke)
     stamp = {"date": time.strftime("%Y-%m-%d"), "machine": machine()}
     if a.only:
-        # an earlier --only run whose every figure this one re-measured is no longer the source of any
-        runs = [x for x in results.get("partial_runs", []) if not set(x["benches"]) <= set(names)]
-        results["partial_runs"] = [*runs, {**stamp, "benches": names}]
+        # an earlier --only run is the source only of what this one did not re-measure (none left: dropped)
+        runs = [{**x, "benches": [b for b in x["benches"] if b not in names]} for x in results.get("partial_runs", [])]
+        results["partial_runs"] = [*(x for x in runs if x["benches"]), {**stamp, "benches": names}]
     else:
         results["full_run"] = stamp
         results.pop("partial_runs", None)

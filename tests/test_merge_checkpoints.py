@@ -416,6 +416,64 @@ def test_writer_takes_entries_in_any_order_and_refuses_wrong_sizes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # failed writes leave nothing behind
 
 
+def test_writer_places_pieces_at_offsets_from_several_threads(tmp_path):
+    """write_at: pieces of one entry in any order, from threads at once, give the bytes sequential writes give;
+    the shard closes with its last byte; pieces outside the entry and appends after offsets are refused."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fusion.merge.checkpoints import CheckpointWriter
+
+    g = torch.Generator().manual_seed(1)
+    state = {"w": torch.randn(64, 33, generator=g).to(torch.bfloat16), "b": torch.randn(7, generator=g), "i": torch.arange(4)}
+    entries = [(k, tuple(v.shape), v.dtype) for k, v in state.items()]
+    flat = state["w"].reshape(-1)
+    pieces = [(s, flat[s:s + 100]) for s in range(0, flat.numel(), 100)]
+    random.Random(0).shuffle(pieces)
+    with CheckpointWriter(tmp_path / "seq.safetensors", entries, as_dir=False) as w:
+        for k, v in state.items():
+            w.write(k, v)
+    with CheckpointWriter(tmp_path / "at", entries, as_dir=True, max_shard_bytes=4230) as w:
+        assert len(w.shards) == 2 and w.shard_of["w"] == 0
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda p: w.write_at("w", 2 * p[0], p[1]), pieces))
+        assert 0 in w.closed  # every byte of the shard is in: closed, as `write` closes it
+        w.write("b", state["b"])
+        w.write_at("i", 16, state["i"][2:])
+        w.write_at("i", 0, state["i"][:2])
+    got, seq = open_checkpoint(tmp_path / "at"), open_checkpoint(tmp_path / "seq.safetensors")
+    assert all(torch.equal(got.get(k), v) and torch.equal(seq.get(k), v) for k, v in state.items())
+    with pytest.raises(RuntimeError, match=r"entry 'b': expected bytes within \[0, 28\); got \[24, 32\)"):
+        with CheckpointWriter(tmp_path / "x", entries, as_dir=True) as w:
+            w.write_at("b", 24, state["b"][:2])
+    with pytest.raises(RuntimeError, match="entry 'b': written at offsets before; got an append"):
+        with CheckpointWriter(tmp_path / "y", entries, as_dir=True) as w:
+            w.write_at("b", 0, state["b"][:2])
+            w.write("b", state["b"][2:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["at", "seq.safetensors"]
+
+
+def test_reserve_allocates_the_file_or_says_it_could_not(tmp_path, monkeypatch):
+    """fallocate(2) gives the file its size up front (where the filesystem has it); a failure is False, never zeros written."""
+    import os
+
+    from fusion.merge import checkpoints
+
+    with open(tmp_path / "r.bin", "wb") as f:
+        ok = checkpoints.reserve(f.fileno(), 1 << 20)
+    assert (tmp_path / "r.bin").stat().st_size == (1 << 20 if ok else 0)
+
+    class NoFallocate:
+        @staticmethod
+        def fallocate(*args):
+            return -1
+
+    monkeypatch.setattr(checkpoints, "_libc", NoFallocate)
+    with open(tmp_path / "n.bin", "wb") as f:
+        assert checkpoints.reserve(f.fileno(), 1 << 20) is False
+    assert os.path.getsize(tmp_path / "n.bin") == 0
+
+
 def _raw_safetensors(path: Path, header: dict, data: bytes) -> Path:
     """A safetensors file written byte by byte (its header as given, however wrong)."""
     raw = json.dumps(header).encode()

@@ -157,6 +157,44 @@ def test_merge_files_same_bytes_with_and_without_fused_loop_and_maps(tmp_path, m
     assert outs[0] == outs[2] and outs[1] == outs[3]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_slices_merged_and_written_block_by_block_equal_whole_slice_writes(tmp_path, monkeypatch, dtype):
+    """merge_and_write: tiny blocks, two workers per slice, a NaN in one block (that block alone redone by torch):
+    every file byte equals the whole-slice path, the torch path and the in-memory merge."""
+    from safetensors.torch import load_file
+
+    from fusion.merge import merge
+
+    g = torch.Generator().manual_seed(5)
+    models = [{"w": _spread(211 * 37, dtype, g).reshape(211, 37), "b": torch.randn(37, generator=g).to(dtype),
+               "n": torch.arange(3)} for _ in range(3)]
+    models[1]["w"][100, 5] = float("nan")
+    for i, m in enumerate(models):
+        save_file(m, str(tmp_path / f"m{i}.safetensors"))
+    monkeypatch.setattr(S, "WRITE_BLOCK", 256)  # bytes: 64-128 elements a block, dozens of blocks a slice
+    used = []
+    real = S.merge_and_write
+    monkeypatch.setattr(S, "merge_and_write", lambda *a, **k: used.append(a[1]) or real(*a, **k))
+    cases = [("linear", {"weights": [0.2, 0.9]}, None), ("task_arithmetic", {"scaling": 0.4, "weights": [1.0, 0.3]}, 2)]
+    for name, kw, base_i in cases:
+        outs = {}
+        for label, env in [("blocks", {}), ("whole", {"FUSION_MERGE_BLOCK_WRITES": "0"}), ("torch", {"FUSION_MERGE_NATIVE": "0"})]:
+            for k, v in {"FUSION_MERGE_BLOCK_WRITES": "1", "FUSION_MERGE_NATIVE": "1", **env}.items():
+                monkeypatch.setenv(k, v)
+            out = tmp_path / f"{name}-{label}"
+            merge_files(name, [tmp_path / "m0.safetensors", tmp_path / "m1.safetensors"], out, chunk_bytes=3000,
+                        max_shard_bytes=10_000, base_path=tmp_path / f"m{base_i}.safetensors" if base_i else None, **kw)
+            outs[label] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+        assert len(outs["blocks"]) > 2 and outs["blocks"] == outs["whole"] == outs["torch"], name
+        expected = merge(name, models[:2], base=models[base_i] if base_i else None, **kw)
+        got = {}
+        for f in sorted((tmp_path / f"{name}-blocks").glob("*.safetensors")):
+            got.update(load_file(str(f)))
+        assert all(_bits(got[k]).equal(_bits(expected[k])) for k in ("w", "b")) and got["n"].equal(expected["n"])
+        assert torch.isnan(got["w"][100, 5])
+    assert "w" in used and "b" in used  # the block path ran (not only the whole-slice one)
+
+
 def test_a_library_others_could_write_is_never_loaded(tmp_path, monkeypatch):
     """The cached library is code this process loads: a cache directory that group or others may write is not
     used (the loop is built in a private directory for this process instead), and a cached file that others may

@@ -67,7 +67,7 @@ SUB_BLOCK = 1 << 18  # elements widened and merged at a time by `merge_blocked` 
 
 
 def merge_blocked(cfg: MergeMethod, key: str, xs: Sequence[Tensor], base: Tensor | None, weights: tuple,
-                  work: torch.dtype, out: Tensor) -> Tensor:
+                  work: torch.dtype, out: Tensor, fused: bool = True) -> Tensor:
     """One slice of an elementwise entry (linear, task arithmetic) merged SUB_BLOCK elements at a time into
     `out` (its dtype is the output's), half-precision inputs widened to `work` block by block: the widened
     copies and each block's result stay in cache instead of making more passes over memory. Elementwise
@@ -79,7 +79,7 @@ def merge_blocked(cfg: MergeMethod, key: str, xs: Sequence[Tensor], base: Tensor
     flats = [x.reshape(-1) for x in xs]
     flat_base = base.reshape(-1) if base is not None else None
     n = flat_out.numel()
-    if n and work == torch.float32 and native.supports(xs[0].dtype, out.dtype) and native.available()[0]:
+    if fused and n and work == torch.float32 and native.supports(xs[0].dtype, out.dtype) and native.available()[0]:
         program = native_program(cfg, len(xs), weights)
         if program is not None and _fused(program, flats, flat_base, flat_out):
             return out  # else a NaN somewhere: the torch path below gives torch's own bits
@@ -139,6 +139,60 @@ def _fused(program: tuple, flats: list[Tensor], flat_base: Tensor | None, flat_o
         _pool, _pool_size = ThreadPoolExecutor(threads, thread_name_prefix="merge-fused"), threads
     step = -(-n // threads)
     return all(f.result() for f in [_pool.submit(part, s, min(n, s + step)) for s in range(0, n, step)])
+
+
+WRITE_BLOCK = 1 << 20  # bytes of output `merge_and_write` merges and then writes at a time: written from cache
+
+
+def fused_program(cfg: MergeMethod, xs: Sequence[Tensor], weights: tuple, work: torch.dtype, out_dtype: torch.dtype) -> tuple | None:
+    """The fused loop's program for this slice (`native_program`), or None when the loop cannot run it."""
+    if work != torch.float32 or not native.supports(xs[0].dtype, out_dtype) or not native.available()[0]:
+        return None
+    return native_program(cfg, len(xs), weights)
+
+
+_write_pool: ThreadPoolExecutor | None = None
+_write_pool_size = 0
+
+
+def merge_and_write(cfg: MergeMethod, key: str, program: tuple, xs: Sequence[Tensor], base: Tensor | None, weights: tuple,
+                    work: torch.dtype, out_dtype: torch.dtype, write_at: Callable[[int, Tensor], None],
+                    workers: int) -> None:
+    """One slice of an elementwise entry merged by the fused loop WRITE_BLOCK bytes of output at a time, each
+    block handed to `write_at(byte offset in the slice, block)` as soon as it is computed, while it is still
+    in cache: the output never makes a trip through memory between the arithmetic and the write's copy into
+    the page cache (merging a whole slice into a buffer and writing it afterwards reads every output byte
+    back from memory). `workers` threads each take a contiguous part of the slice and alternate merging and
+    writing, so one merges while another's write copies (the loop and os.pwrite release the GIL). A block
+    whose result holds a NaN is recomputed on the torch path (`merge_blocked(..., fused=False)`): torch's
+    own bits, as `merge_blocked` does for a slice. xs: K tensors of shape S, base: S or None."""
+    global _write_pool, _write_pool_size
+    kind, ws, mul, total, do_div, scaling, do_scale = program
+    flats = [x.reshape(-1) for x in xs]
+    flat_base = base.reshape(-1) if base is not None else None
+    n = flats[0].numel()
+    size = out_dtype.itemsize
+    block = max(1, WRITE_BLOCK // size)  # elements
+
+    def part(lo: int, hi: int) -> None:
+        buf = torch.empty(min(block, hi - lo), dtype=out_dtype)
+        for s in range(lo, hi, block):
+            e = min(hi, s + block)
+            o = buf[: e - s]
+            ys = [f[s:e] for f in flats]
+            b = flat_base[s:e] if flat_base is not None else None
+            if not native.fused_merge(kind, ys, b, ws, mul, total, do_div, scaling, do_scale, o):
+                merge_blocked(cfg, key, ys, b, weights, work, o, fused=False)
+            write_at(s * size, o)
+
+    parts = max(1, min(workers, -(-n // block)))
+    if parts == 1:
+        return part(0, n)
+    if _write_pool is None or _write_pool_size < parts:
+        _write_pool, _write_pool_size = ThreadPoolExecutor(parts, thread_name_prefix="merge-write-blocks"), parts
+    step = -(-(-(-n // parts)) // block) * block  # whole blocks per worker
+    for f in [_write_pool.submit(part, s, min(n, s + step)) for s in range(0, n, step)]:
+        f.result()
 
 
 def work_dtype(in_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.dtype:
@@ -330,6 +384,10 @@ def merge_files(
                 yield key, None, None, nbytes, True
 
     mapped = os.environ.get("FUSION_MERGE_MMAP", "1").strip().lower() not in ("0", "false", "no", "off")
+    # fused elementwise slices are merged and written block by block (`merge_and_write`) by the intra-op threads
+    # plus the one that otherwise writes; FUSION_MERGE_BLOCK_WRITES=0: merged whole, then written by the writer thread
+    blocks_written = os.environ.get("FUSION_MERGE_BLOCK_WRITES", "1").strip().lower() not in ("0", "false", "no", "off")
+    workers = max(1, torch.get_num_threads()) + 1
 
     def read(src, key, lo, hi, buf):  # row slices (elementwise steps) stay in the file's dtype: `merge_blocked` widens them
         if lo is None:
@@ -350,6 +408,7 @@ def merge_files(
     # Reads of one step run in parallel (one thread per input), the next step's reads while this one
     # merges (only for steps of at most chunk_bytes, so whole large entries are never held twice), and
     # each merged piece is written by a writer thread while the next one merges: file I/O releases the GIL.
+    # Slices the fused loop runs are instead merged and written block by block by `workers` threads.
     with CheckpointWriter(out_path, [(k, *out_layout[k]) for k in keys], as_dir=as_dir, max_shard_bytes=shard_bytes,
                           metadata=({"format": "pt", **(metadata or {})} if as_dir else metadata),
                           companions_from=companions if as_dir else None, index_metadata=index_metadata) as writer, \
@@ -375,21 +434,33 @@ def merge_files(
             if is_float and lo is not None:
                 c, w = per_key(key)
                 step_dtype = out_layout[key][1]
-                shape = vals[0].shape
-                nbytes = math.prod(shape) * step_dtype.itemsize
-                out = buffer(out_bufs, j % 2, nbytes)[:nbytes].view(step_dtype).reshape(shape)
-                merged = merge_blocked(c, key, vals[: len(sources)], vals[len(sources)] if base is not None else None, w,
-                                       work[key], out)
+                xs, b = vals[: len(sources)], (vals[len(sources)] if base is not None else None)
+                program = fused_program(c, xs, w, work[key], step_dtype) if blocks_written else None
+                if program is not None:  # merged and written block by block, from cache, here
+                    if last_write is not None:
+                        last_write.result()  # entries reach the writer in order (shard by shard)
+                        last_write = None
+                    at = lo * math.prod(vals[0].shape[1:]) * step_dtype.itemsize  # the slice's first byte in the entry
+                    merge_and_write(c, key, program, xs, b, w, work[key], step_dtype,
+                                    lambda off, t, key=key, at=at: writer.write_at(key, at + off, t), workers)
+                    merged = None  # written
+                else:
+                    shape = vals[0].shape
+                    nbytes = math.prod(shape) * step_dtype.itemsize
+                    out = buffer(out_bufs, j % 2, nbytes)[:nbytes].view(step_dtype).reshape(shape)
+                    merged = merge_blocked(c, key, xs, b, w, work[key], out)
+                del xs, b
             elif is_float:
                 merged = merge_entry(key, vals[: len(sources)], vals[len(sources)] if base is not None else None)
                 merged = merged.to(out_layout[key][1])
             else:
                 merged = vals[0]
             del vals, futures
-            if last_write is not None:
-                last_write.result()
-            last_write = writes.submit(writer.write, key, merged)
-            del merged
+            if merged is not None:
+                if last_write is not None:
+                    last_write.result()
+                last_write = writes.submit(writer.write, key, merged)
+                del merged
             cur = nxt
             j += 1
             if cur is not None and pending is None:
