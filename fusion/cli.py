@@ -108,7 +108,8 @@ def cmd_zoo(args) -> int:
     from fusion.zoo import TrainConfig, ZooConfig, train_zoo
 
     data = load(args.data) if args.data == "digits" else load(args.data, label_column=args.label_column)
-    cfg = ZooConfig(n_mlp=args.n_mlp, n_cnn=args.n_cnn, seed=args.seed, train=TrainConfig(epochs=args.epochs))
+    cfg = ZooConfig(n_mlp=args.n_mlp, n_cnn=args.n_cnn, seed=args.seed, train=TrainConfig(epochs=args.epochs),
+                    cnn_shift_copies=args.cnn_shift_copies)
     out = Path(args.out) / args.scenario
     if args.scenario in ("swa", "snapshots"):
         return _zoo_trajectory(args, data, out)
@@ -373,6 +374,9 @@ def parser() -> argparse.ArgumentParser:
     z.add_argument("--out", default="artifacts/zoo", help="parent directory; members go to OUT/SCENARIO")
     z.add_argument("--n-mlp", type=int, default=5)
     z.add_argument("--n-cnn", type=int, default=3)
+    z.add_argument("--cnn-shift-copies", type=int, default=1, metavar="N",  # = ZooConfig.cnn_shift_copies
+                   help="each CNN also trains on N copies of the train split shifted by up to one pixel, drawn "
+                        "from its seed (default %(default)s; 0: the plain split)")
     z.add_argument("--epochs", type=int, default=40)
     z.add_argument("--seed", type=int, default=0)
     z.add_argument("--n-cycles", type=int, default=5, help="snapshots: learning-rate cycles (members); must divide --epochs")

@@ -192,7 +192,14 @@ def evaluate(model: nn.Module, data: Dataset) -> dict:
 
 @dataclass(frozen=True)
 class ZooConfig:
-    """The default zoo: 5 MLPs and 3 small CNNs from different seeds (the `independent` scenario)."""
+    """The default zoo: 5 MLPs and 3 small CNNs from different seeds (the `independent` scenario).
+
+    cnn_shift_copies: each CNN trains on the train split plus this many copies of it, every image shifted
+    by up to one pixel each way (edges replicated; fusion.distill.shift_images), drawn once per member from
+    its own seed: translation is the invariance a convolution is built for, and each member sees different
+    copies, which makes the members differ where the ensemble can use it (on the default zoo's validation
+    split: the chosen ensemble's out-of-fold NLL 0.0317 with plain CNNs, 0.0168 with one copy, 0.0230 with
+    three; only with one copy does the gate find the ensemble better than its best member beyond noise)."""
 
     n_mlp: int = 5
     n_cnn: int = 3
@@ -200,6 +207,7 @@ class ZooConfig:
     cnn_channels: tuple[int, int] = (16, 32)
     seed: int = 0
     train: TrainConfig = TrainConfig()
+    cnn_shift_copies: int = 1
 
 
 def member_args(arch: str, data: Dataset, cfg: ZooConfig) -> dict:
@@ -219,17 +227,54 @@ def train_zoo(data: Dataset, out_dir: str | Path, cfg: ZooConfig = ZooConfig()) 
     if data.image_shape is not None:
         plan += [("cnn", i) for i in range(cfg.n_cnn)]
     specs = []
-    for arch, i in progress(plan, desc="zoo", unit="member"):
-        seed = cfg.seed * 1000 + (0 if arch == "mlp" else 100) + i
-        args = member_args(arch, data, cfg)
-        seed_everything(seed)
-        model = build_model(arch, **args)
-        init_scaler(model, data.scaling)
-        train(model, data, cfg.train, seed, desc=f"{arch}_{i}")
-        spec = MemberSpec(name=f"{arch}_{i}", arch=arch, args=args, seed=seed, metrics=evaluate(model, data))
-        save_member(model, spec, out_dir)
-        specs.append(spec)
+    with one_thread():
+        for arch, i in progress(plan, desc="zoo", unit="member"):
+            specs.append(_train_member(data, cfg, arch, i, out_dir))
     return specs
+
+
+class one_thread:
+    """torch on one intra-op thread inside the block (restored after): training then gives the same bits on any
+    core count (with 2 threads the CNNs' convolutions accumulate in another order and the members differ)."""
+
+    def __enter__(self) -> None:
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc) -> None:
+        torch.set_num_threads(self.threads)
+
+
+def _train_member(data: Dataset, cfg: ZooConfig, arch: str, i: int, out_dir: Path) -> MemberSpec:
+    """Member `{arch}_{i}`: seeded, trained (CNNs on the shifted copies too), saved; its spec."""
+    seed = cfg.seed * 1000 + (0 if arch == "mlp" else 100) + i
+    args = member_args(arch, data, cfg)
+    seed_everything(seed)
+    model = build_model(arch, **args)
+    init_scaler(model, data.scaling)
+    X, y = shifted_train_set(data, cfg.cnn_shift_copies, seed) if arch == "cnn" else (None, None)
+    train(model, data, cfg.train, seed, X=X, y=y, desc=f"{arch}_{i}")
+    spec = MemberSpec(name=f"{arch}_{i}", arch=arch, args=args, seed=seed, metrics=evaluate(model, data))
+    save_member(model, spec, out_dir)
+    return spec
+
+
+SHIFT_SEED_OFFSET = 12345  # the shifted copies' generator: the member's seed + this, apart from its shuffles'
+
+
+def shifted_train_set(data: Dataset, copies: int, seed: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The train split followed by `copies` copies of it, each image shifted by up to one pixel each way
+    (X: (N·(1+copies), F), y: (N·(1+copies),)); (None, None), the plain split, for 0 copies or non-image rows."""
+    if copies < 0:
+        raise ConfigError(f"expected cnn_shift_copies >= 0; got {copies}")
+    if copies == 0 or data.image_shape is None:
+        return None, None
+    from fusion.distill import shift_images
+
+    gen = torch.Generator().manual_seed(seed + SHIFT_SEED_OFFSET)
+    X = torch.as_tensor(data.X_train)
+    xs = [X] + [shift_images(X, data.image_shape, 1, gen) for _ in range(copies)]
+    return torch.cat(xs).numpy(), np.tile(np.asarray(data.y_train), copies + 1)
 
 
 def save_member(model: nn.Module, spec: MemberSpec, out_dir: str | Path) -> Path:

@@ -253,7 +253,7 @@ def test_readme_ready_line_is_what_make_serve_prints(tmp_path):
     assert shown, "expected the README to show make serve's ready line"
     bundle = tmp_path / "artifacts" / "bundle"
     bundle.mkdir(parents=True)
-    (bundle / "manifest.json").write_text(json.dumps({"bundle_version": "c24e5c3acf24", "input": {"shape": [-1, 64]}}))
+    (bundle / "manifest.json").write_text(json.dumps({"bundle_version": "a0dba5ab340e", "input": {"shape": [-1, 64]}}))
     ready, _ = ready_lines("http://127.0.0.1:3000", bundle, Tokens())  # no inference token: the README's curl has none
     assert ready.replace(str(bundle), "artifacts/bundle") == shown.group(0)
 
