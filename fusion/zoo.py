@@ -209,6 +209,10 @@ class ZooConfig:
     train: TrainConfig = TrainConfig()
     cnn_shift_copies: int = 1
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.cnn_shift_copies, int) or self.cnn_shift_copies < 0:
+            raise ConfigError(f"expected cnn_shift_copies >= 0; got {self.cnn_shift_copies!r}")
+
 
 def member_args(arch: str, data: Dataset, cfg: ZooConfig) -> dict:
     base = {"in_features": data.n_features, "n_outputs": max(data.n_classes, 1)}

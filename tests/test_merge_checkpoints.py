@@ -446,6 +446,11 @@ def test_writer_places_pieces_at_offsets_from_several_threads(tmp_path):
     with pytest.raises(RuntimeError, match=r"entry 'b': expected bytes within \[0, 28\); got \[24, 32\)"):
         with CheckpointWriter(tmp_path / "x", entries, as_dir=True) as w:
             w.write_at("b", 24, state["b"][:2])
+    with pytest.raises(RuntimeError, match=r"entry 'b': expected 28 bytes in all; got 32 \(a piece written twice\)"):
+        with CheckpointWriter(tmp_path / "z", entries, as_dir=True) as w:
+            w.write_at("b", 0, state["b"][:4])
+            w.write_at("b", 12, state["b"][3:])
+            w.write_at("b", 0, state["b"][:1])
     with pytest.raises(RuntimeError, match="entry 'b': written at offsets before; got an append"):
         with CheckpointWriter(tmp_path / "y", entries, as_dir=True) as w:
             w.write_at("b", 0, state["b"][:2])
@@ -463,12 +468,7 @@ def test_reserve_allocates_the_file_or_says_it_could_not(tmp_path, monkeypatch):
         ok = checkpoints.reserve(f.fileno(), 1 << 20)
     assert (tmp_path / "r.bin").stat().st_size == (1 << 20 if ok else 0)
 
-    class NoFallocate:
-        @staticmethod
-        def fallocate(*args):
-            return -1
-
-    monkeypatch.setattr(checkpoints, "_libc", NoFallocate)
+    monkeypatch.setattr(checkpoints, "_fallocate", lambda *args: -1)  # as libc answers EOPNOTSUPP
     with open(tmp_path / "n.bin", "wb") as f:
         assert checkpoints.reserve(f.fileno(), 1 << 20) is False
     assert os.path.getsize(tmp_path / "n.bin") == 0

@@ -175,6 +175,10 @@ def test_slices_merged_and_written_block_by_block_equal_whole_slice_writes(tmp_p
     used = []
     real = S.merge_and_write
     monkeypatch.setattr(S, "merge_and_write", lambda *a, **k: used.append(a[1]) or real(*a, **k))
+    redone = []  # blocks the torch path recomputed (fused=False): the NaN block alone
+    real_blocked = S.merge_blocked
+    monkeypatch.setattr(S, "merge_blocked", lambda *a, **k: (redone.append(a[1]) if k.get("fused") is False else None)
+                        or real_blocked(*a, **k))
     cases = [("linear", {"weights": [0.2, 0.9]}, None), ("task_arithmetic", {"scaling": 0.4, "weights": [1.0, 0.3]}, 2)]
     for name, kw, base_i in cases:
         outs = {}
@@ -184,6 +188,9 @@ def test_slices_merged_and_written_block_by_block_equal_whole_slice_writes(tmp_p
             out = tmp_path / f"{name}-{label}"
             merge_files(name, [tmp_path / "m0.safetensors", tmp_path / "m1.safetensors"], out, chunk_bytes=3000,
                         max_shard_bytes=10_000, base_path=tmp_path / f"m{base_i}.safetensors" if base_i else None, **kw)
+            if label == "blocks":
+                assert redone == ["w"], redone  # one block of "w" holds the NaN; every other block ran the fused loop
+            redone.clear()
             outs[label] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
         assert len(outs["blocks"]) > 2 and outs["blocks"] == outs["whole"] == outs["torch"], name
         expected = merge(name, models[:2], base=models[base_i] if base_i else None, **kw)
@@ -193,6 +200,35 @@ def test_slices_merged_and_written_block_by_block_equal_whole_slice_writes(tmp_p
         assert all(_bits(got[k]).equal(_bits(expected[k])) for k in ("w", "b")) and got["n"].equal(expected["n"])
         assert torch.isnan(got["w"][100, 5])
     assert "w" in used and "b" in used  # the block path ran (not only the whole-slice one)
+
+
+def test_a_failing_block_write_stops_the_workers_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A write that fails mid-slice: the other workers stop at their next block and are waited for, the error
+    reaches the caller, and neither the output nor its temporary sibling is left."""
+    import threading
+
+    from fusion.merge.checkpoints import CheckpointWriter
+
+    g = torch.Generator().manual_seed(6)
+    for i in range(2):
+        save_file({"w": torch.randn(400, 50, generator=g).to(torch.bfloat16)}, str(tmp_path / f"m{i}.safetensors"))
+    monkeypatch.setattr(S, "WRITE_BLOCK", 256)
+    calls, lock = [], threading.Lock()
+    real = CheckpointWriter.write_at
+
+    def failing(self, key, offset, tensor):
+        with lock:
+            calls.append(offset)
+            n = len(calls)
+        if n == 5:
+            raise OSError(28, "No space left on device")
+        return real(self, key, offset, tensor)
+
+    monkeypatch.setattr(CheckpointWriter, "write_at", failing)
+    with pytest.raises(OSError, match="No space left on device"):
+        merge_files("linear", [tmp_path / "m0.safetensors", tmp_path / "m1.safetensors"], tmp_path / "out")
+    assert len(calls) < 400 * 50 * 2 // 256  # stopped early, not every block written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m0.safetensors", "m1.safetensors"]
 
 
 def test_a_library_others_could_write_is_never_loaded(tmp_path, monkeypatch):

@@ -63,6 +63,18 @@ def test_zoo_members_are_the_same_bits_on_any_thread_count(digits, tmp_path):
         assert all(torch.equal(outs[0][name][k], outs[1][name][k]) for k in outs[0][name]), name
 
 
+def test_members_train_on_one_thread_and_bad_copy_counts_are_refused_up_front(digits, tmp_path, monkeypatch):
+    import fusion.zoo as zoo
+
+    seen = []
+    real = zoo.train
+    monkeypatch.setattr(zoo, "train", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    zoo.train_zoo(digits, tmp_path, ZooConfig(n_mlp=1, n_cnn=1, mlp_hidden=(8,), cnn_channels=(2, 2), train=TrainConfig(epochs=1)))
+    assert seen == [1, 1]
+    with pytest.raises(ConfigError, match="expected cnn_shift_copies >= 0; got -2"):
+        ZooConfig(cnn_shift_copies=-2)
+
+
 def test_one_thread_restores_the_setting_after_an_error():
     before = torch.get_num_threads()
     with pytest.raises(RuntimeError):

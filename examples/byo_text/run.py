@@ -7,7 +7,7 @@
    scikit-learn, torch, onnx), read from their source files with `ast` (nothing imported, nothing downloaded),
    labelled by package; a fixed held-out test split;
 2. a WordPiece `tokenizer.json` trained on the training split with `tokenizers`;
-3. three classifiers (two `BertConfig`s and one `DistilBertConfig` of one or two layers), trained 2 epochs each,
+3. three classifiers (two `BertConfig`s and one `DistilBertConfig` of one or two layers), trained 4 epochs each,
    saved with `save_pretrained(safe_serialization=True)` as local Hugging Face directories;
 4. the held-out docstrings written to `data.npz` (a numpy unicode string array `text` and `y`) and a random-init
    one-layer BERT saved as the distillation student; `fusion build --recipe examples/byo_text/recipe.toml`
@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="a tiny configuration (the test's): small data, seconds of training")
     ap.add_argument("--work", default=str(ROOT / DEFAULT_WORK), help="where the data, members and bundle go")
-    ap.add_argument("--seconds", type=float, default=None, help="a cap on each member's training time (default 150 s; it stops sooner after 2 epochs, the figures in the README)")
+    ap.add_argument("--seconds", type=float, default=None, help="a cap on each member's training time (default 150 s; it stops sooner after its epochs, the figures in the README)")
+    ap.add_argument("--epochs", type=int, default=None, help="epochs per member (default 4; --tiny: 1)")
     args = ap.parse_args(argv)
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     sys.path.insert(0, str(ROOT))
@@ -250,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     import tomllib
 
     max_length = int(tomllib.loads(recipe.read_text())["inputs"][0]["max_length"])
-    per_class, limit_files, vocab_size, epochs = (60, 100, 400, 1) if args.tiny else (600, 400, 2000, 2)
+    per_class, limit_files, vocab_size, epochs = (60, 100, 400, 1) if args.tiny else (600, 400, 2000, 4)
+    epochs = args.epochs if args.epochs is not None else epochs
     seconds = args.seconds if args.seconds is not None else (1.5 if args.tiny else 150.0)
     t_all = time.perf_counter()
 

@@ -345,7 +345,7 @@ def shard_names(n: int) -> list[str]:
     return [SAFE_WEIGHTS] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
-_libc = None
+_fallocate = None  # libc's fallocate(2), looked up once
 
 
 def reserve(fd: int, size: int) -> bool:
@@ -354,14 +354,17 @@ def reserve(fd: int, size: int) -> bool:
     page (on ext4, 1.5x faster page-cache writes here). False where the filesystem or platform has no
     fallocate: the writes then allocate as they go. Unlike os.posix_fallocate, never falls back to writing
     zeros."""
-    global _libc
+    global _fallocate
     if not sys.platform.startswith("linux") or size <= 0:
         return False
     try:
-        if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
-            _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-        return _libc.fallocate(fd, 0, 0, size) == 0
+        if _fallocate is None:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fallocate = getattr(libc, "fallocate64", None) or libc.fallocate  # 64-bit offsets on 32-bit glibc too
+            fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+            fallocate.restype = ctypes.c_int
+            _fallocate = fallocate
+        return _fallocate(fd, 0, 0, size) == 0
     except (OSError, AttributeError):
         return False
 
@@ -535,6 +538,10 @@ class CheckpointWriter:
         with self._lock:
             f = self._open(i)
             at = f.span_check(key, offset, data.nbytes)
+            lo, hi = f.spans[key]
+            if f.done[key] + data.nbytes > hi - lo:  # a piece written twice: the entry could look complete with a gap
+                raise RuntimeError(f"safetensors writer {f.path}, entry '{key}': expected {hi - lo} bytes in all; "
+                                   f"got {f.done[key] + data.nbytes} (a piece written twice)")
             f.placed.add(key)
         f.pwrite(at, data)
         with self._lock:
@@ -572,9 +579,10 @@ class CheckpointWriter:
         return floats.pop() if len(floats) == 1 else None
 
     def _cleanup(self) -> None:
-        for f in self.open_files.values():
-            if not f.fh.closed:
-                f.fh.close()
+        with self._lock:  # no `write_at` opens, closes or counts a shard meanwhile
+            for f in list(self.open_files.values()):
+                if not f.fh.closed:
+                    f.fh.close()
         if self.tmp.is_dir():
             shutil.rmtree(self.tmp, ignore_errors=True)
         elif self.tmp.exists():

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -151,32 +152,32 @@ def fused_program(cfg: MergeMethod, xs: Sequence[Tensor], weights: tuple, work: 
     return native_program(cfg, len(xs), weights)
 
 
-_write_pool: ThreadPoolExecutor | None = None
-_write_pool_size = 0
-
-
 def merge_and_write(cfg: MergeMethod, key: str, program: tuple, xs: Sequence[Tensor], base: Tensor | None, weights: tuple,
                     work: torch.dtype, out_dtype: torch.dtype, write_at: Callable[[int, Tensor], None],
-                    workers: int) -> None:
+                    pool: ThreadPoolExecutor | None, workers: int) -> None:
     """One slice of an elementwise entry merged by the fused loop WRITE_BLOCK bytes of output at a time, each
     block handed to `write_at(byte offset in the slice, block)` as soon as it is computed, while it is still
     in cache: the output never makes a trip through memory between the arithmetic and the write's copy into
     the page cache (merging a whole slice into a buffer and writing it afterwards reads every output byte
-    back from memory). `workers` threads each take a contiguous part of the slice and alternate merging and
-    writing, so one merges while another's write copies (the loop and os.pwrite release the GIL). A block
-    whose result holds a NaN is recomputed on the torch path (`merge_blocked(..., fused=False)`): torch's
-    own bits, as `merge_blocked` does for a slice. xs: K tensors of shape S, base: S or None."""
-    global _write_pool, _write_pool_size
+    back from memory). `workers` threads of `pool` each take a contiguous part of the slice and alternate
+    merging and writing, so one merges while another's write copies (the loop and os.pwrite release the
+    GIL). A block whose result holds a NaN is recomputed on the torch path (`merge_blocked(..., fused=False)`):
+    torch's own bits, as `merge_blocked` does for a slice. When a part fails (or the wait is interrupted) the
+    others stop at their next block and are waited for before the error goes on, so no thread is still
+    writing when the caller cleans up. xs: K tensors of shape S, base: S or None."""
     kind, ws, mul, total, do_div, scaling, do_scale = program
     flats = [x.reshape(-1) for x in xs]
     flat_base = base.reshape(-1) if base is not None else None
     n = flats[0].numel()
     size = out_dtype.itemsize
     block = max(1, WRITE_BLOCK // size)  # elements
+    stop = threading.Event()
 
     def part(lo: int, hi: int) -> None:
         buf = torch.empty(min(block, hi - lo), dtype=out_dtype)
         for s in range(lo, hi, block):
+            if stop.is_set():
+                return
             e = min(hi, s + block)
             o = buf[: e - s]
             ys = [f[s:e] for f in flats]
@@ -186,13 +187,16 @@ def merge_and_write(cfg: MergeMethod, key: str, program: tuple, xs: Sequence[Ten
             write_at(s * size, o)
 
     parts = max(1, min(workers, -(-n // block)))
-    if parts == 1:
+    if parts == 1 or pool is None:
         return part(0, n)
-    if _write_pool is None or _write_pool_size < parts:
-        _write_pool, _write_pool_size = ThreadPoolExecutor(parts, thread_name_prefix="merge-write-blocks"), parts
     step = -(-(-(-n // parts)) // block) * block  # whole blocks per worker
-    for f in [_write_pool.submit(part, s, min(n, s + step)) for s in range(0, n, step)]:
-        f.result()
+    futures = [pool.submit(part, s, min(n, s + step)) for s in range(0, n, step)]
+    try:
+        for f in futures:
+            f.result()
+    finally:
+        stop.set()
+        wait(futures)
 
 
 def work_dtype(in_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.dtype:
@@ -413,7 +417,8 @@ def merge_files(
                           metadata=({"format": "pt", **(metadata or {})} if as_dir else metadata),
                           companions_from=companions if as_dir else None, index_metadata=index_metadata) as writer, \
             ThreadPoolExecutor(len(every), thread_name_prefix="merge-read") as readers, \
-            ThreadPoolExecutor(1, thread_name_prefix="merge-write") as writes:
+            ThreadPoolExecutor(1, thread_name_prefix="merge-write") as writes, \
+            ThreadPoolExecutor(workers, thread_name_prefix="merge-write-blocks") as block_writers:
 
         def fetch(st, j):
             key, lo, hi, nbytes, is_float = st
@@ -442,7 +447,8 @@ def merge_files(
                         last_write = None
                     at = lo * math.prod(vals[0].shape[1:]) * step_dtype.itemsize  # the slice's first byte in the entry
                     merge_and_write(c, key, program, xs, b, w, work[key], step_dtype,
-                                    lambda off, t, key=key, at=at: writer.write_at(key, at + off, t), workers)
+                                    lambda off, t, key=key, at=at: writer.write_at(key, at + off, t), block_writers,
+                                    workers)
                     merged = None  # written
                 else:
                     shape = vals[0].shape
