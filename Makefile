@@ -21,16 +21,23 @@ $(BIN)/python:
 # [build] adds torch and the offline stack (`fusion zoo/build/...`), [dev] the test tools (with [vision]: timm and
 # torchvision for the timm:/torchvision: member sources, and [text]: the hf: source's transformers and tokenizers,
 # which tests/test_sources.py and tests/test_byo_image.py use).
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e .
+# Every set installs the serving packages at the versions the image locks (deploy/requirements.lock.txt, read
+# as pip constraints: name==version, hashes dropped): the tests run against what the container ships, and a
+# release on PyPI since the lock was made cannot change them (deploy/lock.sh re-locks; the stamps then reinstall).
+CONSTRAINTS := $(VENV)/constraints.txt
+$(CONSTRAINTS): deploy/requirements.lock.txt | $(BIN)/python
+	grep -E '^[A-Za-z0-9_.-]+==' $< | sed 's/ .*//' > $@
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e .
 	touch $@
 
-$(VENV)/.installed-build: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[build]"
+$(VENV)/.installed-build: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[build]"
 	touch $@ $(VENV)/.installed
 
-$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[build,vision,text,dev]"
+$(VENV)/.installed-dev: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[build,vision,text,dev]"
 	touch $@ $(VENV)/.installed-build $(VENV)/.installed
 
 install: $(VENV)/.installed  ## the service alone (serve a bundle)
