@@ -80,10 +80,9 @@ def merge_blocked(cfg: MergeMethod, key: str, xs: Sequence[Tensor], base: Tensor
     flats = [x.reshape(-1) for x in xs]
     flat_base = base.reshape(-1) if base is not None else None
     n = flat_out.numel()
-    if fused and n and work == torch.float32 and native.supports(xs[0].dtype, out.dtype) and native.available()[0]:
-        program = native_program(cfg, len(xs), weights)
-        if program is not None and _fused(program, flats, flat_base, flat_out):
-            return out  # else a NaN somewhere: the torch path below gives torch's own bits
+    program = fused_program(cfg, xs, weights, work, out.dtype) if fused and n else None
+    if program is not None and _fused(program, flats, flat_base, flat_out):
+        return out  # else a NaN somewhere: the torch path below gives torch's own bits
     m = min(n, SUB_BLOCK)
     widen = xs[0].dtype != work
     scratch = [torch.empty(m, dtype=work) for _ in range(len(xs) + (base is not None))] if widen else []
