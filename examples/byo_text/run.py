@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     import tomllib
 
     max_length = int(tomllib.loads(recipe.read_text())["inputs"][0]["max_length"])
-    per_class, limit_files, vocab_size, epochs = (60, 100, 400, 1) if args.tiny else (600, 400, 2000, 4)
+    per_class, limit_files, vocab_size, epochs = (60, 100, 400, 1) if args.tiny else (1500, 2000, 2000, 4)
     epochs = args.epochs if args.epochs is not None else epochs
     seconds = args.seconds if args.seconds is not None else (1.5 if args.tiny else 150.0)
     t_all = time.perf_counter()
