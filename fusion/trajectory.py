@@ -37,7 +37,8 @@ from torch import nn
 from fusion.data import Dataset
 from fusion.errors import ConfigError
 from fusion.progress import progress
-from fusion.zoo import MemberSpec, ZooConfig, build_model, evaluate, init_scaler, member_args, save_member, seed_everything
+from fusion.zoo import (MemberSpec, ZooConfig, build_model, evaluate, init_scaler, member_args, one_thread, save_member,
+                        seed_everything)
 
 TRAJECTORY_FILE = "trajectory.json"
 SEED_OFFSET = 700  # both scenarios start from the same init and batch order: seed * 1000 + 700
@@ -128,6 +129,7 @@ def swa_start_epoch(cfg: TrajectoryConfig) -> int:
     return min(max(1, int(round(cfg.swa_start * cfg.epochs))), cfg.epochs - 1)
 
 
+@one_thread()
 def train_swa(data: Dataset, out_dir: str | Path | None, cfg: TrajectoryConfig = TrajectoryConfig(), *,
               record: bool = False) -> tuple[list[MemberSpec], dict]:
     """The `swa` scenario: members `swa` and `sgd_final` in out_dir (nothing written when out_dir is None).
@@ -175,6 +177,7 @@ def cosine_restart_lr(t: int, cycle_steps: int, lr: float, lr_min: float) -> flo
     return lr_min + (lr - lr_min) / 2 * (1 + math.cos(math.pi * (t % cycle_steps) / cycle_steps))
 
 
+@one_thread()
 def train_snapshots(data: Dataset, out_dir: str | Path | None, cfg: TrajectoryConfig = TrajectoryConfig(), *,
                     record: bool = False) -> tuple[list[MemberSpec], dict]:
     """The `snapshots` scenario: members `snapshot_0` … `snapshot_{n_cycles-1}`, one at the end of each cycle.

@@ -8,9 +8,10 @@ take raw features too. Members are saved as safetensors (torch state_dict keys) 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -223,6 +224,20 @@ def member_args(arch: str, data: Dataset, cfg: ZooConfig) -> dict:
     return {**base, "image_shape": list(data.image_shape), "channels": list(cfg.cnn_channels)}
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one intra-op thread inside the block (restored after, also on an error); a decorator too. Every
+    zoo scenario trains under it, so its members are the same bits on any core count (with 2 threads the CNNs'
+    convolutions accumulate in another order and the members differ)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@one_thread()
 def train_zoo(data: Dataset, out_dir: str | Path, cfg: ZooConfig = ZooConfig()) -> list[MemberSpec]:
     """Train the default members and save each as `<name>.safetensors` + `<name>.json` in out_dir."""
     out_dir = Path(out_dir)
@@ -230,23 +245,7 @@ def train_zoo(data: Dataset, out_dir: str | Path, cfg: ZooConfig = ZooConfig()) 
     plan = [("mlp", i) for i in range(cfg.n_mlp)]
     if data.image_shape is not None:
         plan += [("cnn", i) for i in range(cfg.n_cnn)]
-    specs = []
-    with one_thread():
-        for arch, i in progress(plan, desc="zoo", unit="member"):
-            specs.append(_train_member(data, cfg, arch, i, out_dir))
-    return specs
-
-
-class one_thread:
-    """torch on one intra-op thread inside the block (restored after): training then gives the same bits on any
-    core count (with 2 threads the CNNs' convolutions accumulate in another order and the members differ)."""
-
-    def __enter__(self) -> None:
-        self.threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc) -> None:
-        torch.set_num_threads(self.threads)
+    return [_train_member(data, cfg, arch, i, out_dir) for arch, i in progress(plan, desc="zoo", unit="member")]
 
 
 def _train_member(data: Dataset, cfg: ZooConfig, arch: str, i: int, out_dir: Path) -> MemberSpec:
@@ -310,6 +309,7 @@ def load_zoo(zoo_dir: str | Path) -> list[tuple[nn.Module, MemberSpec]]:
     return [m for m in members if m[1].scenario != "base"]
 
 
+@one_thread()
 def train_shared_base_zoo(data: Dataset, out_dir: str | Path, cfg: ZooConfig = ZooConfig()) -> list[MemberSpec]:
     """The `shared_base` scenario: one MLP base, then `n_mlp` members fine-tuned from it.
 

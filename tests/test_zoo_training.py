@@ -82,3 +82,27 @@ def test_one_thread_restores_the_setting_after_an_error():
             assert torch.get_num_threads() == 1
             raise RuntimeError("boom")
     assert torch.get_num_threads() == before
+
+
+def test_every_zoo_scenario_trains_on_one_thread_and_gives_the_setting_back(digits, tmp_path, monkeypatch):
+    """shared_base, swa and snapshots train under one_thread too: each training step sees 1 thread, the caller's
+    setting comes back after."""
+    import fusion.trajectory as trajectory
+    import fusion.zoo as zoo
+
+    seen = []
+    real_train, real_epoch = zoo.train, trajectory._epoch
+    monkeypatch.setattr(zoo, "train", lambda *a, **k: seen.append(("shared_base", torch.get_num_threads())) or real_train(*a, **k))
+    monkeypatch.setattr(trajectory, "_epoch", lambda *a, **k: seen.append(("trajectory", torch.get_num_threads())) or real_epoch(*a, **k))
+    tiny = trajectory.TrajectoryConfig(epochs=2, n_cycles=1, cnn_channels=(2, 2), anneal_epochs=1)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        zoo.train_shared_base_zoo(digits, tmp_path / "sb", ZooConfig(n_mlp=1, mlp_hidden=(8,), train=TrainConfig(epochs=1)))
+        trajectory.train_swa(digits, None, tiny)
+        trajectory.train_snapshots(digits, None, tiny)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert [s for s, _ in seen] == ["shared_base"] * 2 + ["trajectory"] * 4  # base + 1 fine-tune; 2 epochs each
+    assert {t for _, t in seen} == {1}
