@@ -3,9 +3,11 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 3000
-# the bundle `make serve` serves (and builds when missing): `make serve BUNDLE=dir`, else FUSION_BUNDLE from
-# the environment (the service's documented setting), else artifacts/bundle
-BUNDLE ?= $(or $(FUSION_BUNDLE),artifacts/bundle)
+# the bundle `make serve` serves: `make serve BUNDLE=dir`, else FUSION_BUNDLE from the environment (the
+# service's documented setting), else artifacts/bundle. Only the default one is built when missing: another
+# missing directory is more likely a typo than a wish for the default recipe (`make bundle BUNDLE=dir` builds it)
+DEFAULT_BUNDLE := artifacts/bundle
+BUNDLE ?= $(or $(FUSION_BUNDLE),$(DEFAULT_BUNDLE))
 export BENTOML_DO_NOT_TRACK := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
@@ -50,6 +52,10 @@ zoo: install-build
 # building a bundle needs [build]; installed here, in the recipe, so that serving an existing bundle
 # (an order-only prerequisite would still be made) never installs torch
 $(BUNDLE)/manifest.json:
+	@if [ "$(abspath $(BUNDLE))" != "$(abspath $(DEFAULT_BUNDLE))" ] && [ -z "$(filter bundle,$(MAKECMDGOALS))" ]; then \
+	  echo "make: expected a bundle at $(BUNDLE) (a directory with manifest.json); got none. Build the default recipe" \
+	    "there with 'make bundle BUNDLE=$(BUNDLE)', or your own with '$(BIN)/fusion build --recipe RECIPE --out $(BUNDLE)'" >&2; \
+	  exit 2; fi
 	$(MAKE) --no-print-directory install-build
 	$(BIN)/fusion build --out $(BUNDLE)
 

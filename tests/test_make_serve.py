@@ -60,6 +60,33 @@ def test_make_serve_defaults_to_artifacts_bundle(tmp_path):
     assert "FUSION_BUNDLE=artifacts/bundle " in serve_line(out)
 
 
+def test_make_serve_refuses_a_missing_bundle_other_than_the_default(tmp_path):
+    """A FUSION_BUNDLE / BUNDLE that names no bundle is refused with what to run, and nothing is built there
+    (a typo must not turn into minutes of training a default bundle at the typo's path)."""
+    base = {k: v for k, v in os.environ.items() if k not in ("FUSION_BUNDLE", "BUNDLE", "MAKEFLAGS", "MAKELEVEL")}
+    missing = tmp_path / "typo" / "bundle"
+    for args, env in (([f"BUNDLE={missing}"], {}), ([], {"FUSION_BUNDLE": str(missing)})):
+        proc = subprocess.run(["make", "--no-print-directory", "serve", *args], cwd=ROOT, env={**base, **env},
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert f"expected a bundle at {missing} (a directory with manifest.json); got none" in proc.stderr
+        assert f"make bundle BUNDLE={missing}" in proc.stderr and "service.app" not in proc.stdout
+    assert not (tmp_path / "typo").exists()
+
+
+def test_make_bundle_builds_a_named_bundle_and_serve_builds_the_default_one(tmp_path):
+    missing = tmp_path / "new" / "bundle"
+    base = {k: v for k, v in os.environ.items() if k not in ("FUSION_BUNDLE", "BUNDLE", "MAKEFLAGS", "MAKELEVEL")}
+    proc = subprocess.run(["make", "-n", "--no-print-directory", "bundle", f"BUNDLE={missing}"], cwd=ROOT, env=base,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and f"fusion build --out {missing}" in proc.stdout, proc.stdout + proc.stderr
+    # the default bundle, when missing, is built by `make serve` itself (DEFAULT_BUNDLE pointed at a fresh path
+    # here, so that the checkout's own artifacts/bundle does not matter)
+    fresh = tmp_path / "default" / "bundle"
+    out = make_n(tmp_path, f"DEFAULT_BUNDLE={fresh}")
+    assert f"fusion build --out {fresh}" in out and f"FUSION_BUNDLE={fresh} " in serve_line(out)
+
+
 # ---- the ready line ------------------------------------------------------------------------------------
 
 
