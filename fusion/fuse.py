@@ -89,16 +89,33 @@ def _member_module(template: nn.Module, state: dict) -> tuple[nn.Module, str]:
     ("model." for fusion.sources' Hugging Face wrapper loaded with the transformers model's own keys)."""
     import copy
 
-    from fusion.sources import check_state_dict
+    from fusion.sources import check_state_dict, complete_tied
 
     model = copy.deepcopy(template)
     inner = getattr(model, "model", None)
-    if isinstance(inner, nn.Module) and hasattr(model, "input_names") and set(state) == set(inner.state_dict()):
-        inner.load_state_dict(state)
-        return model.eval(), "model."
-    check_state_dict(model.state_dict(), state, "merge member")
+    if isinstance(inner, nn.Module) and hasattr(model, "input_names"):
+        inner_state = inner.state_dict()
+        full = complete_tied(inner_state, state)
+        if set(full) == set(inner_state):
+            inner.load_state_dict(full)
+            return model.eval(), "model."
+    expected = model.state_dict()
+    state = complete_tied(expected, state)
+    check_state_dict(expected, state, "merge member")
     model.load_state_dict(state)
     return model.eval(), ""
+
+
+def _under_saved_names(stats: dict, saved: dict, module_state: dict, prefix: str) -> dict:
+    """Statistics keyed as the member's file keys them: a tied weight's statistic comes under its first owner's
+    name (`named_parameters`), the file may hold it under another of its names (save_pretrained keeps one)."""
+    from fusion.sources import tied_groups
+
+    alias = {}
+    for names in tied_groups(module_state):
+        kept = [n[len(prefix):] for n in names if n.startswith(prefix) and n[len(prefix):] in saved]
+        alias.update({n[len(prefix):]: kept[0] for n in names if kept and n.startswith(prefix)})
+    return {k if k in saved else alias.get(k, k): v for k, v in stats.items()}
 
 
 def data_inputs(method: str, models: list[dict], spec: MemberSpec | nn.Module, data: Dataset) -> dict:
@@ -117,7 +134,8 @@ def data_inputs(method: str, models: list[dict], spec: MemberSpec | nn.Module, d
         out = []
         for sd in models:
             model, prefix = _member_module(spec, sd) if isinstance(spec, nn.Module) else (module_for(spec, sd), "")
-            out.append({k[len(prefix):]: v for k, v in estimate(model, X).items() if k.startswith(prefix)})
+            stats = {k[len(prefix):]: v for k, v in estimate(model, X).items() if k.startswith(prefix)}
+            out.append(_under_saved_names(stats, sd, model.state_dict(), prefix))
         return {"fishers" if method == "fisher" else "grams": out}
     if method == "greedy_soup":
         def score(sd):  # held-out accuracy on the validation split

@@ -178,6 +178,29 @@ def _few(keys: list[str], n: int = 8) -> str:
     return f"{keys[:n]}" + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
+def tied_groups(state: dict) -> list[list[str]]:
+    """The names in a module's state dict that are one tensor (tied weights), as groups of two or more, in order."""
+    views: dict[tuple, list[str]] = {}
+    for k, v in state.items():
+        if v.numel():
+            views.setdefault((v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride())), []).append(k)
+    return [names for names in views.values() if len(names) > 1]
+
+
+def complete_tied(expected: dict, got: dict) -> dict:
+    """`got` plus every entry of `expected` (a module's state dict) that is one tensor with an entry `got` has.
+
+    Tied weights (an output head that is the embedding matrix, any parameter a module uses twice) are one tensor
+    under two names; safetensors' `save_model` and transformers' `save_pretrained` write it once, under one of
+    them, so a strict key match would call the other missing. Entries that are not tied are left as they are."""
+    out = dict(got)
+    for names in tied_groups(expected):
+        present = [k for k in names if k in got]
+        for k in names if present else ():
+            out.setdefault(k, got[present[0]])
+    return out
+
+
 def check_state_dict(expected: dict, got: dict, what: str) -> None:
     """Strict key (and shape) matching of a state dict against a module's; the message lists the differences."""
     missing = sorted(set(expected) - set(got))
@@ -201,7 +224,9 @@ def load_weights(module: "nn.Module", path: str | Path, what: str = "weights") -
         state = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise ConfigError(f"weights {str(path)!r}: not a readable safetensors file ({exc})") from None
-    check_state_dict(module.state_dict(), state, f"{what} weights {str(path)!r}")
+    expected = module.state_dict()
+    state = complete_tied(expected, state)
+    check_state_dict(expected, state, f"{what} weights {str(path)!r}")
     module.load_state_dict(state, strict=True)
     return module
 

@@ -238,7 +238,9 @@ def regmean_grams(model: nn.Module, X, *, batch_size: int = 256) -> dict[str, Te
     model: any nn.Module (the zoo's, timm, torchvision, Hugging Face classifiers): forward pre-hooks on
     every nn.Linear collect its inputs. X: inputs (see `model_inputs`). Returns "<layer>.weight" ->
     (in, in) float64, averaged over the rows the layer saw (n, or n × positions / tokens for inputs
-    with extra leading dims). Eval mode. Layers the data never reaches get no Gram (averaged).
+    with extra leading dims). Eval mode. Layers the data never reaches get no Gram (averaged). A weight tied
+    across layers gets one Gram, its uses' inputs together (the sum of RegMean's objectives over its uses),
+    under its first owner's name, as `named_parameters` gives it.
     https://arxiv.org/abs/2212.09849 (Jin et al. 2023, RegMean)
     """
     inputs = model_inputs(model, X)
@@ -246,8 +248,10 @@ def regmean_grams(model: nn.Module, X, *, batch_size: int = 256) -> dict[str, Te
     counts: dict[str, int] = {}
     hooks = []
 
+    owner = {id(p): k for k, p in model.named_parameters()}  # one name per parameter: the first owner's
+
     def make_hook(name: str, layer: nn.Linear):
-        key = f"{name}.weight" if name else "weight"
+        key = owner.get(id(layer.weight), f"{name}.weight")  # a weight tied across layers: one Gram over its uses
 
         def hook(_module, args):
             x = args[0].detach().reshape(-1, layer.in_features).double()  # (rows, in)
