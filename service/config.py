@@ -346,7 +346,8 @@ def _load_limits(r: _Reader, env: Mapping[str, str]) -> LoadLimits:
     memory = r.int("FUSION_LOAD_MAX_MEMORY_MB", -1, 0, "a non-negative integer of MB (0: no limit)", maximum=2**40)
     # the check's child process starts with this environment, less the metrics directory (service/preflight.py)
     child_env = tuple(sorted((k, v) for k, v in env.items() if k != "PROMETHEUS_MULTIPROC_DIR"))
-    return LoadLimits(timeout, default_memory_mb() if memory < 0 else memory, child_env=child_env)
+    scale = LoadLimits.s_per_gb if r._raw("FUSION_LOAD_TIMEOUT_S") is None else 0.0  # set: the whole budget
+    return LoadLimits(timeout, default_memory_mb() if memory < 0 else memory, scale, child_env=child_env)
 
 
 def _tokens(r: _Reader) -> Tokens:

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -68,19 +69,58 @@ def default_memory_mb() -> int:
     return max(1024, machine_memory_mb() // 2)
 
 
+MAX_AUTO_BUDGET_S = 600.0  # the size-scaled budget stops at 10 minutes (a 9.7 GB bundle); set FUSION_LOAD_TIMEOUT_S past it
+MAX_WALK_ENTRIES = 100_000  # the size walk stops counting past this many directory entries
+
+
 @dataclass(frozen=True)
 class LoadLimits:
-    """Bounds on checking one bundle: wall-clock seconds and address space (MB; 0 = none)."""
+    """Bounds on checking one bundle: wall-clock seconds and address space (MB; 0 = none).
 
-    # 20 s: the synthetic and digits bundles check in ~0.5 s, so a real bundle has ~40x headroom on
-    # a busy machine; it stays below FUSION_TIMEOUT_S (30 s), so that a hot-swap call gets the refusal
-    # rather than a 504. Raise both for large models (on a CPU, warm-up runs batch 8 of every model).
+    The time budget is `timeout_s` + `s_per_gb` × the bundle's size in GB (its regular files): checking
+    costs the ONNX check, session creation and a batch-8 warm-up of every model, which grow with the
+    models; a few hundred bytes of ONNX that never finish get `timeout_s`; at most MAX_AUTO_BUDGET_S.
+    FUSION_LOAD_TIMEOUT_S, when set, is the whole budget (s_per_gb 0)."""
+
+    # 20 s: the synthetic and digits bundles check in ~0.5 s, so a small bundle has ~40x headroom on a busy
+    # machine, and stays below FUSION_TIMEOUT_S (30 s), so that a hot-swap call gets the refusal rather
+    # than a 504. 60 s per GB: the peers benchmark's image bundle (timm resnet18 + resnet50 + vit_small at
+    # 224x224, 0.45 GB) checked in 10.7 s on 2 shared cores (budget 47 s), its text bundle (three BERT-mini,
+    # 0.10 GB) in 1.8 s (budget 26 s); the flat 20 s had refused the image one on cores loaded by other
+    # servers. A hot-swap call whose check outlasts FUSION_TIMEOUT_S answers 504; the swap still completes.
     timeout_s: float = 20.0
     max_memory_mb: int = 0
+    s_per_gb: float = 60.0
     # the environment the child process starts with (service/config.py: the service's, less
     # PROMETHEUS_MULTIPROC_DIR, so that the child writes no metrics files); PYTHONPATH gains the repo root
     child_env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
+
+
+    def budget_s(self, path: str | Path) -> float:
+        """Seconds the check of the bundle at `path` may take (see the class)."""
+        if not self.s_per_gb:
+            return self.timeout_s
+        return max(self.timeout_s, min(MAX_AUTO_BUDGET_S, self.timeout_s + self.s_per_gb * bundle_bytes(path) / 1e9))
+
+
+def bundle_bytes(path: str | Path) -> int:
+    """The size of the regular files under `path` (symbolic links neither followed nor counted; 0 when it
+    cannot be read: the check then refuses the bundle itself). Only stat calls: nothing in it is parsed."""
+    total, seen = 0, 0
+    for root, dirs, files in os.walk(path, followlinks=False):
+        for name in files:
+            seen += 1
+            try:
+                st = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+        seen += len(dirs)
+        if seen > MAX_WALK_ENTRIES:
+            break
+    return total
 
 
 @dataclass(frozen=True)
@@ -105,7 +145,8 @@ def check(path: str | Path, limits: LoadLimits | None = None) -> Report:
     root = str(Path(__file__).resolve().parents[1])  # the directory holding `service` and `fusion`
     env = {k: v for k, v in limits.child_env if k != "PROMETHEUS_MULTIPROC_DIR"}  # no metrics files from the child
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-    cmd = [sys.executable, "-m", "service.preflight", "--timeout-s", repr(limits.timeout_s),
+    budget = limits.budget_s(path)
+    cmd = [sys.executable, "-m", "service.preflight", "--timeout-s", repr(budget),
            "--max-memory-mb", str(limits.max_memory_mb), "--", str(Path(path).absolute())]
     t0 = time.monotonic()
     try:
@@ -113,14 +154,16 @@ def check(path: str | Path, limits: LoadLimits | None = None) -> Report:
     except OSError as exc:
         raise UnavailableError(f"could not start the bundle check process ({sys.executable}): {exc}") from None
     try:
-        out, err = proc.communicate(timeout=limits.timeout_s)
+        out, err = proc.communicate(timeout=budget)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
+        how = (f"{limits.timeout_s:g} s + {limits.s_per_gb:g} s per GB of its {bundle_bytes(path) / 1e9:.2f} GB"
+               if limits.s_per_gb else "FUSION_LOAD_TIMEOUT_S")
         raise BundleError(
-            f"the bundle did not load, warm up and pass its probe within {limits.timeout_s:g} s "
-            f"(FUSION_LOAD_TIMEOUT_S); refused. A model that runs for ever (e.g. a Loop with a huge trip "
-            f"count) looks like this; raise the limit for a bundle that is only slow"
+            f"the bundle did not load, warm up and pass its probe within {budget:.3g} s ({how}); refused. "
+            f"A model that runs for ever (e.g. a Loop with a huge trip count) looks like this; for a bundle "
+            f"that is only slow, set FUSION_LOAD_TIMEOUT_S to more seconds"
         ) from None
     seconds = time.monotonic() - t0
     result = _result(out)
