@@ -679,10 +679,9 @@ class ABStore:
                                        "expected it to answer: the label was not recorded, retry later") from None
             if found is not None:
                 return found
-            if not flushed:  # this worker's own batch may still be queued
+            if not flushed:  # this worker's own batch may still be queued, or taken by the writer and not yet written
                 flushed = True
-                if self.queue.qsize():
-                    self.flush(timeout=max(0.1, deadline - time.monotonic()))
+                self.flush(timeout=max(0.1, deadline - time.monotonic()))
                 continue
             if not _FID.match(request_id) or time.monotonic() >= deadline:
                 raise KeyError(request_id)

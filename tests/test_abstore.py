@@ -264,6 +264,21 @@ def test_feedback_on_another_worker_right_after_predict(url, tmp_path):
     a.close(), b.close()
 
 
+def test_feedback_by_alias_right_after_predict_on_the_same_worker(url, tmp_path):
+    """A client labels by its own X-Request-ID at once: the writer has taken the record off the queue and is
+    still gathering its batch (FLUSH_S), so nothing is queued, yet the label must wait for that write."""
+    store = _store(url, tmp_path, feedback_wait_ms=50)
+    st = Stats(store=store)
+    for i in range(20):
+        st.observe("ensemble", 1, 0.01, None, [i % 3], client="c1", alias=f"q-{i}", version="v1")
+        deadline = time.monotonic() + 5
+        while store.queue.qsize() and time.monotonic() < deadline:  # the writer took it: nothing queued
+            time.sleep(0.001)
+        assert st.feedback(f"q-{i}", [i % 3], client="c1") == {"variants": ["ensemble"], "rows": 1}
+    assert st.report()["variants"]["ensemble"]["labelled_rows"] == 20
+    store.close()
+
+
 def test_counts_survive_a_restart_and_migrations_run_once(url, tmp_path):
     store = _store(url, tmp_path)
     st = Stats(store=store)
