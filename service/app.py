@@ -416,10 +416,11 @@ async def ui_file(request: Request, svc: "FusionService", rid: str) -> Response:
 
 @endpoint("inference")
 async def ui_comparison_plot(request: Request, svc: "FusionService", rid: str) -> Response:
-    """The served bundle's offline comparison plot: one fixed file in its directory, read-only."""
+    """The served bundle's offline comparison plot, as read and checked when the bundle was loaded."""
     loaded = svc.engine.current().loaded
-    content = await run_in_threadpool(ui.comparison_plot, loaded.bundle.path, loaded.manifest.comparison)
-    return Response(content, media_type="image/png", headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
+    if loaded.plot is None:
+        raise loaded.plot_error or UnknownNameError("this bundle has no comparison plot")
+    return Response(loaded.plot, media_type="image/png", headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
 
 
 @endpoint(None)

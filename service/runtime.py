@@ -262,6 +262,10 @@ class LoadedBundle:
     bundle: Bundle
     models: dict[str, Model] = field(default_factory=dict)
     inputs: Inputs | None = None  # named inputs (Manifest.inputs) and their tokenizers; None: the flat `input`
+    # the comparison plot (/ui/comparison.png), read and checked once at load: a bundle rebuilt in place while it
+    # is served (whose report, measured again, differs) keeps serving the plot of the version it loaded
+    plot: bytes | None = None
+    plot_error: Exception | None = None  # why there is none (no plot, a digest mismatch): the route's answer
 
     @property
     def manifest(self) -> Manifest:
@@ -337,7 +341,20 @@ def load(path: str | Path, cfg: RuntimeConfig | None = None, *, manifest_sha256:
             time_batch_sizes(model, probe_feeds(loaded), available_cores(cfg.processes) if device == "cpu" else 1)
         loaded.models[name] = model
     warm_up(loaded)
+    loaded.plot, loaded.plot_error = _comparison_plot(bundle)
     return loaded
+
+
+def _comparison_plot(bundle: Bundle) -> tuple[bytes | None, Exception | None]:
+    from fusion.errors import FusionError
+    from service.ui import comparison_plot
+
+    try:
+        return comparison_plot(bundle.path, bundle.manifest.comparison), None
+    except FusionError as exc:
+        return None, exc
+    except OSError as exc:
+        return None, BundleError(f"comparison.png could not be read ({exc.strerror or type(exc).__name__}); the plot is not served")
 
 
 def _session(data: bytes, threads: int, providers: list, file: str, spinning: bool = True) -> ort.InferenceSession:

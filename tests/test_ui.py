@@ -485,3 +485,26 @@ def test_page_and_report_read_comparisons_alike(compared_bundle, tmp_path):
         assert js["table"]["rows"] == [[n, cells] for n, cells in py.table.rows]
         assert js["notes"] == [list(n) for n in py.notes]
         assert [[t, x["columns"], x["rows"]] for t, x in js["extra"]] == [[t, x.columns, [[n, c] for n, c in x.rows]] for t, x in py.extra]
+
+
+def test_the_plot_is_read_and_checked_once_at_load(compared_bundle, tmp_path):
+    """The served plot is the one the loaded version had: rebuilding the bundle in place (a new report, new
+    latencies, the same bundle version) leaves a running server's plot as it was; a plot that does not match
+    its manifest at load is not served, with the reason."""
+    import shutil
+
+    from fusion.errors import IntegrityError
+    from service import runtime
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(compared_bundle, copy)
+    original = (copy / "comparison.png").read_bytes()
+    loaded = runtime.load(copy)
+    assert loaded.plot == original and loaded.plot_error is None
+    (copy / "comparison.png").write_bytes(original + b"rebuilt")  # what an in-place rebuild does to the file
+    assert loaded.plot == original
+    again = runtime.load(copy)  # a version loaded after that: the mismatch is its answer, the model still loads
+    assert again.plot is None and isinstance(again.plot_error, IntegrityError)
+    assert "sha256 mismatch" in str(again.plot_error) and again.version == loaded.version
+    (copy / "comparison.png").unlink()
+    assert "no comparison plot" in str(runtime.load(copy).plot_error)
