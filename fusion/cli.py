@@ -59,8 +59,8 @@ def _member_weights(text: str) -> list[float] | dict[str, float] | str:
 
 
 WEIGHTS_HELP = (
-    "member weights: auto (the default: equal, select, fit or stacking, whichever has the lowest out-of-fold "
-    "validation NLL), equal, select (ensemble selection, Caruana et al. 2004), fit (simplex weights minimising "
+    "member weights: auto (the default: equal, select, fit, each also with a fitted output temperature, or "
+    "stacking, whichever has the lowest out-of-fold validation NLL), equal, select (ensemble selection, Caruana et al. 2004), fit (simplex weights minimising "
     "the validation NLL); or by name: mlp_0=2,cnn_1=3 (the other members weigh 1); or one number per member in member "
     "order: the recipe's [zoo] members when it lists them, else the zoo's checkpoint names sorted (the default "
     "zoo: cnn_0, cnn_1, cnn_2, mlp_0, mlp_1, mlp_2, mlp_3, mlp_4, so 1,1,1,2,2,2,2,2 doubles the MLPs). "

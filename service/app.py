@@ -338,7 +338,8 @@ def _oip_model(svc: "FusionService", request: Request):
     metadata lists `[bundle_version]`); any other is a 404 that says which version is served."""
     served, name = svc.engine.current(), request.path_params["name"]
     if name != ROUTED_MODEL and name not in served.names() and name != CASCADE:
-        raise UnknownNameError(f"unknown model '{name}'; expected '{ROUTED_MODEL}' or one of {sorted(served.names())}")
+        cascade = {CASCADE} if svc.engine.router.policy.cascade is not None else set()
+        raise UnknownNameError(f"unknown model '{name}'; expected '{ROUTED_MODEL}' or one of {sorted(served.names() | cascade)}")
     version = request.path_params.get("version")
     if version is not None and version != served.version:
         raise UnknownNameError(f"model '{name}' has no version '{version:.80}'; expected '{served.version}' "
@@ -424,6 +425,13 @@ async def ui_comparison_plot(request: Request, svc: "FusionService", rid: str) -
 
 
 @endpoint(None)
+async def index(request: Request, svc: "FusionService", rid: str) -> Response:
+    """`GET /`: to the dashboard. It replaces BentoML's Swagger page, which lists none of these routes and loads a
+    third-party script (Google Tag Manager) whatever BENTOML_DO_NOT_TRACK says; the API is in /docs.json."""
+    return Response(status_code=307, headers={"Location": "/ui", "Cache-Control": "no-cache"})
+
+
+@endpoint(None)
 async def docs_json(request: Request, svc: "FusionService", rid: str) -> Response:
     """The OpenAPI document of these routes (service/openapi.py); BentoML's own lists none of them.
     Open, and so the same whatever tokens are set: it must not tell anyone which are."""
@@ -440,7 +448,7 @@ class UnknownPath(Route):
     this app passively, so without it an unknown path falls through to BentoML's plain-text 404.
     BentoML's own paths stay BentoML's, and a known path with another method stays the router's 405."""
 
-    BENTOML_PATHS = ("/", "/docs.json", "/schema.json", "/livez", "/readyz", "/healthz", "/metrics")
+    BENTOML_PATHS = ("/docs.json", "/schema.json", "/livez", "/readyz", "/healthz", "/metrics")
     BENTOML_PREFIXES = ("/static_content/", "/assets/")
 
     def __init__(self):
@@ -482,6 +490,7 @@ routes = Starlette(routes=[
     *[Route(path, ui_file, methods=["GET"]) for path in ui.FILES],  # /ui, /ui/app.js, /ui/style.css
     Route("/ui/comparison.png", ui_comparison_plot, methods=["GET"]),
     Route("/docs.json", docs_json, methods=["GET"]),  # ours replaces BentoML's (matched first)
+    Route("/", index, methods=["GET"]),  # ours replaces BentoML's Swagger page
     UnknownPath(),  # last: any other path answers 404 in the one error shape
 ], exception_handlers={HTTPException: http_error}, middleware=[Middleware(Admission, traffic=TRAFFIC)])
 

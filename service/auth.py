@@ -120,9 +120,11 @@ class Tokens:
         if not self.admin_loopback:
             raise AuthError("admin endpoints are token-only here (FUSION_ADMIN_LOOPBACK=0) and FUSION_ADMIN_TOKEN "
                             "is not set: set it and send 'Authorization: Bearer <admin token>'", 403)
-        if not is_loopback(client_host):
-            raise AuthError("admin endpoints answer only loopback clients unless FUSION_ADMIN_TOKEN is set", 403)
         proxied = [h for h in PROXY_HEADERS if h in headers]
+        if not is_loopback(client_host):
+            via = (f"; this request came through a proxy ({', '.join(proxied)} header), so its client is the one the "
+                   "proxy names, not this machine" if proxied else "")
+            raise AuthError(f"admin endpoints answer only loopback clients unless FUSION_ADMIN_TOKEN is set{via}", 403)
         if proxied:
             raise AuthError(f"admin without FUSION_ADMIN_TOKEN answers only direct local clients; this request came "
                             f"through a proxy ({', '.join(proxied)} header): set FUSION_ADMIN_TOKEN to use admin "

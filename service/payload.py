@@ -156,6 +156,9 @@ def _diagnose(rows: list, n_features: int, field: str) -> None:
     for i, row in enumerate(rows):
         if not isinstance(row, list):
             raise InputError(f"{field}[{i}]: expected a row (list) of {n_features} numbers; got {_describe(row)}")
+        if len(row) != n_features and row and all(isinstance(v, list) for v in row):
+            raise InputError(f"{field}[{i}]: expected a row of {n_features} numbers; got a list of {len(row)} list(s): one "
+                             f"level of nesting too many ('{field}' is a list of rows, each a list of numbers)")
         if len(row) != n_features:
             raise InputError(f"{field}[{i}]: expected {n_features} features per row; got {len(row)}")
         for j, v in enumerate(row):

@@ -111,7 +111,8 @@ class RoutingPolicy:
             names |= {self.cascade.cheap, self.cascade.fallback}
         missing = sorted(names - available)
         if missing:
-            raise ConfigError(f"routing names variants {missing} that the bundle does not serve; it serves {sorted(available)}")
+            raise ConfigError(f"routing names variants {missing} that the bundle does not serve; it serves {sorted(available)} "
+                              f"(and a weight on '{CASCADE}' routes to the cascade)")
         return self
 
     def choose(self, key: str | None, rng: random.Random | None = None) -> str:
@@ -133,10 +134,11 @@ class RoutingPolicy:
 
     @classmethod
     def from_dict(cls, data: dict, current: "RoutingPolicy | None" = None) -> "RoutingPolicy":
-        """From an admin request body; absent fields keep the current values."""
+        """From an admin request body; absent fields keep the current values. `request_id` is ignored, so that
+        what `GET /admin/routing` answered posts back as it is."""
         if not isinstance(data, dict):
             raise ConfigError(f"expected a JSON object with weights/shadow/cascade; got {type(data).__name__}")
-        unknown = sorted(set(data) - {"weights", "shadow", "cascade"})
+        unknown = sorted(set(data) - {"weights", "shadow", "cascade", "request_id"})
         if unknown:
             raise ConfigError(f"unexpected fields {unknown}; expected some of ['cascade', 'shadow', 'weights']")
         current = current or cls()

@@ -160,6 +160,9 @@ def test_error_bodies_are_one_json_object(http, X):
         ({}, 400),
     ]:
         assert_error_shape(http.post("/v2/models/ensemble/infer", json=body), status)
+    strings = http.post("/v2/models/ensemble/infer", json={"inputs": [{**base, "data": ["a"] * 64}]})
+    assert_error_shape(strings, 400)
+    assert "expected 64 numbers in 'data' for shape [1, 64]; got 64 strings" in strings.json()["error"]
     assert_error_shape(http.post("/v2/models/nope/infer", json={}), 404)
     assert_error_shape(http.get("/v2/models/nope"), 404)
     assert_error_shape(http.get("/v2/models/nope/ready"), 404)

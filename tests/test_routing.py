@@ -160,6 +160,7 @@ def test_check_against_names_every_missing_variant():
         p.check_against({"ensemble", "mlp_0"})
     for name in ("merged", "distilled", "mlp_9"):
         assert name in str(err.value)
+    assert "a weight on 'cascade' routes to the cascade" in str(err.value)
     assert p.check_against({"ensemble", "merged", "distilled", "mlp_9"}) is p
 
 
@@ -175,8 +176,9 @@ def test_from_dict_keeps_absent_fields_and_replaces_given_ones():
     assert p2.weights == {"mlp_0": 1.0} and p2.shadow == () and p2.cascade is None
     p3 = RoutingPolicy.from_dict({"cascade": {"cheap": "mlp_0", "threshold": 0.25, "fallback": "members"}}, p2)
     assert p3.cascade == Cascade("mlp_0", 0.25, "members")
-    # round trip through to_dict
+    # round trip through to_dict, and through what GET /admin/routing answers (request_id and all)
     assert RoutingPolicy.from_dict(p3.to_dict()) == p3
+    assert RoutingPolicy.from_dict({**p3.to_dict(), "request_id": "abc"}) == p3
 
 
 @pytest.mark.parametrize("body, match", [

@@ -203,6 +203,8 @@ BAD = {  # name: (raw body, what the message must contain)
     "huge integer": (row_with("1" + "0" * 40), "expected"),
     "empty list": (b'{"inputs": []}', "expected at least one row in 'inputs'; got an empty list"),
     "flat list": (json.dumps({"inputs": [0, 0, 0]}).encode(), "inputs[0]: expected a row (list) of 64 numbers; got int"),
+    "rows nested too deep": (json.dumps({"inputs": [[[0] * 64]]}).encode(),
+                             "inputs[0]: expected a row of 64 numbers; got a list of 1 list(s): one level of nesting too many"),
     "inputs not a list": (b'{"inputs": "0,0,0"}', "expected 'inputs' to be a list of rows of 64 numbers; got str"),
     "inputs null": (b'{"inputs": null}', "got null"),
     "missing inputs": (b'{"rows": [[0]]}', "unexpected fields ['rows']"),

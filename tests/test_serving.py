@@ -559,8 +559,12 @@ def test_every_error_is_one_json_object(client, admin, server_a):
     assert "allowed: POST" in client.get("/predict").json()["error"]
     assert_error_shape(client.post("/v2/models/fusion", json={}), 405)
     # the catch-all 404 leaves BentoML's own pages alone
-    for path in ("/", "/docs.json", "/metrics", "/livez", "/readyz"):
+    for path in ("/docs.json", "/metrics", "/livez", "/readyz"):
         assert httpx.get(server_a.url + path).status_code == 200, path
+    # `/` is ours: the dashboard, not BentoML's Swagger page (which loads Google Tag Manager)
+    root = httpx.get(server_a.url + "/")
+    assert (root.status_code, root.headers["location"]) == (307, "/ui") and "googletagmanager" not in root.text
+    assert httpx.get(server_a.url + "/", follow_redirects=True).headers["content-type"].startswith("text/html")
     # the error counter is exposed too
     assert 'fusion_errors_total{status="404"}' in httpx.get(server_a.url + "/metrics").text
 

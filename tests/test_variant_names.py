@@ -109,5 +109,8 @@ def test_x_variant_nope_over_http_lists_the_names_that_answer(tiny_bundle, digit
         assert r.status_code == 404 and set(r.json()) == {"error", "request_id"}, r.text
         answered = {n for n in _candidates(tiny_bundle)
                     if c.post("/predict", json=rows, headers={"X-Variant": n}).status_code == 200}
+        oip = c.get("/v2/models/nope")  # the Open Inference Protocol's models: the same names, `fusion` besides
     assert {"members", "cascade"} <= answered
     assert _listed(r.json()["error"]) == answered, r.json()["error"]
+    assert oip.status_code == 404 and "expected 'fusion' or one of [" in oip.json()["error"], oip.text
+    assert _listed(oip.json()["error"].replace("'fusion' or ", "")) == answered, oip.json()["error"]

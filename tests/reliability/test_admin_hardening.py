@@ -88,6 +88,14 @@ def test_proxied_requests_get_no_loopback_trust(header):
     assert "proxy" in msg and next(iter(header)) in msg.lower(), msg
 
 
+def test_a_proxied_request_whose_client_is_remote_is_told_why():
+    """Behind a same-host proxy uvicorn takes the client address from X-Forwarded-For: the refusal says that
+    the proxy header is why the client is not this machine."""
+    msg = _refused(_tokens(), {"host": "localhost:3000", "x-forwarded-for": "203.0.113.9"}, client="203.0.113.9")
+    assert "answer only loopback clients" in msg and "through a proxy (x-forwarded-for header)" in msg, msg
+    assert "proxy" not in _refused(_tokens(), {"host": "localhost:3000"}, client="203.0.113.9")
+
+
 @pytest.mark.parametrize("origin", ["https://evil.example", "null", "http://localhost:8080", "http://127.0.0.1:3001"])
 def test_foreign_origins_are_refused_with_or_without_a_token(origin):
     headers = {"host": "127.0.0.1:3000", "origin": origin}
