@@ -348,7 +348,7 @@ def _oip_model(svc: "FusionService", request: Request):
     metadata lists `[bundle_version]`); any other is a 404 that says which version is served."""
     served, name = svc.engine.current(), request.path_params["name"]
     if name != ROUTED_MODEL and name not in served.names() and name != CASCADE:
-        cascade = {CASCADE} if svc.engine.router.policy.cascade is not None else set()
+        cascade = {CASCADE} if svc.engine.policy.cascade is not None else set()
         raise UnknownNameError(f"unknown model '{name}'; expected '{ROUTED_MODEL}' or one of {sorted(served.names() | cascade)}")
     version = request.path_params.get("version")
     if version is not None and version != served.version:
@@ -428,10 +428,7 @@ async def ui_file(request: Request, svc: "FusionService", rid: str) -> Response:
 @endpoint("inference")
 async def ui_comparison_plot(request: Request, svc: "FusionService", rid: str) -> Response:
     """The served bundle's offline comparison plot, as read and checked when the bundle was loaded."""
-    loaded = svc.engine.current().loaded
-    if loaded.plot is None:
-        raise loaded.plot_error or UnknownNameError("this bundle has no comparison plot")
-    return Response(loaded.plot, media_type="image/png", headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
+    return Response(svc.engine.current().loaded.comparison_plot(), media_type="image/png", headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
 
 
 @endpoint(None)

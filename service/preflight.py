@@ -69,17 +69,16 @@ def default_memory_mb() -> int:
     return max(1024, machine_memory_mb() // 2)
 
 
-MAX_AUTO_BUDGET_S = 600.0  # the size-scaled budget stops at 10 minutes (a 9.7 GB bundle); set FUSION_LOAD_TIMEOUT_S past it
-MAX_WALK_ENTRIES = 100_000  # the size walk stops counting past this many directory entries
+MAX_AUTO_BUDGET_S = 240.0  # the size-scaled budget's ceiling: below the deployment's startup probe (5 s x 60)
 
 
 @dataclass(frozen=True)
 class LoadLimits:
     """Bounds on checking one bundle: wall-clock seconds and address space (MB; 0 = none).
 
-    The time budget is `timeout_s` + `s_per_gb` × the bundle's size in GB (its regular files): checking
-    costs the ONNX check, session creation and a batch-8 warm-up of every model, which grow with the
-    models; a few hundred bytes of ONNX that never finish get `timeout_s`; at most MAX_AUTO_BUDGET_S.
+    The time budget is `timeout_s` + `s_per_gb` × the size of the ONNX files the bundle's manifest lists, at
+    most MAX_AUTO_BUDGET_S: checking costs the ONNX check, session creation and a batch-8 warm-up of every
+    model, which grow with the models, while a few hundred bytes of ONNX that never finish get `timeout_s`.
     FUSION_LOAD_TIMEOUT_S, when set, is the whole budget (s_per_gb 0)."""
 
     # 20 s: the synthetic and digits bundles check in ~0.5 s, so a small bundle has ~40x headroom on a busy
@@ -95,31 +94,43 @@ class LoadLimits:
     # PROMETHEUS_MULTIPROC_DIR, so that the child writes no metrics files); PYTHONPATH gains the repo root
     child_env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
-
-
-    def budget_s(self, path: str | Path) -> float:
-        """Seconds the check of the bundle at `path` may take (see the class)."""
+    def budget(self, path: str | Path) -> tuple[float, str]:
+        """(seconds the check of the bundle at `path` may take, how that was reached, for the refusal)."""
         if not self.s_per_gb:
-            return self.timeout_s
-        return max(self.timeout_s, min(MAX_AUTO_BUDGET_S, self.timeout_s + self.s_per_gb * bundle_bytes(path) / 1e9))
+            return self.timeout_s, "FUSION_LOAD_TIMEOUT_S"
+        gb = model_bytes(path) / 1e9
+        seconds = self.timeout_s + self.s_per_gb * gb
+        how = f"{self.timeout_s:g} s + {self.s_per_gb:g} s per GB of its {gb:.2f} GB of ONNX files"
+        if seconds > MAX_AUTO_BUDGET_S:
+            return max(self.timeout_s, MAX_AUTO_BUDGET_S), how + f", at most {MAX_AUTO_BUDGET_S:g} s"
+        return seconds, how
 
 
-def bundle_bytes(path: str | Path) -> int:
-    """The size of the regular files under `path` (symbolic links neither followed nor counted; 0 when it
-    cannot be read: the check then refuses the bundle itself). Only stat calls: nothing in it is parsed."""
-    total, seen = 0, 0
-    for root, dirs, files in os.walk(path, followlinks=False):
-        for name in files:
-            seen += 1
-            try:
-                st = os.lstat(os.path.join(root, name))
-            except OSError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                total += st.st_size
-        seen += len(dirs)
-        if seen > MAX_WALK_ENTRIES:
-            break
+def model_bytes(path: str | Path) -> int:
+    """What checking the bundle at `path` will load: the allocated size of the ONNX files its manifest lists (each
+    variant's and member's `file`). Only the parent's own bounded reads: manifest.json up to MAX_MANIFEST_BYTES
+    as plain JSON, then one lstat per listed file. A path leaving the bundle, a link or anything but a regular
+    file counts nothing, nor does a file the manifest does not list, nor the holes of a sparse file; 0 when the
+    manifest cannot be read (the check itself then refuses the bundle)."""
+    from fusion.bundle import MAX_MANIFEST_BYTES, _read_manifest
+
+    root = Path(path)
+    try:
+        manifest, _ = _read_manifest(root, MAX_MANIFEST_BYTES)
+        files = {e.get("file") for group in ("variants", "members") for e in (manifest.get(group) or {}).values()
+                 if isinstance(e, dict)}
+    except Exception:  # noqa: BLE001 - malformed or hostile: the check in the child says what is wrong
+        return 0
+    total = 0
+    for rel in files:
+        if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            continue
+        try:
+            st = os.lstat(root / rel)
+        except (OSError, ValueError):
+            continue
+        if stat.S_ISREG(st.st_mode):
+            total += min(st.st_size, st.st_blocks * 512)
     return total
 
 
@@ -145,7 +156,7 @@ def check(path: str | Path, limits: LoadLimits | None = None) -> Report:
     root = str(Path(__file__).resolve().parents[1])  # the directory holding `service` and `fusion`
     env = {k: v for k, v in limits.child_env if k != "PROMETHEUS_MULTIPROC_DIR"}  # no metrics files from the child
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-    budget = limits.budget_s(path)
+    budget, how = limits.budget(path)
     cmd = [sys.executable, "-m", "service.preflight", "--timeout-s", repr(budget),
            "--max-memory-mb", str(limits.max_memory_mb), "--", str(Path(path).absolute())]
     t0 = time.monotonic()
@@ -158,10 +169,8 @@ def check(path: str | Path, limits: LoadLimits | None = None) -> Report:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
-        how = (f"{limits.timeout_s:g} s + {limits.s_per_gb:g} s per GB of its {bundle_bytes(path) / 1e9:.2f} GB"
-               if limits.s_per_gb else "FUSION_LOAD_TIMEOUT_S")
         raise BundleError(
-            f"the bundle did not load, warm up and pass its probe within {budget:.3g} s ({how}); refused. "
+            f"the bundle did not load, warm up and pass its probe within {_seconds(budget)} s ({how}); refused. "
             f"A model that runs for ever (e.g. a Loop with a huge trip count) looks like this; for a bundle "
             f"that is only slow, set FUSION_LOAD_TIMEOUT_S to more seconds"
         ) from None
@@ -180,6 +189,11 @@ def check(path: str | Path, limits: LoadLimits | None = None) -> Report:
         )
     tail = err.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
     raise BundleError(f"the bundle check process failed (exit status {proc.returncode}): {tail[0]:.300}")
+
+
+def _seconds(s: float) -> str:
+    """47.2, 3600, 0.011: a budget as a person reads it (never 3.6e+03)."""
+    return f"{s:.3g}" if s < 1 else f"{round(s, 1):g}"
 
 
 def _result(stdout: bytes) -> dict | None:

@@ -288,6 +288,16 @@ class LoadedBundle:
     def predict(self, name: str, X: np.ndarray) -> np.ndarray:
         return self.model(name)(X)
 
+    def comparison_plot(self) -> bytes:
+        """The plot read at load, or why there is none, raised as a new exception each call (raising the stored
+        one would chain every request's frames onto its traceback, for as long as the version is served)."""
+        if self.plot is not None:
+            return self.plot
+        from fusion.errors import UnknownNameError
+
+        err = self.plot_error or UnknownNameError("this bundle has no comparison plot")
+        raise type(err)(*err.args) from None
+
 
 def load(path: str | Path, cfg: RuntimeConfig | None = None, *, manifest_sha256: str | None = None) -> LoadedBundle:
     """Verify every digest and the bundle version, open one session per entry, and warm each up.
@@ -346,15 +356,17 @@ def load(path: str | Path, cfg: RuntimeConfig | None = None, *, manifest_sha256:
 
 
 def _comparison_plot(bundle: Bundle) -> tuple[bytes | None, Exception | None]:
+    """(the plot's bytes, None), or (None, why there is none, without a traceback). The plot is a report about
+    the bundle: whatever goes wrong here never fails the load."""
     from fusion.errors import FusionError
     from service.ui import comparison_plot
 
     try:
         return comparison_plot(bundle.path, bundle.manifest.comparison), None
     except FusionError as exc:
-        return None, exc
-    except OSError as exc:
-        return None, BundleError(f"comparison.png could not be read ({exc.strerror or type(exc).__name__}); the plot is not served")
+        return None, exc.with_traceback(None)
+    except Exception as exc:  # noqa: BLE001 - an unreadable file, a manifest `comparison` of another shape
+        return None, BundleError(f"comparison.png could not be read ({type(exc).__name__}); the plot is not served")
 
 
 def _session(data: bytes, threads: int, providers: list, file: str, spinning: bool = True) -> ort.InferenceSession:

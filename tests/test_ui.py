@@ -506,5 +506,58 @@ def test_the_plot_is_read_and_checked_once_at_load(compared_bundle, tmp_path):
     again = runtime.load(copy)  # a version loaded after that: the mismatch is its answer, the model still loads
     assert again.plot is None and isinstance(again.plot_error, IntegrityError)
     assert "sha256 mismatch" in str(again.plot_error) and again.version == loaded.version
+    # each call raises a new exception, and the stored one keeps no traceback: nothing grows per request
+    raised = []
+    for _ in range(3):
+        with pytest.raises(IntegrityError) as err:
+            again.comparison_plot()
+        raised.append(err.value)
+    assert len({id(e) for e in raised}) == 3 and again.plot_error.__traceback__ is None
+    assert loaded.comparison_plot() == original
     (copy / "comparison.png").unlink()
     assert "no comparison plot" in str(runtime.load(copy).plot_error)
+
+
+@pytest.mark.parametrize("comparison", ["a string", ["a", "list"], {"artifacts": ["a list"]}, {"artifacts": {"comparison.png": 5}}])
+def test_a_comparison_of_another_shape_means_no_plot_never_a_refused_bundle(compared_bundle, tmp_path, comparison):
+    """`comparison` is a report, outside the bundle version: whatever its shape, the bundle loads and serves."""
+    import shutil
+
+    import numpy as np
+
+    from fusion.errors import UnknownNameError
+    from service import runtime
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(compared_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["comparison"] = comparison
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    loaded = runtime.load(copy)
+    assert loaded.plot is None and isinstance(loaded.plot_error, UnknownNameError)
+    assert loaded.predict("ensemble", np.zeros((1, loaded.manifest.input.n_features), np.float32)).shape[0] == 1
+
+
+def test_a_plot_past_the_size_cap_or_not_a_regular_file_is_not_read(compared_bundle, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    from fusion.errors import BundleError, FusionError
+    from service import runtime, ui
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(compared_bundle, copy)
+    monkeypatch.setattr(ui, "MAX_PLOT_BYTES", 1000)
+    assert "at most" in str(runtime.load(copy).plot_error)
+    (copy / "comparison.png").unlink()
+    os.mkfifo(copy / "comparison.png")  # not a regular file: no plot, and the load never waits on it
+    loaded = runtime.load(copy)
+    assert loaded.plot is None and isinstance(loaded.plot_error, FusionError)
+    # one swapped in after the is_file() check: opened non-blocking, refused as not a regular file
+    from fusion import bundle
+
+    real = Path.is_file
+    monkeypatch.setattr(Path, "is_file", lambda self: True if self.name == "comparison.png" else real(self))
+    monkeypatch.setattr(bundle.Path, "is_file", Path.is_file)
+    loaded = runtime.load(copy)
+    assert loaded.plot is None and isinstance(loaded.plot_error, BundleError) and "regular file" in str(loaded.plot_error)

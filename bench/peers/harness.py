@@ -97,7 +97,7 @@ def peers() -> list[Peer]:
                       "default (threads and adaptive batching chosen by the service from the model's cost: "
                       "FUSION_INTRA_OP_THREADS=auto, FUSION_BATCH_MAX_ROWS=auto) but FUSION_LOAD_TIMEOUT_S=600: a fixed "
                       "load-check budget, set when the default was a flat 20 s, which refused these ensembles' load + "
-                      "warm-up + probe on 2 loaded cores (the default is now 20 s + 60 s per GB of the bundle)"),
+                      "warm-up + probe on 2 loaded cores (the default is now 20 s + 60 s per GB of its ONNX files, at most 240 s)"),
         Peer("ours_nobatch", "ours, adaptive batching off", "", (*bento, "service.app:FusionService"),
              packages=("bentoml", "onnxruntime"), env={"FUSION_LOAD_TIMEOUT_S": "600", "FUSION_BATCH_MAX_ROWS": "0"},
              concurrency=(max(CONCURRENCY),),

@@ -38,15 +38,25 @@ def asset(path: str) -> tuple[bytes, str]:
     return (HERE / name).read_bytes(), media
 
 
-def comparison_plot(bundle_dir: str | Path, comparison: dict | None) -> bytes:
-    """`comparison.png` of the served bundle, checked against the sha256 the manifest's comparison
-    lists for it (`artifacts`); UnknownNameError (404) when the bundle has none."""
-    expected = ((comparison or {}).get("artifacts") or {}).get(PLOT)
+MAX_PLOT_BYTES = 16 << 20  # a comparison plot is ~100 KB; more is not read
+
+
+def comparison_plot(bundle_dir: str | Path, comparison) -> bytes:
+    """`comparison.png` of a bundle, checked against the sha256 the manifest's comparison lists for it
+    (`artifacts`); UnknownNameError (404) when the bundle has none. `comparison` is not part of the bundle
+    version and so not validated with it: any shape that is not the expected one means no plot. The file is
+    opened as a regular file (never through a link out of the bundle, never a FIFO) and read up to
+    MAX_PLOT_BYTES."""
+    artifacts = comparison.get("artifacts") if isinstance(comparison, dict) else None
+    expected = artifacts.get(PLOT) if isinstance(artifacts, dict) else None
     if not (Path(bundle_dir) / PLOT).is_file() or not isinstance(expected, str):
         raise UnknownNameError(f"this bundle has no comparison plot ({PLOT}) with a digest in its manifest; `fusion build` or `fusion compare` writes one")
-    from fusion.bundle import _safe_path
+    from fusion.bundle import _open_regular, _safe_path
 
-    data = _safe_path(Path(bundle_dir), PLOT).read_bytes()  # never through a link out of the bundle
+    with _open_regular(_safe_path(Path(bundle_dir), PLOT), PLOT) as fh:
+        data = fh.read(MAX_PLOT_BYTES + 1)
+    if len(data) > MAX_PLOT_BYTES:
+        raise IntegrityError(f"{PLOT}: expected at most {MAX_PLOT_BYTES >> 20} MiB; got more; the plot is not served")
     if sha256_bytes(data) != expected:
         raise IntegrityError(f"{PLOT}: sha256 mismatch with the manifest's comparison; the plot is not served")
     return data
