@@ -107,15 +107,22 @@ def _member_module(template: nn.Module, state: dict) -> tuple[nn.Module, str]:
 
 
 def _under_saved_names(stats: dict, saved: dict, module_state: dict, prefix: str) -> dict:
-    """Statistics keyed as the member's file keys them: a tied weight's statistic comes under its first owner's
-    name (`named_parameters`), the file may hold it under another of its names (save_pretrained keeps one)."""
+    """Statistics keyed as the member's file keys them. A tied weight's statistic comes under one of its names
+    (its first owner's, as `named_parameters` gives it); the file may keep it under another name
+    (save_pretrained keeps one) or under all of them (`fusion convert-weights` clones shared storage per
+    name): every name the file keeps gets it, so no copy of the tensor is merged without it."""
     from fusion.sources import tied_groups
 
-    alias = {}
+    out = dict(stats)
     for names in tied_groups(module_state):
-        kept = [n[len(prefix):] for n in names if n.startswith(prefix) and n[len(prefix):] in saved]
-        alias.update({n[len(prefix):]: kept[0] for n in names if kept and n.startswith(prefix)})
-    return {k if k in saved else alias.get(k, k): v for k, v in stats.items()}
+        names = [n[len(prefix):] for n in names if n.startswith(prefix)]
+        found = [n for n in names if n in stats]
+        if len(found) > 1:
+            raise ConfigError(f"tied weights {names}: expected one statistic for the one tensor; got one under each of {found}")
+        if found:
+            value = out.pop(found[0])
+            out.update({n: value for n in names if n in saved} or {found[0]: value})
+    return out
 
 
 def data_inputs(method: str, models: list[dict], spec: MemberSpec | nn.Module, data: Dataset) -> dict:

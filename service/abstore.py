@@ -413,6 +413,10 @@ class ABStore:
         self._spool_lock = threading.Lock()
         self.down_since: float | None = None  # the writer found the store unreachable at this time
         self.lost = 0
+        # operations queued and operations the writer is done with (written, spooled or lost): equal when
+        # nothing this worker queued is still on its way to the store (label() then need not flush)
+        self._queued, self._settled = 0, 0
+        self._count_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ab-store-writer", daemon=True)
         try:
@@ -483,7 +487,9 @@ class ABStore:
 
     def _put(self, op: dict) -> None:
         try:
-            self.queue.put_nowait(op)
+            with self._count_lock:  # counted with the put, so that _settled never passes _queued
+                self.queue.put_nowait(op)
+                self._queued += 1
         except queue.Full:
             self._lose("queue_full", 1)
 
@@ -496,12 +502,13 @@ class ABStore:
         """Wait until what was queued before this call is written (or spooled); False on timeout."""
         if not self._thread.is_alive():
             return False
+        deadline = time.monotonic() + timeout  # one deadline for getting into the queue and being written
         done = threading.Event()
         try:
             self.queue.put(done, timeout=timeout)
         except queue.Full:
             return False
-        return done.wait(timeout)
+        return done.wait(max(0.0, deadline - time.monotonic()))
 
     def _run(self) -> None:
         next_retention = 0.0
@@ -526,6 +533,7 @@ class ABStore:
                 log.exception("A/B store %s: the writer skipped a batch of %d operation(s) it could not write",
                               self.url.describe(), len(batch))
             finally:
+                self._settled += len(batch)  # only this thread writes it
                 for w in waiters:
                     w.set()
 
@@ -681,7 +689,8 @@ class ABStore:
                 return found
             if not flushed:  # this worker's own batch may still be queued, or taken by the writer and not yet written
                 flushed = True
-                self.flush(timeout=max(0.1, deadline - time.monotonic()))
+                if self._settled != self._queued:
+                    self.flush(timeout=max(0.1, deadline - time.monotonic()))
                 continue
             if not _FID.match(request_id) or time.monotonic() >= deadline:
                 raise KeyError(request_id)

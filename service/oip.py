@@ -115,7 +115,8 @@ def _tensor(t: dict, binary: memoryview, n_features: int, max_rows: int, maybe_b
     except (ValueError, TypeError):
         raise InputError(f"expected 'data' as a flat or regularly nested list of {n} numbers; got irregular lists") from None
     if arr.dtype.kind not in "iuf" or arr.size != n:
-        what = {"U": "strings", "S": "byte strings", "b": "booleans", "c": "complex numbers"}.get(arr.dtype.kind, "values that are not all numbers")
+        what = "numbers" if arr.dtype.kind in "iuf" else {"U": "strings", "S": "byte strings", "b": "booleans",
+                                                           "c": "complex numbers"}.get(arr.dtype.kind, "values that are not all numbers")
         raise InputError(f"expected {n} numbers in 'data' for shape {shape}; got {arr.size} {what}")
     return payload.finite_float32(arr.reshape(shape), name), 0
 

@@ -279,6 +279,28 @@ def test_feedback_by_alias_right_after_predict_on_the_same_worker(url, tmp_path)
     store.close()
 
 
+def test_a_label_miss_waits_for_the_writer_only_when_something_is_on_its_way(url, tmp_path, monkeypatch):
+    """An unknown alias costs no wait once everything this worker queued is written; while something is still
+    on its way, the miss waits for it (the label may be for it)."""
+    store = _store(url, tmp_path, feedback_wait_ms=50)
+    st = Stats(store=store)
+    st.observe("ensemble", 1, 0.01, None, [1], client="c1", alias="a-1", version="v1")
+    assert store.flush() and store._settled == store._queued
+    calls = []
+    real = store.flush
+    monkeypatch.setattr(store, "flush", lambda timeout=5.0: calls.append(timeout) or real(timeout))
+    with pytest.raises(KeyError):
+        st.feedback("typo", [1], client="c1")
+    assert calls == []
+    with store._count_lock:  # something queued and not yet written: the miss flushes
+        store._queued += 1
+    with pytest.raises(KeyError):
+        st.feedback("typo", [1], client="c1")
+    assert len(calls) == 1
+    store._queued -= 1
+    store.close()
+
+
 def test_counts_survive_a_restart_and_migrations_run_once(url, tmp_path):
     store = _store(url, tmp_path)
     st = Stats(store=store)

@@ -74,17 +74,46 @@ def test_make_serve_refuses_a_missing_bundle_other_than_the_default(tmp_path):
     assert not (tmp_path / "typo").exists()
 
 
-def test_make_bundle_builds_a_named_bundle_and_serve_builds_the_default_one(tmp_path):
-    missing = tmp_path / "new" / "bundle"
+def _stub_bin(tmp_path) -> Path:
+    """BIN for a real `make` run: a `fusion` that records its arguments and writes the manifest it was asked
+    for, and a `python` that records its command line, so that the recipes' shell runs as written."""
+    stub = tmp_path / "stub-bin"
+    stub.mkdir()
+    (stub / "fusion").write_text('#!/bin/sh\necho "fusion $*" >> "$(dirname "$0")/calls"\n'
+                                 'out=""; while [ $# -gt 0 ]; do [ "$1" = "--out" ] && out="$2"; shift; done\n'
+                                 'mkdir -p "$out" && echo "{}" > "$out/manifest.json"\n')
+    (stub / "python").write_text('#!/bin/sh\necho "FUSION_BUNDLE=$FUSION_BUNDLE python $*" >> "$(dirname "$0")/calls"\n')
+    for f in ("fusion", "python"):
+        (stub / f).chmod(0o755)
+    return stub
+
+
+def _make(stub: Path, *args: str) -> subprocess.CompletedProcess:
+    """`make` for real, with BIN=stub; the install stamps taken as up to date (-o), so nothing installs."""
     base = {k: v for k, v in os.environ.items() if k not in ("FUSION_BUNDLE", "BUNDLE", "MAKEFLAGS", "MAKELEVEL")}
-    proc = subprocess.run(["make", "-n", "--no-print-directory", "bundle", f"BUNDLE={missing}"], cwd=ROOT, env=base,
+    olds = [a for stamp in (".installed", ".installed-build", ".installed-dev") for a in ("-o", f".venv/{stamp}")]
+    return subprocess.run(["make", "--no-print-directory", *olds, *args, f"BIN={stub}"], cwd=ROOT, env=base,
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0 and f"fusion build --out {missing}" in proc.stdout, proc.stdout + proc.stderr
-    # the default bundle, when missing, is built by `make serve` itself (DEFAULT_BUNDLE pointed at a fresh path
-    # here, so that the checkout's own artifacts/bundle does not matter)
+
+
+def test_make_bundle_builds_a_named_bundle_and_serve_builds_only_the_default_one(tmp_path):
+    stub = _stub_bin(tmp_path)
+    named = tmp_path / "new" / "bundle"
+    proc = _make(stub, "bundle", f"BUNDLE={named}")  # `make bundle` builds wherever it is told
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (named / "manifest.json").is_file() and f"fusion build --out {named}" in (stub / "calls").read_text()
+    # the default bundle, when missing, is built by `make serve` itself, then served (DEFAULT_BUNDLE pointed at
+    # a fresh path, so that the checkout's own artifacts/bundle does not matter)
     fresh = tmp_path / "default" / "bundle"
-    out = make_n(tmp_path, f"DEFAULT_BUNDLE={fresh}")
-    assert f"fusion build --out {fresh}" in out and f"FUSION_BUNDLE={fresh} " in serve_line(out)
+    proc = _make(stub, "serve", f"DEFAULT_BUNDLE={fresh}", "PORT=3999")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    calls = (stub / "calls").read_text().splitlines()
+    assert calls[-2:] == [f"fusion build --out {fresh}",
+                          f"FUSION_BUNDLE={fresh} python -m service.serve service.app:FusionService --host 127.0.0.1 --port 3999"]
+    # and a missing non-default one is refused before anything runs
+    proc = _make(stub, "serve", f"BUNDLE={tmp_path / 'typo'}")
+    assert proc.returncode == 2 and "expected a bundle at" in proc.stderr
+    assert (stub / "calls").read_text().splitlines() == calls
 
 
 # ---- the ready line ------------------------------------------------------------------------------------

@@ -34,12 +34,15 @@ class Tied(nn.Module):
 
 
 def _saved(seed: int, tmp_path, keep: str) -> dict:
-    """A member's file: save_model's (keeps `head_a.weight`), or one keeping `head_b.weight` instead."""
+    """A member's file: save_model's (keeps `head_a.weight`), one keeping `head_b.weight` instead, or one
+    keeping both names, each its own copy (what `fusion convert-weights` writes from a torch checkpoint)."""
     torch.manual_seed(seed)
     model = Tied()
     path = tmp_path / f"m{seed}_{keep}.safetensors"
     if keep == "head_a":
         save_model(model, str(path))
+    elif keep == "both":
+        save_file({k: v.clone() for k, v in model.state_dict().items()}, str(path))
     else:
         state = {k: v.clone() for k, v in model.state_dict().items() if k != "head_a.weight"}
         save_file(state, str(path))
@@ -81,7 +84,7 @@ def test_regmean_gram_of_a_tied_weight_sums_its_uses():
     torch.testing.assert_close(grams["mid.weight"], xa.T @ xa / 40)
 
 
-@pytest.mark.parametrize("keep", ["head_a", "head_b"])
+@pytest.mark.parametrize("keep", ["head_a", "head_b", "both"])
 @pytest.mark.parametrize("method", ["fisher", "regmean"])
 def test_data_aware_merges_take_tied_members_under_the_names_their_files_keep(tmp_path, keep, method):
     data = load("digits")
@@ -89,12 +92,34 @@ def test_data_aware_merges_take_tied_members_under_the_names_their_files_keep(tm
     torch.manual_seed(5)
     extra = data_inputs(method, members, Tied(), data)
     key = "fishers" if method == "fisher" else "grams"
+    kept = ["head_a", "head_b"] if keep == "both" else [keep]
     for stats, sd in zip(extra[key], members):
-        assert set(stats) <= set(sd) and f"{keep}.weight" in stats
+        assert set(stats) <= set(sd) and all(f"{k}.weight" in stats for k in kept)
     merged = merge(method, members, **{key: extra[key]})
     assert set(merged) == set(members[0])
+    # every kept name of the one tensor got the data-aware merge, not the plain mean
+    mean = (members[0][f"{kept[0]}.weight"] + members[1][f"{kept[0]}.weight"]) / 2
+    for k in kept:
+        torch.testing.assert_close(merged[f"{k}.weight"], merged[f"{kept[0]}.weight"], rtol=0, atol=0)
+    assert not torch.allclose(merged[f"{kept[0]}.weight"].float(), mean.float(), atol=1e-4)
+    if keep == "both":
+        return
     # the merged file loads back as a tied model whose heads are the merged tensor
     path = tmp_path / "merged.safetensors"
     save_file({k: v.contiguous() for k, v in merged.items()}, str(path))
     model = load_weights(Tied(), path)
     torch.testing.assert_close(model.head_b.weight, merged[f"{keep}.weight"].float(), rtol=0, atol=0)
+
+
+def test_two_statistics_for_one_tied_tensor_are_refused_not_one_dropped():
+    """Two Parameters over one storage get a statistic each (they are two parameters to torch): which one the
+    merge should use is not knowable, so it says so."""
+    from fusion.errors import ConfigError
+    from fusion.fuse import _under_saved_names
+
+    shared = torch.zeros(3, 2)
+    module_state = {"a.weight": shared, "b.weight": shared}
+    with pytest.raises(ConfigError, match=r"tied weights \['a.weight', 'b.weight'\]: expected one statistic"):
+        _under_saved_names({"a.weight": torch.ones(3, 2), "b.weight": torch.ones(3, 2)}, {"a.weight": shared}, module_state, "")
+    got = _under_saved_names({"a.weight": torch.ones(3, 2)}, {"b.weight": shared}, module_state, "")
+    assert set(got) == {"b.weight"}

@@ -251,7 +251,7 @@ def regmean_grams(model: nn.Module, X, *, batch_size: int = 256) -> dict[str, Te
     owner = {id(p): k for k, p in model.named_parameters()}  # one name per parameter: the first owner's
 
     def make_hook(name: str, layer: nn.Linear):
-        key = owner.get(id(layer.weight), f"{name}.weight")  # a weight tied across layers: one Gram over its uses
+        key = owner.get(id(layer.weight), f"{name}.weight" if name else "weight")  # a weight tied across layers: one Gram over its uses
 
         def hook(_module, args):
             x = args[0].detach().reshape(-1, layer.in_features).double()  # (rows, in)
