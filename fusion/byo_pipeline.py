@@ -197,6 +197,18 @@ class Reshaped(nn.Module):
         return self.inner(x.reshape(len(x), *self.shape))
 
 
+class FlatRows(nn.Module):
+    """A flat-row student (fusion/zoo.py's mlp and cnn) over rows of any shape (B, *shape): the distilled file
+    takes the bundle's input in its own shape."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.flatten(1))  # not reshape(len(x), -1): an exported graph would fix the batch
+
+
 class ImageNormalized(nn.Module):
     """A student over raw pixels (0..255): `(x * scale - mean) / std` per channel, then the student, so the
     distilled file takes what the members' graphs take (fusion/imagenorm.py) and learns on normalised pixels."""
@@ -235,25 +247,29 @@ def export_distilled(recipe: Recipe, stage: Path, data: Dataset, inputs) -> dict
     shape = X_test.shape[1:]
     with timed("build: distilled variant exported (teacher: the composed graph in onnxruntime)"):
         teacher: nn.Module = OnnxTeacher((stage / "ensemble.onnx").read_bytes())
-        student = resolve(cfg.source, dict(cfg.args)) if cfg.source else make_student(flat, cfg)
-        if not isinstance(student, nn.Module):
-            raise ConfigError(f"[distill] source expected a torch module; got {type(student).__name__}")
-        scaler = getattr(student, "scaler", None)  # fusion/zoo.py's students standardise their input inside
-        if cfg.source and scaler is not None and tuple(getattr(scaler, "mean", torch.empty(0)).shape) == (flat.n_features,):
-            with torch.no_grad():
-                init_scaler(student, flat.scaling)
-        consts = image_constants(inputs[0])
-        if consts is not None:  # raw pixels in, like every member's graph: the recipe's normalisation inside the student
-            student = ImageNormalized(student, *consts)
-        trained = student
-        if len(shape) > 1:  # the student and the teacher take the input's own shape
-            trained, teacher = Reshaped(student, shape), Reshaped(teacher, shape)
+        if len(shape) > 1:  # distill.py works on flat rows; the teacher takes the input's own shape
+            teacher = Reshaped(teacher, shape)
+        if cfg.source:  # a torch source over the input's own shape, on normalised pixels for an image
+            student = resolve(cfg.source, dict(cfg.args))
+            if not isinstance(student, nn.Module):
+                raise ConfigError(f"[distill] source expected a torch module; got {type(student).__name__}")
+            scaler = getattr(student, "scaler", None)  # fusion/zoo.py's students standardise their input inside
+            if scaler is not None and tuple(getattr(scaler, "mean", torch.empty(0)).shape) == (flat.n_features,):
+                with torch.no_grad():
+                    init_scaler(student, flat.scaling)
+            consts = image_constants(inputs[0])
+            if consts is not None:  # raw pixels in, like every member's graph: the recipe's normalisation inside the student
+                student = ImageNormalized(student, *consts)
+            trained = Reshaped(student, shape) if len(shape) > 1 else student
+        else:  # fusion/zoo.py's mlp or cnn: flat rows, standardised by its own scaler (fitted on the raw train split)
+            image_shape = tuple(int(d) for d in shape) if len(shape) == 3 else flat.image_shape
+            student = trained = FlatRows(make_student(replace(flat, image_shape=image_shape), cfg))
         trained, history = distill(teacher, flat, cfg, student=trained)
         wrapped = Probabilities(student).eval()
         parity = export_onnx(wrapped, stage / "distilled.onnx", np.ascontiguousarray(X_test, dtype=np.float32))
         probs = {s: _predict(wrapped, getattr(data, f"X_{s}")[name]) for s in ("val", "test")}
     arch = ({"arch": cfg.source, "args": dict(cfg.args), "seed": cfg.seed} if cfg.source
-            else {"arch": cfg.arch, "args": student_args(flat, cfg), "seed": cfg.seed})
+            else {"arch": cfg.arch, "args": student_args(replace(flat, image_shape=image_shape), cfg), "seed": cfg.seed})
     return {"distilled": ModelEntry(
         file="distilled.onnx", sha256="", kind="distilled",
         method={**method_record(cfg, history), "teacher_runtime": "onnxruntime (the composed ensemble graph)"},

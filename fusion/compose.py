@@ -96,9 +96,37 @@ class OnnxMember:
         except Exception as exc:  # noqa: BLE001 - protobuf's decode errors vary
             raise MemberError(f"member '{name}': {path} is not a readable ONNX file ({type(exc).__name__}: {exc})") from None
         if any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer):
-            raise MemberError(f"member '{name}': {path} keeps weights in external data files; expected one self-contained "
-                              "file (the service loads no external data): save it with save_as_external_data=False")
+            # torch.onnx.export's default (the dynamo exporter) writes FILE.onnx + FILE.onnx.data: the weights are
+            # read in here and the bundle gets one self-contained file (the service loads no external data)
+            return cls(name, _inline_external_data(name, path, model), path="", **kw)
         return cls(name, model, path=str(path), **kw)
+
+
+MAX_INLINE_BYTES = 2**31 - 1  # protobuf's limit on one serialised model
+
+
+def _inline_external_data(name: str, path: Path, model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with its external tensors read from their files beside `path`: each location a relative path that
+    stays in that directory and names a regular file; the whole model within protobuf's 2 GB."""
+    from onnx.external_data_helper import load_external_data_for_model
+
+    base = path.parent.resolve()
+    for t in model.graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        location = {e.key: e.value for e in t.external_data}.get("location", "")
+        target = (base / location).resolve()
+        if not location or Path(location).is_absolute() or not target.is_relative_to(base) or not target.is_file():
+            raise MemberError(f"member '{name}': {path} keeps tensor '{t.name}' in external data at {location!r}; "
+                              f"expected a file beside it, inside {base}")
+    try:
+        load_external_data_for_model(model, str(base))
+    except Exception as exc:  # noqa: BLE001 - a short or unreadable data file
+        raise MemberError(f"member '{name}': {path}: its external data could not be read ({type(exc).__name__}: {exc})") from None
+    if model.ByteSize() > MAX_INLINE_BYTES:
+        raise MemberError(f"member '{name}': {path} with its external data is {model.ByteSize() / 2**30:.1f} GiB; expected "
+                          f"at most 2 GiB, what one self-contained ONNX file can hold")
+    return model
 
 
 def as_member(m) -> OnnxMember:

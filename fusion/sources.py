@@ -170,8 +170,13 @@ def check_weights_path(path: str | Path) -> Path:
     if path.suffix.lower() != ".safetensors":
         raise ConfigError(f"weights expected a .safetensors file; got {str(path)!r}")
     if not path.is_file():
-        raise ConfigError(f"weights {str(path)!r}: no such file")
+        raise ConfigError(f"weights {str(path)!r}: no such file{_looked_in(path)}")
     return path
+
+
+def _looked_in(path: Path) -> str:
+    """For a relative path that is not there: where it was looked for (recipes' paths are the working directory's)."""
+    return "" if path.is_absolute() else f" (looked for {path.absolute()}: relative paths are taken from the working directory)"
 
 
 def _few(keys: list[str], n: int = 8) -> str:
@@ -482,7 +487,7 @@ def _onnx(ref: str, args: dict):
         raise ConfigError(f"onnx:{ref}: an ONNX file takes no constructor arguments; expected args = {{}}; got {sorted(args)}")
     path = Path(ref)
     if not path.is_file():
-        raise ConfigError(f"onnx:{ref}: no such file")
+        raise ConfigError(f"onnx:{ref}: no such file{_looked_in(path)}")
     try:
         return onnx.load(str(path))  # external data, if any, from the file's directory
     except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends: not an ONNX file

@@ -134,6 +134,10 @@ def test_weights_with_other_keys_or_shapes_list_every_difference(tmp_path):
     assert "0.bias: expected (16,), got (7,)" in text
     with pytest.raises(ConfigError, match="no such file"):
         resolve("python:tests.test_sources:linear_member", {}, str(tmp_path / "nope.safetensors"))
+    with pytest.raises(ConfigError) as info:  # a relative path: where it was looked for
+        resolve("python:tests.test_sources:linear_member", {}, "ckpt/nope.safetensors")
+    assert f"no such file (looked for {Path.cwd() / 'ckpt' / 'nope.safetensors'}: relative paths are taken from the working directory)" \
+        in str(info.value)
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ConfigError, match="not a readable safetensors file"):
         resolve("python:tests.test_sources:linear_member", {}, str(tmp_path / "junk.safetensors"))
