@@ -446,11 +446,12 @@ def build_composed(recipe: Recipe) -> Manifest:
                           f"table, an averaging or voting combiner and calibration 'none'; got weights {e.weights!r}, "
                           f"combiner {e.combiner!r}, calibration {e.calibration!r}")
     if e.weights == "auto":
-        log.warning("weights 'auto' are chosen from data; a bundle with onnx: members has none: equal weights")
+        log.warning("weights 'auto' are chosen from data; this recipe has no [data] set: equal weights")
     skipped = [s for s, on in (("merged", bool(recipe.merge.method)), ("distilled", recipe.distill.enabled),
                                ("comparison", recipe.build.compare), ("int8", recipe.build.quantize)) if on]
     if skipped:
-        log.warning("a bundle with onnx: members has the ensemble and its members only; skipped: %s", ", ".join(skipped))
+        log.warning("without a [data] set the bundle has the ensemble and its members only (these need data); "
+                    "skipped: %s", ", ".join(skipped))
     weights = None if isinstance(e.weights, str) else member_weights(e.weights, names)
     combiner = make_combiner(e.combiner, len(names), weights, **e.params)
     inputs = [i.to_tensor_spec() for i in recipe.inputs]

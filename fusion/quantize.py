@@ -272,8 +272,9 @@ def quantize_variant(
         if check.accepted:
             os.replace(tmp, dst)
         else:
-            log.info("int8 %s (%s) rejected: validation accuracy loss %.2f pp > %.2f pp", check.source, mode,
-                     check.val_accuracy_loss_pp, max_loss_pp)
+            log.warning("int8 %s (%s) rejected, no %s_int8 variant: validation accuracy loss %.2f pp > %.2f pp "
+                        "([build] quantize_max_loss_pp)", check.source, mode, check.source, check.val_accuracy_loss_pp,
+                        max_loss_pp)
         return check
     except (ConfigError, ExportError):
         raise

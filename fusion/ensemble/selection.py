@@ -521,8 +521,9 @@ def gate(ensemble_probs: np.ndarray, member_probs: dict[str, np.ndarray], y: np.
     }
     if not beats:
         out["warning"] = (
-            f"the ensemble does not beat its best member {best} on validation (NLL {ens_nll.mean():.4f} vs "
-            f"{mem_nll.mean():.4f}, 95% paired-bootstrap interval of the improvement [{lo:.4f}, {hi:.4f}]; "
+            f"the ensemble does not beat its best member {best} on validation beyond noise (NLL {ens_nll.mean():.4f} vs "
+            f"{mem_nll.mean():.4f}, 95% paired-bootstrap interval of the improvement [{lo:.4f}, {hi:.4f}]"
+            f"{', which reaches 0' if lo <= 0 else ''}; "
             f"accuracy {100 * ens_ok.mean():.2f}% vs {100 * mem_ok.mean():.2f}%, McNemar {b}/{c}, p={p:.3g}); "
             f"consider serving {best} alone"
         )
