@@ -311,6 +311,15 @@ def cmd_merge(args) -> int:
     how = "streamed tensor by tensor" if res["streamed"] else "in memory"
     what = f", architecture-free, {len(res['files'])} file(s)" if res.get("arch_free") else ""
     print(f"merged {len(args.models)} checkpoints with '{args.method}' ({how}{what}) -> {args.out}")
+    if res.get("arch_free"):
+        from fusion.merge import open_checkpoint
+
+        bn = [k for k in open_checkpoint(args.models[0]).keys() if k.endswith((".running_mean", ".running_var"))]
+        if bn:  # averaged like weights: a merged network's activations have other statistics
+            print(f"  note: {len(bn)} BatchNorm running statistics (e.g. {bn[0]}) were merged like weights, not recomputed "
+                  f"(no architecture to run: no spec, no --arch). Recompute them on data before serving, e.g. "
+                  f"torch.optim.swa_utils.update_bn(loader, model) on the merged model; merging without it can "
+                  f"cost most of the accuracy")
     if res["metrics"]:
         print(f"  val accuracy {res['metrics']['val_accuracy']:.4f}, test accuracy {res['metrics']['test_accuracy']:.4f}")
     return 0

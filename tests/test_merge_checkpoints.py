@@ -88,6 +88,26 @@ def test_cli_merges_plain_files_without_arch(tmp_path, capsys):
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
+def test_cli_notes_batchnorm_statistics_merged_without_an_architecture(tmp_path, capsys):
+    """A CNN's state dicts merged with no spec and no --arch: its BatchNorm running statistics are averaged like
+    weights and nothing recomputes them: the CLI says so, with the way out; a plain MLP gets no note."""
+    from safetensors.torch import save_file
+
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+        paths.append(tmp_path / f"cnn_{seed}.safetensors")
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(paths[-1]))
+    assert main(["merge", "--method", "linear", "--models", *map(str, paths), "--out", str(tmp_path / "m.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "note: 2 BatchNorm running statistics (e.g. 1.running_mean) were merged like weights, not recomputed" in out
+    assert "torch.optim.swa_utils.update_bn" in out
+    plain, _ = _family(tmp_path)
+    assert main(["merge", "--method", "linear", "--models", *map(str, plain), "--out", str(tmp_path / "p.safetensors")]) == 0
+    assert "BatchNorm" not in capsys.readouterr().out
+
+
 def test_arch_free_refuses_data_methods_with_a_clear_message(tmp_path):
     paths, _ = _family(tmp_path)
     with pytest.raises(ConfigError, match=r"merge method 'fisher' needs a model to run on data; expected a ft0.json spec .* or --arch; got neither"):
