@@ -182,21 +182,11 @@ async def predict(request: Request, svc: "FusionService", rid: str) -> Response:
             req = await off_loop(len(body), payload.parse_predict, body, served.loaded.manifest.input.n_features, svc.settings.max_rows)
         else:
             req = await off_loop(len(body), payload.parse_predict_named, body, named, svc.settings.input_limits())
-    variant = body_or_header(req.variant, request, "variant", "X-Variant")
-    key = body_or_header(req.routing_key, request, "routing_key", "X-Routing-Key")
+    variant = req.variant or request.headers.get("x-variant") or None  # the body's field wins; "" is none
+    key = req.routing_key or request.headers.get("x-routing-key") or None
     out, headers = await predict_answer(svc, served, req.X, variant, key, rid, client=client_of(request, svc),
                                         client_chose_id=rid == request.headers.get("x-request-id"))
     return json_response(out, headers=headers)
-
-
-def body_or_header(value: str | None, request: Request, field: str, header: str) -> str | None:
-    """A choice a client may make in the body or in a header (an empty string: none); both given must agree,
-    or which one counts would be a guess."""
-    other = request.headers.get(header.lower()) or None
-    if value and other and value != other:
-        raise InputError(f"expected the body's '{field}' and the {header} header to agree when both are given; "
-                         f"got {value!r:.80} and {other!r:.80}")
-    return value or other
 
 
 async def predict_image_body(request: Request, svc: "FusionService") -> tuple:
