@@ -110,15 +110,19 @@ def _inline_external_data(name: str, path: Path, model: onnx.ModelProto) -> onnx
     stays in that directory and names a regular file; the whole model within protobuf's 2 GB."""
     from onnx.external_data_helper import load_external_data_for_model
 
+    from fusion.bundle import _safe_path
+    from fusion.errors import ManifestError
+
     base = path.parent.resolve()
     for t in model.graph.initializer:
         if t.data_location != TensorProto.EXTERNAL:
             continue
         location = {e.key: e.value for e in t.external_data}.get("location", "")
-        target = (base / location).resolve()
-        if not location or Path(location).is_absolute() or not target.is_relative_to(base) or not target.is_file():
+        try:
+            _safe_path(base, location or ".")  # relative, inside `base` (links resolved), an existing file
+        except ManifestError:
             raise MemberError(f"member '{name}': {path} keeps tensor '{t.name}' in external data at {location!r}; "
-                              f"expected a file beside it, inside {base}")
+                              f"expected a file beside it, inside {base}") from None
     try:
         load_external_data_for_model(model, str(base))
     except Exception as exc:  # noqa: BLE001 - a short or unreadable data file
